@@ -1,0 +1,248 @@
+"""Model-agnostic integrated gradients with the path steps batched into few forwards."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fastattr.backend import resolve_backend
+from fastattr.quadrature import is_equal_weight, quadrature
+from fastattr.kernels import interpolate as ops
+
+Forward = Callable[[dict[str, Any]], torch.Tensor]
+
+# Path points per forward on the CPU. Measured on the 2-core reference machine (benchmarks/
+# RESULTS.md): gains flatten from ~8 points on and larger chunks only add memory.
+CPU_POINTS_PER_CHUNK = 16
+# Fraction of the free CUDA memory one chunk's activations may take.
+CUDA_MEMORY_FRACTION = 0.5
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise ``ValueError`` when a floating tensor holds NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _logits_2d(logits: Any) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"forward must return a logits tensor; got {type(logits).__name__}")
+    if logits.dim() == 1:
+        return logits.unsqueeze(1)
+    if logits.dim() != 2:
+        raise ValueError(f"forward must return logits of shape [batch, classes]; got {tuple(logits.shape)}")
+    return logits
+
+
+def resolve_targets(target: int | torch.Tensor | None, logits: torch.Tensor | None, batch: int,
+                    num_classes: int, device: torch.device) -> torch.Tensor:
+    """One class index per sample, PyHealth's rules: a single logit column always targets 0;
+    otherwise ``target`` (an int or one index per sample), else the argmax of ``logits``."""
+    if num_classes == 1:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    if target is None:
+        if logits is None:
+            raise ValueError("target is None and no logits were given to take the argmax of")
+        return logits.argmax(dim=-1).to(device)
+    if isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target_class_idx tensor must hold integers; got dtype {target.dtype}")
+        t = target.reshape(-1).to(device=device, dtype=torch.long)
+        if t.numel() == 1:
+            t = t.expand(batch)
+        if t.numel() != batch:
+            raise ValueError(f"target_class_idx must hold one class per sample ({batch}); got {target.numel()}")
+    elif isinstance(target, int) and not isinstance(target, bool):
+        t = torch.full((batch,), target, dtype=torch.long, device=device)
+    else:
+        raise TypeError(f"target_class_idx must be an int, a LongTensor or None; got {type(target).__name__}")
+    if bool(((t < 0) | (t >= num_classes)).any()):
+        bad = t[(t < 0) | (t >= num_classes)][0].item()
+        raise ValueError(f"target_class_idx {bad} is out of range for {num_classes} classes")
+    return t.contiguous()
+
+
+def _validate_batch(inputs: Mapping[str, torch.Tensor]) -> int:
+    if not inputs:
+        raise ValueError("inputs is empty: give at least one tensor to attribute")
+    sizes = set()
+    for key, x in inputs.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"inputs[{key!r}] must be a tensor; got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"inputs[{key!r}] must be a floating tensor to interpolate; got {x.dtype}")
+        if x.dim() == 0:
+            raise ValueError(f"inputs[{key!r}] must have a batch dimension; got a scalar")
+        check_finite(f"inputs[{key!r}]", x)
+        sizes.add(x.shape[0])
+    if len(sizes) != 1:
+        raise ValueError(f"inputs disagree on the batch size: {sorted(sizes)}")
+    batch = sizes.pop()
+    if batch == 0:
+        raise ValueError("the batch is empty (batch size 0)")
+    return batch
+
+
+def _expand_baselines(inputs: Mapping[str, torch.Tensor], baselines: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, x in inputs.items():
+        if baselines is None:
+            b = torch.zeros_like(x)
+        elif key not in baselines:
+            raise ValueError(f"baseline has no entry for {key!r}; expected keys {sorted(inputs)}")
+        else:
+            b = torch.as_tensor(baselines[key], device=x.device)
+            check_finite(f"baseline[{key!r}]", b)
+            try:
+                shape = torch.broadcast_shapes(b.shape, x.shape)
+            except RuntimeError:
+                shape = None
+            if shape != x.shape:
+                raise ValueError(
+                    f"baseline[{key!r}] of shape {tuple(b.shape)} does not broadcast to the input shape {tuple(x.shape)}"
+                )
+            b = b.to(x.dtype).expand_as(x)
+        out[key] = b.contiguous()
+    return out
+
+
+def default_internal_batch_size(batch: int, points: int, device: torch.device) -> int:
+    """Rows per forward on the CPU: ``CPU_POINTS_PER_CHUNK`` path points of the batch."""
+    return batch * min(points, CPU_POINTS_PER_CHUNK)
+
+
+def integrated_gradients(
+    forward: Forward,
+    inputs: Mapping[str, torch.Tensor],
+    baselines: Mapping[str, Any] | None = None,
+    target: int | torch.Tensor | None = None,
+    *,
+    steps: int = 50,
+    method: str = "uniform",
+    internal_batch_size: int | None = None,
+    additional_inputs: Mapping[str, Any] | None = None,
+    sum_last_dim: Iterable[str] = (),
+    return_convergence_delta: bool = False,
+    backend: str | None = None,
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Integrated gradients of ``forward`` with respect to every tensor in ``inputs``.
+
+    Args:
+        forward: maps a dict (the interpolated ``inputs`` plus ``additional_inputs``, all holding
+            the chunk's rows) to logits ``[rows, classes]``. Rows must not interact (eval mode).
+        inputs: floating tensors, batch first, one batch size.
+        baselines: per key, a tensor broadcasting to the input's shape; zeros when ``None``.
+        target: class to explain, an int or a LongTensor with one class per sample; ``None`` takes
+            the argmax of ``forward(inputs)``. A single logit column always targets 0.
+        steps: subintervals of the quadrature rule ``method`` (see ``fastattr.quadrature``).
+        internal_batch_size: rows (sample x path point) per forward; results do not depend on it.
+            Default: on CUDA sized from the free memory after a probe chunk, on the CPU
+            ``CPU_POINTS_PER_CHUNK`` path points of the batch.
+        additional_inputs: tensors passed to ``forward`` alongside the inputs without being
+            attributed (masks, times). Tensors whose first dim is the batch size are gathered per
+            row; anything else is passed unchanged.
+        sum_last_dim: keys whose attribution is summed over the last (embedding) dimension.
+        return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(b))``
+            for the target logit.
+        backend: ``"auto" | "torch" | "triton"``; ``None`` reads ``FASTATTR_BACKEND``.
+        progress: show a progress bar over chunks (``None``: only on a terminal).
+
+    Returns:
+        ``{key: attribution}`` (input shape, or without the last dim for ``sum_last_dim`` keys),
+        and the convergence delta ``[batch]`` when asked. Only input gradients are taken: no
+        parameter's ``.grad`` is touched.
+    """
+    batch = _validate_batch(inputs)
+    alphas, weights = quadrature(method, steps)
+    if internal_batch_size is not None and (isinstance(internal_batch_size, bool) or
+                                            not isinstance(internal_batch_size, int) or internal_batch_size < 1):
+        raise ValueError(f"internal_batch_size must be an integer >= 1; got {internal_batch_size!r}")
+    keys = list(inputs)
+    summed = set(sum_last_dim)
+    unknown = summed - set(keys)
+    if unknown:
+        raise ValueError(f"sum_last_dim names keys that are not inputs: {sorted(unknown)}")
+    xs = {k: inputs[k].detach().contiguous() for k in keys}
+    bs = _expand_baselines(xs, baselines)
+    extra = dict(additional_inputs or {})
+    clash = set(extra) & set(keys)
+    if clash:
+        raise ValueError(f"additional_inputs reuse input keys: {sorted(clash)}")
+    device = xs[keys[0]].device
+    use = resolve_backend(backend, device)
+
+    def rows_of(tensors: Mapping[str, Any], sample: torch.Tensor) -> dict[str, Any]:
+        return {k: v.index_select(0, sample) if isinstance(v, torch.Tensor) and v.dim() > 0
+                and v.shape[0] == batch else v for k, v in tensors.items()}
+
+    def endpoint_logits(points: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return _logits_2d(forward({**points, **extra})).float()
+
+    fx = endpoint_logits(xs) if target is None or return_convergence_delta else None
+    if fx is not None and fx.shape[0] != batch:
+        raise ValueError(f"forward returned {fx.shape[0]} rows for a batch of {batch}")
+    # Without endpoint logits the class count (to check the target) comes from the first chunk.
+    targets = resolve_targets(target, fx, batch, fx.shape[1], device) if fx is not None else None
+
+    equal = is_equal_weight(weights)
+    acc_weights = torch.ones_like(weights) if equal else weights
+    divisor = float(len(weights)) if equal else 1.0
+    acc_dtype = {k: torch.promote_types(xs[k].dtype, torch.float32) for k in keys}
+    accs = {k: torch.zeros(xs[k].shape, dtype=acc_dtype[k], device=device) for k in keys}
+    if use == "triton":
+        from fastattr.kernels.interpolate import accumulate_triton as accumulate, interpolate_triton as interpolate
+    else:
+        accumulate, interpolate = ops.accumulate_torch, ops.interpolate_torch
+
+    total = batch * len(alphas)
+    chunk = internal_batch_size
+    probe = chunk is None and device.type == "cuda"
+    if chunk is None:
+        chunk = batch if probe else default_internal_batch_size(batch, len(alphas), device)
+    bar = tqdm(total=total, desc="integrated gradients", unit="row", leave=False,
+               disable=None if progress is None else not progress)
+    start = 0
+    while start < total:
+        rows = min(chunk, total - start)
+        if probe:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        with torch.enable_grad():
+            path = {k: interpolate(xs[k], bs[k], alphas, start, rows).requires_grad_(True) for k in keys}
+            sample = torch.arange(start, start + rows, device=device) % batch
+            logits = _logits_2d(forward({**path, **rows_of(extra, sample)}))
+            if logits.shape[0] != rows:
+                raise ValueError(f"forward returned {logits.shape[0]} rows for {rows} inputs")
+            if targets is None:
+                targets = resolve_targets(target, None, batch, logits.shape[1], device)
+            score = logits.gather(1, targets.index_select(0, sample).unsqueeze(1)).sum()
+            grads = torch.autograd.grad(score, [path[k] for k in keys], allow_unused=True)
+        for k, g in zip(keys, grads):
+            if g is not None:
+                accumulate(accs[k], g, acc_weights, start)
+        if probe:
+            per_row = max(torch.cuda.max_memory_allocated(device) - before, 1) / rows
+            free, _ = torch.cuda.mem_get_info(device)
+            chunk = max(batch, int(CUDA_MEMORY_FRACTION * free / per_row) // batch * batch)
+            probe = False
+        del path, logits, score, grads
+        start += rows
+        bar.update(rows)
+    bar.close()
+
+    finalize = ops.finalize_torch
+    if use == "triton":
+        from fastattr.kernels.interpolate import finalize_triton as finalize
+    attributions = {k: finalize(xs[k], bs[k], accs[k], divisor, k in summed).to(xs[k].dtype) for k in keys}
+    if not return_convergence_delta:
+        return attributions
+    fb = endpoint_logits(bs)
+    rows_idx = targets.unsqueeze(1)
+    gap = fx.gather(1, rows_idx).squeeze(1) - fb.gather(1, rows_idx).squeeze(1)
+    total_attr = sum(a.reshape(batch, -1).sum(dim=1).float() for a in attributions.values())
+    return attributions, total_attr - gap

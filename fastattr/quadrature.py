@@ -1,0 +1,57 @@
+"""Quadrature rules on [0, 1] for the integrated-gradients path integral."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+METHODS = (
+    "uniform",
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+    "riemann_trapezoid",
+    "gausslegendre",
+)
+
+
+def quadrature(method: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(alphas, weights)`` as float64 tensors for ``steps`` subintervals.
+
+    ``uniform`` is PyHealth's rule: the ``steps + 1`` points ``k / steps`` (both ends) with equal
+    weights ``1 / (steps + 1)``. ``riemann_left/right/middle`` use ``steps`` points at the left ends,
+    right ends or midpoints of the subintervals, weight ``1 / steps``. ``riemann_trapezoid`` uses the
+    ``steps + 1`` points ``k / steps`` with the end weights halved. ``gausslegendre`` uses ``steps``
+    Gauss-Legendre nodes mapped to [0, 1].
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    steps = int(steps)
+    k = np.arange(steps + 1, dtype=np.float64)
+    if method == "uniform":
+        alphas = k / steps
+        weights = np.full(steps + 1, 1.0 / (steps + 1))
+    elif method == "riemann_left":
+        alphas = k[:-1] / steps
+        weights = np.full(steps, 1.0 / steps)
+    elif method == "riemann_right":
+        alphas = k[1:] / steps
+        weights = np.full(steps, 1.0 / steps)
+    elif method == "riemann_middle":
+        alphas = (k[:-1] + 0.5) / steps
+        weights = np.full(steps, 1.0 / steps)
+    elif method == "riemann_trapezoid":
+        alphas = k / steps
+        weights = np.full(steps + 1, 1.0 / steps)
+        weights[[0, -1]] *= 0.5
+    elif method == "gausslegendre":
+        nodes, w = np.polynomial.legendre.leggauss(steps)
+        alphas = (nodes + 1.0) / 2.0
+        weights = w / 2.0
+    else:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    return torch.from_numpy(alphas), torch.from_numpy(weights)
+
+
+def is_equal_weight(weights: torch.Tensor) -> bool:
+    """True when every weight is the same (the sum can be divided once at the end)."""
+    return bool(torch.all(weights == weights[0]))
