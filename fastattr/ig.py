@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from fastattr.backend import check_backend_name, resolve_backend
-from fastattr.integrated import check_finite, integrated_gradients, resolve_targets
+from fastattr.integrated import check_finite, check_internal_batch_size, integrated_gradients, resolve_targets
 from fastattr.protocol import (
     expand_to_inputs,
     feature_tuples,
@@ -92,6 +92,7 @@ class IntegratedGradients:
         model = self.model
         steps = self.steps if steps is None else steps
         quadrature(method, steps)
+        check_internal_batch_size(internal_batch_size)
         device = model_device(model)
         resolve_backend(backend if backend is not None else self.backend, device)
         features = feature_tuples(model, batch)

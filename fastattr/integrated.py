@@ -26,6 +26,13 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_internal_batch_size(internal_batch_size: int | None) -> None:
+    """Raise ``ValueError`` unless ``internal_batch_size`` is ``None`` or an integer >= 1."""
+    if internal_batch_size is not None and (isinstance(internal_batch_size, bool) or
+                                            not isinstance(internal_batch_size, int) or internal_batch_size < 1):
+        raise ValueError(f"internal_batch_size must be an integer >= 1; got {internal_batch_size!r}")
+
+
 def _logits_2d(logits: Any) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"forward must return a logits tensor; got {type(logits).__name__}")
@@ -157,9 +164,7 @@ def integrated_gradients(
     """
     batch = _validate_batch(inputs)
     alphas, weights = quadrature(method, steps)
-    if internal_batch_size is not None and (isinstance(internal_batch_size, bool) or
-                                            not isinstance(internal_batch_size, int) or internal_batch_size < 1):
-        raise ValueError(f"internal_batch_size must be an integer >= 1; got {internal_batch_size!r}")
+    check_internal_batch_size(internal_batch_size)
     keys = list(inputs)
     summed = set(sum_last_dim)
     unknown = summed - set(keys)
@@ -180,7 +185,8 @@ def integrated_gradients(
 
     def endpoint_logits(points: Mapping[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            return _logits_2d(forward({**points, **extra})).float()
+            logits = _logits_2d(forward({**points, **extra}))
+            return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     fx = endpoint_logits(xs) if target is None or return_convergence_delta else None
     if fx is not None and fx.shape[0] != batch:
@@ -244,5 +250,5 @@ def integrated_gradients(
     fb = endpoint_logits(bs)
     rows_idx = targets.unsqueeze(1)
     gap = fx.gather(1, rows_idx).squeeze(1) - fb.gather(1, rows_idx).squeeze(1)
-    total_attr = sum(a.reshape(batch, -1).sum(dim=1).float() for a in attributions.values())
+    total_attr = sum(a.reshape(batch, -1).sum(dim=1).to(gap.dtype) for a in attributions.values())
     return attributions, total_attr - gap

@@ -1,0 +1,61 @@
+"""PyHealth's integrated gradients as it runs there: one forward and backward per path point.
+
+This is the baseline fastattr's speed is measured against where PyHealth is not installed, and
+the oracle for fastattr's own models in the tests. It follows REFERENCE.md step by step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fastattr.integrated import resolve_targets
+from fastattr.protocol import expand_to_inputs, feature_tuples, model_device, replace_value, value_index, with_masks
+
+
+def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, baseline: dict | None = None,
+                                   target_class_idx: int | None = None, use_embeddings: bool = True,
+                                   **batch: Any) -> dict[str, torch.Tensor]:
+    """Attributions by PyHealth 2.1.0's algorithm: ``steps + 1`` single-step forward/backward passes."""
+    model.eval()
+    device = model_device(model)
+    features = with_masks(model, {k: tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in f)
+                                  for k, f in feature_tuples(model, batch).items()})
+    slots = {k: value_index(model, k) for k in features}
+    values = {k: features[k][slots[k]] for k in features}
+    shapes = {k: v.shape for k, v in values.items()}
+    token = {k for k in features if model.dataset.input_processors[k].is_token()}
+    with torch.no_grad():
+        logits = model.forward(**features)["logit"]
+    targets = resolve_targets(target_class_idx, logits, logits.shape[0], logits.shape[1], device)
+    if baseline is None:
+        bs = {k: torch.ones_like(v) if (use_embeddings and k in token) else torch.zeros_like(v) + 1e-2
+              for k, v in values.items()}
+    else:
+        bs = {k: baseline[k].to(device) for k in values}
+    embed = model.get_embedding_model() if use_embeddings else None
+    embedded = token if use_embeddings else set()
+    if embedded:
+        values.update({k: v for k, v in embed({k: values[k] for k in embedded}).items() if k in embedded})
+        bs.update({k: v for k, v in embed({k: bs[k] for k in embedded}).items() if k in embedded})
+    continuous = set(features) - token if use_embeddings else set()
+    sums = {k: torch.zeros_like(values[k], dtype=torch.float32) for k in features}
+    for step in range(steps + 1):
+        alpha = step / steps
+        points = {k: (bs[k] + alpha * (values[k] - bs[k])).detach().requires_grad_(True) for k in features}
+        call_values = dict(points)
+        if continuous:
+            call_values.update({k: v for k, v in embed({k: points[k] for k in continuous}).items() if k in continuous})
+        call = {k: replace_value(f, slots[k], call_values[k]) for k, f in features.items()}
+        out = (model.forward_from_embedding(**call) if use_embeddings else model.forward(**call))["logit"]
+        model.zero_grad()
+        out.gather(1, targets.unsqueeze(1)).sum().backward()
+        for k in features:
+            if points[k].grad is not None:
+                sums[k] += points[k].grad
+    model.zero_grad(set_to_none=True)
+    result = {}
+    for k in features:
+        attr = (values[k] - bs[k]).detach() * (sums[k] / (steps + 1))
+        result[k] = attr.sum(-1) if (k in embedded and attr.dim() >= 3) else attr
+    return expand_to_inputs(result, shapes)

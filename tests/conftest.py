@@ -1,0 +1,67 @@
+import os
+
+# Triton picks interpreter or compiler when a kernel is decorated: set this before fastattr loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from fastattr.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
+
+
+def pyhealth_import_error() -> str | None:
+    try:
+        import pyhealth.interpret.methods  # noqa: F401
+    except Exception as exc:  # PyHealth's import chain fails in many ways (torchvision, deps)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+    parity = [item for item in items if "parity" in item.keywords]
+    error = pyhealth_import_error() if parity else None
+    if error is None:
+        return
+    if os.environ.get("FASTATTR_REQUIRE_PYHEALTH") == "1":
+        raise pytest.UsageError(f"FASTATTR_REQUIRE_PYHEALTH=1 but PyHealth does not import: {error}")
+    for item in parity:
+        item.add_marker(pytest.mark.skip(reason=f"PyHealth 2.1.0 is not importable here ({error})"))
+
+
+def codes(batch: int, length: int, vocab: int, generator: torch.Generator, min_len: int = 1) -> torch.Tensor:
+    """Random token ids in [2, vocab) with random right padding (0), at least ``min_len`` real."""
+    ids = torch.randint(2, vocab, (batch, length), generator=generator)
+    lengths = torch.randint(min_len, length + 1, (batch,), generator=generator)
+    return ids * (torch.arange(length) < lengths[:, None])
+
+
+def own_model(kind: str = "transformer", num_classes: int = 3, seed: int = 0, **kwargs):
+    """A fastattr protocol model with a token feature and a continuous one, and a random batch."""
+    g = torch.Generator().manual_seed(seed)
+    spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=40),
+                        "labs": FeatureProcessor(token=False, size=5)})
+    torch.manual_seed(seed)
+    cls = TransformerClassifier if kind == "transformer" else MLPClassifier
+    model = cls(spec, num_classes=num_classes, **kwargs).eval()
+    batch = {
+        "codes": codes(4, 11, 40, g),
+        "labs": torch.randn(4, 3, 5, generator=g),
+        "label": torch.zeros(4, dtype=torch.long),
+        "patient_id": ["a", "b", "c", "d"],
+    }
+    return model, batch
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("FASTATTR_BACKEND", raising=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    ran = [r for r in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
+           if "parity" in r.keywords]
+    terminalreporter.write_line(f"PyHealth parity cases run: {len(ran)}")
