@@ -155,8 +155,8 @@ class MultiHeadSelfAttention(nn.Module):
         scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         attn = self.softmax(scores)
+        self.attn_map, self.attn_grad = (attn.detach(), None) if capture else (None, None)
         if capture:
-            self.attn_map, self.attn_grad = attn.detach(), None
             attn.register_hook(self._keep_grad)
         return self.out((attn @ v).transpose(1, 2).reshape(b, n, d))
 

@@ -1,0 +1,79 @@
+"""Model-agnostic Chefer relevance from captured (attention map, attention gradient) pairs."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastattr.backend import resolve_backend
+from fastattr.kernels import relevance as ops
+
+Layer = tuple[torch.Tensor, torch.Tensor]
+
+
+def check_layers(layers: Sequence[Layer], name: str = "layers") -> tuple[int, int]:
+    """Validate ``[(attn, grad), ...]`` (first layer first); return ``(batch, tokens)``."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) == 0:
+        raise ValueError(f"{name} must be a non-empty list of (attention map, attention gradient) pairs")
+    shape = None
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, (tuple, list)) or len(layer) != 2:
+            raise ValueError(f"{name}[{i}] must be an (attention map, attention gradient) pair")
+        attn, grad = layer
+        if not isinstance(attn, torch.Tensor):
+            raise ValueError(f"{name}[{i}] has no attention map (got {type(attn).__name__}): the forward did "
+                             "not record this layer's attention")
+        if not isinstance(grad, torch.Tensor):
+            raise ValueError(f"{name}[{i}] has no attention gradient (got {type(grad).__name__}): the backward "
+                             "did not reach this attention layer, so the target does not depend on it")
+        if attn.shape != grad.shape:
+            raise ValueError(f"{name}[{i}]: attention map {tuple(attn.shape)} and gradient {tuple(grad.shape)} "
+                             "differ in shape")
+        if attn.dim() not in (3, 4) or attn.shape[-1] != attn.shape[-2]:
+            raise ValueError(f"{name}[{i}]: expected maps of shape [B, H, N, N] or [B, N, N]; got {tuple(attn.shape)}")
+        if not attn.is_floating_point():
+            raise ValueError(f"{name}[{i}]: attention maps must be floating point; got {attn.dtype}")
+        here = (attn.shape[0], attn.shape[-1])
+        if shape is not None and here != shape:
+            raise ValueError(f"{name}[{i}] has batch and tokens {here}, layer 0 has {shape}")
+        shape = here
+    return shape
+
+
+def chefer_relevance(layers: Sequence[Layer], rows: torch.Tensor | None = None, *,
+                     backend: str | None = None) -> torch.Tensor:
+    """Chefer relevance R = (I + C_L)...(I + C_1), C_l = mean_h clamp(A_l * G_l, 0).
+
+    Args:
+        layers: ``[(attn, grad), ...]`` ordered first layer to last, each ``[B, H, N, N]`` or
+            ``[B, N, N]`` (already one head: no averaging).
+        rows: ``None`` for the full ``R`` ``[B, N, N]``; or one row index per sample
+            (LongTensor ``[B]``) for just those rows ``R[b, rows[b]]`` as ``[B, N]``, computed
+            exactly by pushing row vectors from the last layer to the first in O(L N^2).
+        backend: ``"auto" | "torch" | "triton"``; ``None`` reads ``FASTATTR_BACKEND``.
+
+    Returns:
+        float32 relevance (float64 when the maps are float64), detached.
+    """
+    batch, tokens = check_layers(layers)
+    device = layers[0][0].device
+    use = resolve_backend(backend, device)
+    dtype = torch.float64 if layers[0][0].dtype == torch.float64 else torch.float32
+    if use == "triton" and dtype == torch.float64:
+        use = "torch"  # the kernels accumulate in float32; float64 maps keep their precision
+    with torch.no_grad():
+        if rows is None:
+            R = torch.eye(tokens, dtype=dtype, device=device).expand(batch, tokens, tokens).contiguous()
+            step = ops.full_step_triton if use == "triton" else ops.full_step_torch
+            for attn, grad in layers:
+                R = step(R, attn.detach(), grad.detach())
+            return R
+        if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int32, torch.int64) or rows.shape != (batch,):
+            raise ValueError(f"rows must be a LongTensor of shape [{batch}] (one row per sample); got {rows!r}")
+        if bool(((rows < 0) | (rows >= tokens)).any()):
+            raise ValueError(f"rows must lie in [0, {tokens}); got {rows.tolist()}")
+        v = torch.nn.functional.one_hot(rows.to(device).long(), tokens).to(dtype)
+        step = ops.row_step_triton if use == "triton" else ops.row_step_torch
+        for attn, grad in reversed(layers):
+            v = step(v, attn.detach(), grad.detach())
+        return v
