@@ -1,0 +1,187 @@
+"""CheferRelevance on fastattr's own protocol models, without PyHealth."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+import fastattr
+from fastattr.chefer import apply_self_attention_rules, avg_heads, detect_row_picks
+
+from conftest import own_model
+
+
+def reference(model, target=None, **batch):
+    """PyHealth's algorithm verbatim: full backward, full R, the model's reduction."""
+    model.set_attention_hooks(True)
+    try:
+        logits = model(**batch)["logit"]
+    finally:
+        model.set_attention_hooks(False)
+    if logits.shape[1] == 1:
+        target = torch.zeros(logits.shape[0], dtype=torch.long)
+    elif target is None:
+        target = logits.argmax(-1)
+    elif isinstance(target, int):
+        target = torch.full((logits.shape[0],), target)
+    (torch.nn.functional.one_hot(target, logits.shape[1]).float() * logits).sum().backward()
+    model.zero_grad(set_to_none=True)
+    R = {}
+    for key, layers in model.get_attention_layers().items():
+        n = layers[0][0].shape[-1]
+        r = torch.eye(n).unsqueeze(0).repeat(logits.shape[0], 1, 1)
+        for attn, grad in layers:
+            r = r + apply_self_attention_rules(r, avg_heads(attn, grad))
+        R[key] = r
+    out = model.get_relevance_tensor(R, **batch)
+    for key, attr in out.items():  # PyHealth's expansion to nested input shapes
+        value = batch[key]
+        while value.dim() > attr.dim():
+            attr = attr.unsqueeze(-1)
+        out[key] = attr.expand_as(value)
+    return out
+
+
+def close(got, ref):
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        err = ((got[k] - ref[k]).abs().max() / ref[k].abs().max()).item()
+        assert err <= 1e-5, f"{k}: {err:.2e}"
+
+
+@pytest.mark.parametrize("layers, heads", [(1, 1), (2, 2), (4, 4)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_matches_reference_on_own_transformer(layers, heads, backend):
+    model, batch = own_model("transformer", seed=layers, layers=layers, heads=heads, dim=16)
+    close(fastattr.CheferRelevance(model).attribute(backend=backend, **batch), reference(model, **batch))
+    close(fastattr.CheferRelevance(model).attribute(target_class_idx=1, backend=backend, **batch),
+          reference(model, target=1, **batch))
+
+
+def test_alias_call_and_per_sample_targets():
+    model, batch = own_model("transformer", seed=3)
+    chefer = fastattr.CheferRelevance(model)
+    close(chefer.get_relevance_matrix(**batch), chefer(**batch))
+    targets = torch.tensor([0, 2, 1, 2])
+    both = chefer.attribute(target_class_idx=targets, **batch)
+    for cls in range(3):
+        one = chefer.attribute(target_class_idx=cls, **batch)
+        for k in both:
+            torch.testing.assert_close(both[k][targets == cls], one[k][targets == cls])
+
+
+def test_own_transformer_is_detected_as_a_row_pick():
+    model, batch = own_model("transformer", seed=4)
+    tokens = {"codes": 12, "labs": 4}  # CLS + tokens
+    picks = detect_row_picks(model, tokens, 4, batch, torch.device("cpu"))
+    assert picks is not None
+    assert picks["codes"][0].tolist() == [0, 0, 0, 0]
+    assert picks["codes"][1].tolist() == [list(range(1, 12))] * 4
+
+
+class Reduced(fastattr.models.TransformerClassifier):
+    """A model whose reduction is not a row pick."""
+
+    reduction = "mean"
+
+    def get_relevance_tensor(self, R, **batch):
+        if self.reduction == "mean":
+            return {k: r.mean(dim=1)[:, 1:] for k, r in R.items()}
+        if self.reduction == "double":
+            return {k: 2 * r[:, 0, 1:] for k, r in R.items()}
+        if self.reduction == "relu-row":
+            return {k: r[:, 0, 1:].clamp(min=0) for k, r in R.items()}
+        if self.reduction == "other-sample":
+            return {k: r[:, 0, 1:].roll(1, dims=0) for k, r in R.items()}
+        raise AssertionError(self.reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "double", "relu-row", "other-sample"])
+def test_non_row_pick_takes_full_path_and_matches(reduction, monkeypatch):
+    base, batch = own_model("transformer", seed=5)
+    model = Reduced(base.dataset, num_classes=3)
+    model.load_state_dict(base.state_dict())
+    model.reduction = reduction
+    model.eval()
+    assert detect_row_picks(model, {"codes": 12, "labs": 4}, 4, batch, torch.device("cpu")) is None
+    close(fastattr.CheferRelevance(model).attribute(**batch), reference(model, **batch))
+
+
+def test_stated_rows_are_used():
+    from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+
+    torch.manual_seed(6)
+    model = TransformerClassifier(FeatureSpec({"codes": FeatureProcessor(token=True, size=30)}), num_classes=3).eval()
+    batch = {"codes": torch.randint(0, 30, (4, 9))}
+    expected = reference(model, **batch)
+    model.get_relevance_rows = lambda **b: {"codes": torch.zeros(4, dtype=torch.long)}
+    got = fastattr.CheferRelevance(model).attribute(**batch)
+    assert got["codes"].shape == (4, 10)  # the whole CLS row, CLS column included
+    close({"codes": got["codes"][:, 1:]}, expected)
+
+
+def test_nested_inputs_are_expanded():
+    from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+
+    torch.manual_seed(0)
+    model = TransformerClassifier(FeatureSpec({"visits": FeatureProcessor(token=True, size=30)}), num_classes=2).eval()
+    visits = torch.randint(0, 30, (3, 5, 4))
+    out = fastattr.CheferRelevance(model).attribute(visits=visits)
+    assert out["visits"].shape == visits.shape
+    assert torch.equal(out["visits"][..., 0], out["visits"][..., 3])
+
+
+def test_hooks_off_after_call_and_after_error_and_nothing_kept():
+    model, batch = own_model("transformer", seed=7)
+    chefer = fastattr.CheferRelevance(model)
+    chefer.attribute(**batch)
+    assert model._capture is False
+    assert all(p.grad is None for p in model.parameters())
+    attn = model.get_attention_layers()["codes"][0][0]
+    ref = weakref.ref(attn)
+    del attn
+    model(**batch)  # a forward without hooks drops the model's own copies
+    gc.collect()
+    assert ref() is None, "fastattr kept a reference to an attention map"
+
+    def boom(**kw):
+        raise RuntimeError("forward failed")
+
+    model.forward_from_embedding = boom
+    with pytest.raises(RuntimeError, match="forward failed"):
+        chefer.attribute(**batch)
+    assert model._capture is False
+
+
+def test_missing_gradient_is_a_clear_error():
+    model, batch = own_model("transformer", seed=8)
+    original = model.get_attention_layers
+    model.get_attention_layers = lambda: {k: [(a, None) for a, _ in v] for k, v in original().items()}
+    with pytest.raises(ValueError, match="no attention gradient"):
+        fastattr.CheferRelevance(model).attribute(**batch)
+    model.get_attention_layers = lambda: {k: [(a, g[..., :-1]) for a, g in v] for k, v in original().items()}
+    with pytest.raises(ValueError, match="differ in shape"):
+        fastattr.CheferRelevance(model).attribute(**batch)
+
+
+@pytest.mark.parametrize("missing", ["set_attention_hooks", "get_attention_layers", "get_relevance_tensor"])
+def test_model_without_chefer_methods(missing):
+    model, _ = own_model("mlp")
+    for name in ("set_attention_hooks", "get_attention_layers", "get_relevance_tensor"):
+        if name != missing:
+            setattr(model, name, lambda *a, **k: None)
+    with pytest.raises(TypeError, match=f"model.{missing}"):
+        fastattr.CheferRelevance(model)
+
+
+def test_bad_target_and_batch():
+    model, batch = own_model("transformer", seed=9)
+    chefer = fastattr.CheferRelevance(model)
+    with pytest.raises(ValueError, match="out of range"):
+        chefer.attribute(target_class_idx=5, **batch)
+    with pytest.raises(ValueError, match="none of the model's feature keys"):
+        chefer.attribute(label=batch["label"])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        chefer.attribute(backend="tpu", **batch)
+    assert model._capture is False

@@ -1,0 +1,69 @@
+"""fastattr.CheferRelevance against the real PyHealth 2.1.0 CheferRelevance."""
+import functools
+
+import pytest
+import torch
+
+import fastattr
+from fastattr.chefer import detect_row_picks
+
+pytestmark = pytest.mark.parity
+
+CONFIGS = {
+    "transformer-1L1H-binary-seq": ("seq", "Transformer", 2, dict(num_layers=1, heads=1, embedding_dim=32)),
+    "transformer-2L2H-multiclass-seq": ("seq", "Transformer", 4, dict(num_layers=2, heads=2, embedding_dim=32)),
+    "transformer-4L4H-binary-nested": ("nested", "Transformer", 2, dict(num_layers=4, heads=4, embedding_dim=32)),
+    "transformer-3L4H-multiclass-nested": ("nested", "Transformer", 3, dict(num_layers=3, heads=4, embedding_dim=16)),
+    "stageattentionnet-binary": ("stagenet", "StageAttentionNet", 2, dict(embedding_dim=32)),
+    "stageattentionnet-multiclass": ("stagenet", "StageAttentionNet", 3, dict(embedding_dim=32)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def case(name):
+    import pyhealth_cases
+
+    kind, model_name, classes, kwargs = CONFIGS[name]
+    return pyhealth_cases.build(kind, model_name, num_classes=classes, seed=len(name) + 1, **kwargs)
+
+
+def compare(name, target=None):
+    from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+
+    model, batch = case(name)
+    theirs = PyHealthChefer(model).attribute(target_class_idx=target, **batch)
+    model.zero_grad(set_to_none=True)
+    ours = fastattr.CheferRelevance(model).attribute(target_class_idx=target, **batch)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        ref = theirs[key].detach().double()
+        got = ours[key].double()
+        assert got.shape == ref.shape, key
+        assert ref.abs().max() > 0
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 1e-5, f"{key}: relative error {err:.2e}"
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_default_target(name):
+    compare(name)
+
+
+@pytest.mark.parametrize("name", [n for n, c in CONFIGS.items() if c[2] > 2])
+def test_target_class_idx(name):
+    compare(name, target=0)
+    compare(name, target=CONFIGS[name][2] - 1)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_pyhealth_reductions_are_detected_as_row_picks(name):
+    model, batch = case(name)
+    chefer = fastattr.CheferRelevance(model)
+    chefer.attribute(**batch)
+    layers = model.get_attention_layers()
+    tokens = {k: v[0][0].shape[-1] for k, v in layers.items()}
+    picks = detect_row_picks(model, tokens, len(batch["label"]), batch, torch.device("cpu"))
+    assert picks is not None, "PyHealth's CLS-row / last-visit reductions are row picks"
+    if "transformer" in name:
+        assert all(bool((rows == 0).all()) for rows, _ in picks.values())
