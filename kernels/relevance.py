@@ -26,44 +26,59 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-# Samples per pass in the torch path: bounds the clamp(A * G) temporary so it stays in cache
-# instead of making three passes over the whole [B, H, N, N] block.
-TORCH_SAMPLE_BYTES = 8 << 20
+# Bytes of clamp(A * G) the torch path forms at a time: one reused buffer small enough to stay
+# in cache, instead of three passes over freshly allocated [B, H, N, N] temporaries.
+TORCH_BLOCK_BYTES = 8 << 20
 
 
-def _sample_chunks(attn: torch.Tensor):
-    per_sample = attn[0].numel() * 4
-    step = max(1, TORCH_SAMPLE_BYTES // max(per_sample, 1))
-    for start in range(0, attn.shape[0], step):
-        yield slice(start, start + step)
+def _clamped_product(attn: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """clamp(attn * grad, 0) into ``out`` (in ``out``'s dtype, so low-precision maps are upcast)."""
+    if attn.dtype == out.dtype and grad.dtype == out.dtype:
+        torch.mul(attn, grad, out=out)
+    else:
+        out.copy_(attn)
+        out.mul_(grad)
+    return out.clamp_(min=0)
 
 
 def cam_torch(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """mean over heads of clamp(attn * grad, 0) as ``[B, N, N]`` in the accumulation dtype."""
     attn, grad = _heads(attn), _heads(grad)
+    batch, heads, n, _ = attn.shape
     dtype = _acc_dtype(attn)
-    out = torch.empty(attn.shape[0], attn.shape[2], attn.shape[3], dtype=dtype, device=attn.device)
-    for s in _sample_chunks(attn):
-        prod = attn[s].to(dtype) * grad[s].to(dtype)
-        out[s] = prod.clamp_(min=0).mean(dim=1)
+    out = torch.empty(batch, n, n, dtype=dtype, device=attn.device)
+    per_sample = max(1, TORCH_BLOCK_BYTES // max(heads * n * n * 4, 1))
+    buf = torch.empty(min(per_sample, batch), heads, n, n, dtype=dtype, device=attn.device)
+    for s0 in range(0, batch, per_sample):
+        s1 = min(s0 + per_sample, batch)
+        prod = _clamped_product(attn[s0:s1], grad[s0:s1], buf[: s1 - s0])
+        torch.mean(prod, dim=1, out=out[s0:s1])
     return out
 
 
 def full_step_torch(R: torch.Tensor, attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """One layer of the full path: ``R + cam @ R``."""
-    return R + torch.bmm(cam_torch(attn, grad), R)
+    return torch.baddbmm(R, cam_torch(attn, grad), R)
 
 
 def row_step_torch(v: torch.Tensor, attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """One layer of the row path: ``v + v @ cam`` for row vectors ``v`` of shape ``[B, N]``."""
+    """One layer of the row path: ``v + v @ cam`` for row vectors ``v`` of shape ``[B, N]``.
+
+    Works on blocks of source rows of one sample: clamp(A * G) for the block goes into a reused
+    buffer and is consumed at once by a batched GEMV over the heads.
+    """
     attn, grad = _heads(attn), _heads(grad)
-    heads = attn.shape[1]
-    out = torch.empty_like(v)
-    for s in _sample_chunks(attn):
-        prod = (attn[s].to(v.dtype) * grad[s].to(v.dtype)).clamp_(min=0)
-        # sum over heads and source rows of v[i] * C_h[i, j] as one batched GEMV per sample
-        out[s] = v[s] + torch.einsum("bi,bhij->bj", v[s], prod) / heads
-    return out
+    batch, heads, n, _ = attn.shape
+    rows = max(1, min(n, TORCH_BLOCK_BYTES // max(heads * n * 4, 1)))
+    buf = torch.empty(heads, rows, n, dtype=v.dtype, device=v.device)
+    acc = torch.zeros_like(v)
+    for b in range(batch):
+        for i0 in range(0, n, rows):
+            i1 = min(i0 + rows, n)
+            prod = _clamped_product(attn[b, :, i0:i1], grad[b, :, i0:i1], buf[:, : i1 - i0])
+            vec = v[b, i0:i1].expand(heads, 1, i1 - i0)
+            acc[b] += torch.bmm(vec, prod).sum(dim=0)[0]
+    return v + acc / heads
 
 
 if triton is not None:

@@ -1,0 +1,133 @@
+"""Side-by-side Chefer timing: fastattr vs PyHealth, relevance alone and end to end.
+
+    python benchmarks/chefer_compare.py relevance --batch 4 --heads 2 --tokens 1024 --layers 6
+    python benchmarks/chefer_compare.py end2end --layers 6 --heads 4 --dim 32 --tokens 384 --batch 4
+
+"relevance" times the propagation alone on given random maps and gradients: PyHealth's loop
+(avg_heads, then R + cam @ R per layer, then row 0) against fastattr's row path and full path.
+"end2end" times CheferRelevance.attribute on a PyHealth Transformer (needs PyHealth 2.1.0).
+Results are checked equal before timing; repeats are interleaved.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+import fastattr
+from fastattr.chefer import apply_self_attention_rules, avg_heads
+
+
+def interleaved(fns: dict, repeats: int, device: str) -> dict:
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def table(times: dict, base: str) -> None:
+    ref = statistics.median(times[base])
+    print("| method | median ms | min ms | max ms | speedup vs " + base + " |")
+    print("|---|---|---|---|---|")
+    for name, t in times.items():
+        med = statistics.median(t)
+        print(f"| {name} | {med * 1e3:.1f} | {min(t) * 1e3:.1f} | {max(t) * 1e3:.1f} | {ref / med:.2f}x |")
+
+
+def pyhealth_loop(layers):
+    """PyHealth 2.1.0's propagation as its chefer.py writes it, then the Transformer's row 0."""
+    b, n = layers[0][0].shape[0], layers[0][0].shape[-1]
+    R = torch.eye(n, device=layers[0][0].device).unsqueeze(0).repeat(b, 1, 1)
+    for attn, grad in layers:
+        cam = avg_heads(attn, grad)
+        R = R + apply_self_attention_rules(R, cam).detach()
+    return R[:, 0]
+
+
+def relevance(args) -> None:
+    g = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.heads, args.tokens, args.tokens)
+    layers = []
+    for _ in range(args.layers):
+        attn = torch.rand(shape, generator=g).softmax(-1).to(args.device)
+        layers.append((attn, torch.randn(shape, generator=g).to(args.device)))
+    rows = torch.zeros(args.batch, dtype=torch.long, device=args.device)
+    ref = pyhealth_loop(layers)
+    fns = {"pyhealth": lambda: pyhealth_loop(layers)}
+    for backend in args.backends:
+        got = fastattr.chefer_relevance(layers, rows, backend=backend)
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 1e-5, f"row path ({backend}) differs: {err:.2e}"
+        fns[f"fastattr row path ({backend})"] = lambda b=backend: fastattr.chefer_relevance(layers, rows, backend=b)
+        if args.full:
+            full = fastattr.chefer_relevance(layers, backend=backend)[:, 0]
+            assert ((full - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+            fns[f"fastattr full path ({backend})"] = lambda b=backend: fastattr.chefer_relevance(layers, backend=b)
+    times = interleaved(fns, args.repeats, args.device)
+    print(f"relevance alone, device={args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}: "
+          f"B={args.batch} H={args.heads} N={args.tokens} L={args.layers}, float32, {args.repeats} interleaved repeats")
+    table(times, "pyhealth")
+
+
+def end2end(args) -> None:
+    from pyhealth.datasets import create_sample_dataset, get_dataloader
+    from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+    from pyhealth.models import Transformer
+
+    rng = random.Random(0)
+    samples = [{"patient_id": f"p{i}", "visit_id": "v", "label": i % 2,
+                "conditions": [f"c{rng.randrange(2000)}" for _ in range(args.tokens)]} for i in range(max(8, args.batch))]
+    dataset = create_sample_dataset(samples=samples, input_schema={"conditions": "sequence"},
+                                    output_schema={"label": "binary"}, dataset_name="bench")
+    torch.manual_seed(0)
+    model = Transformer(dataset=dataset, embedding_dim=args.dim, heads=args.heads, num_layers=args.layers)
+    model = model.to(args.device).eval()
+    batch = next(iter(get_dataloader(dataset, batch_size=args.batch)))
+    batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    theirs, ours = PyHealthChefer(model), fastattr.CheferRelevance(model)
+    ref = theirs.attribute(**batch)["conditions"].detach()
+    fns = {"pyhealth": lambda: theirs.attribute(**batch)}
+    for backend in args.backends:
+        got = ours.attribute(backend=backend, **batch)["conditions"]
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 1e-5, f"fastattr ({backend}) differs from PyHealth: {err:.2e}"
+        fns[f"fastattr ({backend})"] = lambda b=backend: ours.attribute(backend=b, **batch)
+    times = interleaved(fns, args.repeats, args.device)
+    print(f"CheferRelevance.attribute end to end, device={args.device}, torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}: PyHealth Transformer {args.layers} layers, {args.heads} heads, dim {args.dim}, "
+          f"{args.tokens} codes, batch {args.batch}, {args.repeats} interleaved repeats")
+    table(times, "pyhealth")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["relevance", "end2end"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--full", action="store_true", help="also time the full-R path")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", nargs="+", default=None)
+    args = parser.parse_args(argv)
+    if args.backends is None:
+        args.backends = ["torch", "triton"] if args.device.startswith("cuda") else ["torch"]
+    (relevance if args.mode == "relevance" else end2end)(args)
+
+
+if __name__ == "__main__":
+    main()
