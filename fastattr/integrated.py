@@ -199,10 +199,12 @@ def integrated_gradients(
     divisor = float(len(weights)) if equal else 1.0
     acc_dtype = {k: torch.promote_types(xs[k].dtype, torch.float32) for k in keys}
     accs = {k: torch.zeros(xs[k].shape, dtype=acc_dtype[k], device=device) for k in keys}
+    if use == "triton" and any(acc.dtype != torch.float32 for acc in accs.values()):
+        use = "torch"  # the kernels accumulate in float32; float64 inputs keep their precision
     if use == "triton":
-        from fastattr.kernels.interpolate import accumulate_triton as accumulate, interpolate_triton as interpolate
+        accumulate, interpolate, finalize = ops.accumulate_triton, ops.interpolate_triton, ops.finalize_triton
     else:
-        accumulate, interpolate = ops.accumulate_torch, ops.interpolate_torch
+        accumulate, interpolate, finalize = ops.accumulate_torch, ops.interpolate_torch, ops.finalize_torch
 
     total = batch * len(alphas)
     chunk = internal_batch_size
@@ -227,6 +229,9 @@ def integrated_gradients(
             if targets is None:
                 targets = resolve_targets(target, None, batch, logits.shape[1], device)
             score = logits.gather(1, targets.index_select(0, sample).unsqueeze(1)).sum()
+            # The path tensor is a leaf, so autograd.grad hands back exactly the [rows, ...]
+            # gradients the reduction kernel consumes; wrapping construction and reduction in an
+            # autograd.Function would still materialize that same gradient, plus a backward node.
             grads = torch.autograd.grad(score, [path[k] for k in keys], allow_unused=True)
         for k, g in zip(keys, grads):
             if g is not None:
@@ -241,9 +246,6 @@ def integrated_gradients(
         bar.update(rows)
     bar.close()
 
-    finalize = ops.finalize_torch
-    if use == "triton":
-        from fastattr.kernels.interpolate import finalize_triton as finalize
     attributions = {k: finalize(xs[k], bs[k], accs[k], divisor, k in summed).to(xs[k].dtype) for k in keys}
     if not return_convergence_delta:
         return attributions

@@ -86,3 +86,14 @@ def test_internal_batch_size_and_rules_keep_parity():
     theirs = PyHealthIG(model).attribute(steps=7, **batch)
     ours = fastattr.IntegratedGradients(model).attribute(steps=7, internal_batch_size=3, **batch)
     assert_parity(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["transformer-3L4H-multiclass-seq", "transformer-3L4H-binary-nested",
+                                  "mlp-seq+tensor", "stagenet"])
+def test_triton_backend_matches_pyhealth(name):
+    from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
+
+    model, batch = case(name)
+    theirs = PyHealthIG(model).attribute(steps=7, **batch)
+    ours = fastattr.IntegratedGradients(model).attribute(steps=7, backend="triton", internal_batch_size=4, **batch)
+    assert_parity(ours, theirs)

@@ -27,13 +27,13 @@ def case(name):
     return pyhealth_cases.build(kind, model_name, num_classes=classes, seed=len(name) + 1, **kwargs)
 
 
-def compare(name, target=None):
+def compare(name, target=None, backend=None):
     from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
 
     model, batch = case(name)
     theirs = PyHealthChefer(model).attribute(target_class_idx=target, **batch)
     model.zero_grad(set_to_none=True)
-    ours = fastattr.CheferRelevance(model).attribute(target_class_idx=target, **batch)
+    ours = fastattr.CheferRelevance(model).attribute(target_class_idx=target, backend=backend, **batch)
     assert set(ours) == set(theirs)
     for key in theirs:
         ref = theirs[key].detach().double()
@@ -48,6 +48,12 @@ def compare(name, target=None):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_default_target(name):
     compare(name)
+
+
+@pytest.mark.parametrize("name", ["transformer-2L2H-multiclass-seq", "transformer-4L4H-binary-nested",
+                                  "stageattentionnet-multiclass"])
+def test_triton_backend(name):
+    compare(name, backend="triton")
 
 
 @pytest.mark.parametrize("name", [n for n, c in CONFIGS.items() if c[2] > 2])
