@@ -104,6 +104,16 @@ def end2end(args) -> None:
         err = ((got - ref).abs().max() / ref.abs().max()).item()
         assert err <= 1e-5, f"fastattr ({backend}) differs from PyHealth: {err:.2e}"
         fns[f"fastattr ({backend})"] = lambda b=backend: ours.attribute(backend=b, **batch)
+    embed_params = list(model.get_embedding_model().parameters())
+
+    def floor():
+        """The model's forward with attention capture plus the backward that reaches every map."""
+        model.set_attention_hooks(True)
+        logits = model(**batch)["logit"]
+        model.set_attention_hooks(False)
+        torch.autograd.grad(logits[:, 0].sum(), embed_params, allow_unused=True)
+
+    fns["floor (model forward + backward)"] = floor
     times = interleaved(fns, args.repeats, args.device)
     print(f"CheferRelevance.attribute end to end, device={args.device}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}: PyHealth Transformer {args.layers} layers, {args.heads} heads, dim {args.dim}, "
