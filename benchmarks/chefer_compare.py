@@ -12,38 +12,16 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 
 import torch
 
 import fastattr
 from fastattr.chefer import apply_self_attention_rules, avg_heads
+from timing import interleaved, table
 
 
-def interleaved(fns: dict, repeats: int, device: str) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
-def table(times: dict, base: str) -> None:
-    ref = statistics.median(times[base])
-    print("| method | median ms | min ms | max ms | speedup vs " + base + " |")
-    print("|---|---|---|---|---|")
-    for name, t in times.items():
-        med = statistics.median(t)
-        print(f"| {name} | {med * 1e3:.1f} | {min(t) * 1e3:.1f} | {max(t) * 1e3:.1f} | {ref / med:.2f}x |")
 
 
 def pyhealth_loop(layers):

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import statistics
-import time
 
 import torch
 
 import fastattr
+from timing import interleaved, table
 
 
 def build(layers: int, heads: int, dim: int, length: int, batch: int, device: str):
@@ -65,20 +64,6 @@ def captum_fn(model, data, steps, chunk):
     return run
 
 
-def timed(fns: dict, repeats: int, device: str) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):  # interleaved so drifting machine load hits every method alike
-        for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main(argv=None) -> None:
@@ -120,17 +105,12 @@ def main(argv=None) -> None:
         cerr = ((cap - trap).abs().max() / trap.abs().max()).item()
         assert cerr <= 1e-4, f"Captum differs from fastattr's trapezoid rule: relative error {cerr:.2e}"
         fns["captum"] = run_captum
-    times = timed(fns, args.repeats, args.device)
-    base = statistics.median(times["pyhealth"])
+    times = interleaved(fns, args.repeats, args.device)
     print(f"device={args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; Transformer {args.layers} layers, {args.heads} heads, dim {args.dim}, "
           f"{args.length} codes, batch {args.batch}, steps {args.steps}; fastattr chunk {chunk} rows; "
           f"parity with PyHealth {err:.1e}; {args.repeats} interleaved repeats")
-    print("| method | median ms | min ms | max ms | PyHealth / method |")
-    print("|---|---|---|---|---|")
-    for name, t in times.items():
-        med = statistics.median(t)
-        print(f"| {name} | {med * 1e3:.1f} | {min(t) * 1e3:.1f} | {max(t) * 1e3:.1f} | {base / med:.2f}x |")
+    table(times, "pyhealth")
 
 
 if __name__ == "__main__":

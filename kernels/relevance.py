@@ -64,20 +64,25 @@ def full_step_torch(R: torch.Tensor, attn: torch.Tensor, grad: torch.Tensor) -> 
 def row_step_torch(v: torch.Tensor, attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """One layer of the row path: ``v + v @ cam`` for row vectors ``v`` of shape ``[B, N]``.
 
-    Works on blocks of source rows of one sample: clamp(A * G) for the block goes into a reused
-    buffer and is consumed at once by a batched GEMV over the heads.
+    clamp(A * G) is formed block by block in a reused cache-sized buffer (several samples at a
+    time when they fit, else blocks of source rows of one sample) and consumed at once by a
+    batched GEMV over the heads.
     """
     attn, grad = _heads(attn), _heads(grad)
     batch, heads, n, _ = attn.shape
-    rows = max(1, min(n, TORCH_BLOCK_BYTES // max(heads * n * 4, 1)))
-    buf = torch.empty(heads, rows, n, dtype=v.dtype, device=v.device)
+    row_bytes = heads * n * v.element_size()
+    samples = max(1, min(batch, TORCH_BLOCK_BYTES // max(row_bytes * n, 1)))
+    rows = n if samples > 1 else max(1, min(n, TORCH_BLOCK_BYTES // max(row_bytes, 1)))
+    buf = torch.empty(samples, heads, rows, n, dtype=v.dtype, device=v.device)
     acc = torch.zeros_like(v)
-    for b in range(batch):
+    for s0 in range(0, batch, samples):
+        s1 = min(s0 + samples, batch)
+        k = s1 - s0
         for i0 in range(0, n, rows):
             i1 = min(i0 + rows, n)
-            prod = _clamped_product(attn[b, :, i0:i1], grad[b, :, i0:i1], buf[:, : i1 - i0])
-            vec = v[b, i0:i1].expand(heads, 1, i1 - i0)
-            acc[b] += torch.bmm(vec, prod).sum(dim=0)[0]
+            prod = _clamped_product(attn[s0:s1, :, i0:i1], grad[s0:s1, :, i0:i1], buf[:k, :, : i1 - i0])
+            vec = v[s0:s1, None, None, i0:i1].expand(k, heads, 1, i1 - i0).reshape(k * heads, 1, i1 - i0)
+            acc[s0:s1] += torch.bmm(vec, prod.reshape(k * heads, i1 - i0, n)).view(k, heads, n).sum(dim=1)
     return v + acc / heads
 
 
