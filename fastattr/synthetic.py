@@ -1,54 +1,140 @@
-"""Seeded synthetic clinical-code cohorts whose label depends on known, planted codes."""
+"""Seeded synthetic clinical-code cohorts whose label depends on known, planted codes.
+
+Every patient is generated on demand from ``(seed, patient index)`` alone, so a cohort of any
+size (hundreds to millions) costs nothing until its patients are read, and the same seed always
+gives the same cohort. Each patient has visits of diagnosis, procedure and medication codes
+drawn from a long-tailed (Zipf) frequency. The label follows a known logistic model:
+
+    logit = bias + sum(effect of each planted code present)
+                 + sum(effect of each planted pair with both codes present)
+
+and each planted code has a *distractor*: a code with no effect that tends to appear with it,
+so an attribution method that follows correlation rather than the model is caught out.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 PAD, UNK, FIRST_CODE = 0, 1, 2
+CODE_TYPES = ("D", "P", "M")  # diagnosis, procedure, medication
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What generated the labels: effects in log-odds."""
+
+    planted: dict[int, float]
+    pairs: dict[tuple[int, int], float]
+    distractors: dict[int, int]  # distractor code -> the planted code it follows
+    bias: float
+
+    def logit(self, codes: set[int]) -> float:
+        """The label's log-odds for a patient carrying ``codes``."""
+        value = self.bias + sum(e for c, e in self.planted.items() if c in codes)
+        return value + sum(e for (a, b), e in self.pairs.items() if a in codes and b in codes)
+
+    @property
+    def causal_codes(self) -> set[int]:
+        return set(self.planted) | {c for pair in self.pairs for c in pair}
 
 
 @dataclass
-class Cohort:
-    """Padded code sequences, labels and the truth that generated them.
+class SyntheticCohort:
+    """A lazily generated cohort; ``cohort.batch(range(0, 64))`` gives model-ready tensors.
 
-    ``codes[p]`` holds patient ``p``'s codes (0 = padding). ``planted`` maps a code id to the
-    log-odds it adds to the label when present.
+    Args:
+        patients: cohort size.
+        vocab: codes per type (diagnosis, procedure, medication); ids start at 2 (0 = padding,
+            1 = unknown).
+        visits: (min, max) visits per patient.
+        codes_per_visit: (min, max) codes per visit.
+        planted: number of single planted codes (log-odds 1.5 to 2.5 each).
+        pairs: number of planted pairs (log-odds 2.0 to 3.0 when both codes are present).
+        zipf: exponent of the code frequency.
+        seed: the cohort's seed.
     """
 
-    codes: torch.Tensor
-    labels: torch.Tensor
-    planted: dict[int, float]
-    names: list[str]
+    patients: int = 2000
+    vocab: int = 100
+    visits: tuple[int, int] = (2, 6)
+    codes_per_visit: tuple[int, int] = (2, 6)
+    planted: int = 4
+    pairs: int = 2
+    zipf: float = 1.1
+    seed: int = 0
+    truth: Truth = field(init=False)
+    names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.patients < 1:
+            raise ValueError(f"patients must be >= 1; got {self.patients}")
+        if self.vocab < 40 or 2 * self.planted + 2 * self.pairs > 3 * 25:
+            raise ValueError(f"need vocab >= 40 and 2 * planted + 2 * pairs <= 75; got vocab={self.vocab}, "
+                             f"planted={self.planted}, pairs={self.pairs}")
+        for name in ("visits", "codes_per_visit"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name} must be (min, max) with 1 <= min <= max; got {(lo, hi)}")
+        total = 3 * self.vocab
+        self.names = ["<pad>", "<unk>"] + [f"{CODE_TYPES[i // self.vocab]}{i % self.vocab:03d}" for i in range(total)]
+        ranks = np.arange(1, self.vocab + 1, dtype=np.float64)
+        freq = 1.0 / ranks ** self.zipf
+        self._freq = np.tile(freq / freq.sum(), 3) / 3.0
+        rng = np.random.default_rng([self.seed, 0xC0DE])
+        # Causal codes and distractors sit at middling frequency (ranks 5-30 of their type):
+        # common enough to be learned, rare enough that most patients carry at most a few.
+        candidates = np.array([t * self.vocab + r for t in range(3) for r in range(5, 30)])
+        chosen = (rng.choice(candidates, size=2 * self.planted + 2 * self.pairs, replace=False) + FIRST_CODE).tolist()
+        singles, rest = chosen[: self.planted], chosen[self.planted:]
+        pair_codes, decoys = rest[: 2 * self.pairs], rest[2 * self.pairs:]
+        self.truth = Truth(
+            planted={c: float(rng.uniform(1.5, 2.5)) for c in singles},
+            pairs={(a, b): float(rng.uniform(2.0, 3.0)) for a, b in zip(pair_codes[::2], pair_codes[1::2])},
+            distractors=dict(zip(decoys, singles)),
+            bias=-2.0,
+        )
+        # planted pairs are placed together in some patients, so the interaction is learnable
+        self._pair_rate = 0.08
 
     def __len__(self) -> int:
-        return self.codes.shape[0]
+        return self.patients
 
-    def batch(self, index: slice | torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"codes": self.codes[index], "label": self.labels[index]}
+    def patient(self, index: int) -> tuple[list[list[int]], int]:
+        """Visits (lists of code ids) and label of patient ``index``."""
+        if not 0 <= index < self.patients:
+            raise IndexError(f"patient {index} is outside a cohort of {self.patients}")
+        rng = np.random.default_rng([self.seed, index])
+        n_visits = int(rng.integers(self.visits[0], self.visits[1] + 1))
+        visits = []
+        for _ in range(n_visits):
+            n_codes = int(rng.integers(self.codes_per_visit[0], self.codes_per_visit[1] + 1))
+            visits.append((rng.choice(self._freq.size, size=n_codes, p=self._freq) + FIRST_CODE).tolist())
+        for a, b in self.truth.pairs:
+            if rng.random() < self._pair_rate:
+                visits[int(rng.integers(n_visits))] += [a, b]
+        present = {c for v in visits for c in v}
+        for distractor, planted in self.truth.distractors.items():
+            if planted in present and rng.random() < 0.7:
+                visits[int(rng.integers(n_visits))].append(distractor)
+        present = {c for v in visits for c in v}
+        label = int(rng.random() < 1.0 / (1.0 + np.exp(-self.truth.logit(present))))
+        return visits, label
 
+    @property
+    def max_codes(self) -> int:
+        """Length of the flat code sequence every batch is padded to."""
+        return self.visits[1] * self.codes_per_visit[1] + 2 * self.pairs + len(self.truth.distractors)
 
-def make_cohort(patients: int = 2000, vocab: int = 300, length: int = 40, planted: int = 6,
-                seed: int = 0) -> Cohort:
-    """Patients with a long-tailed (Zipf) code frequency and variable lengths.
-
-    ``planted`` codes of middling frequency each add a log-odds of 2.5 to 4 when present; every
-    other code adds nothing. Labels are drawn from the resulting logistic model, so the truth is
-    known per patient: the planted codes they carry.
-    """
-    if patients < 1 or vocab < planted + 10 or length < 2:
-        raise ValueError("need patients >= 1, vocab >= planted + 10 and length >= 2")
-    g = torch.Generator().manual_seed(seed)
-    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
-    freq = 1.0 / ranks ** 1.1
-    ids = torch.multinomial(freq.expand(patients, -1), length, replacement=True, generator=g) + FIRST_CODE
-    lengths = torch.randint(length // 4, length + 1, (patients,), generator=g)
-    codes = torch.where(torch.arange(length) < lengths[:, None], ids, torch.full_like(ids, PAD))
-    candidates = torch.arange(10, 10 + 4 * planted, 4) + FIRST_CODE
-    effects = 2.5 + 1.5 * torch.rand(planted, generator=g, dtype=torch.float64)
-    truth = {int(c): float(e) for c, e in zip(candidates, effects)}
-    present = torch.stack([(codes == c).any(1) for c in truth], dim=1).double()
-    logit = present @ effects - 1.5
-    labels = (torch.rand(patients, generator=g, dtype=torch.float64) < torch.sigmoid(logit)).long()
-    names = ["<pad>", "<unk>"] + [f"C{c:04d}" for c in range(FIRST_CODE, vocab + FIRST_CODE)]
-    return Cohort(codes=codes, labels=labels, planted=truth, names=names)
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        """``{"codes": LongTensor [B, max_codes] (visits concatenated, 0-padded), "label": [B]}``."""
+        indices = list(indices)
+        codes = torch.zeros(len(indices), self.max_codes, dtype=torch.long)
+        labels = torch.zeros(len(indices), dtype=torch.long)
+        for row, index in enumerate(indices):
+            visits, labels[row] = self.patient(int(index))
+            flat = [c for v in visits for c in v][: self.max_codes]
+            codes[row, : len(flat)] = torch.tensor(flat)
+        return {"codes": codes, "label": labels}
