@@ -17,50 +17,22 @@ import random
 import torch
 
 import fastattr
+from fastattr.bench import build_model, captum_ig
 from timing import interleaved, table
 
 
-def build(layers: int, heads: int, dim: int, length: int, batch: int, device: str):
-    from pyhealth.datasets import create_sample_dataset, get_dataloader
-    from pyhealth.models import Transformer
-
-    rng = random.Random(0)
-    samples = [{"patient_id": f"p{i}", "visit_id": "v", "label": i % 2,
-                "conditions": [f"c{rng.randrange(500)}" for _ in range(length)]} for i in range(max(batch, 8))]
-    dataset = create_sample_dataset(samples=samples, input_schema={"conditions": "sequence"},
-                                    output_schema={"label": "binary"}, dataset_name="bench")
-    torch.manual_seed(0)
-    model = Transformer(dataset=dataset, embedding_dim=dim, heads=heads, num_layers=layers).to(device).eval()
-    data = next(iter(get_dataloader(dataset, batch_size=batch)))
-    return model, {"conditions": data["conditions"].to(device)}
 
 
 def floor_fn(model, data, steps):
     """One forward + input-gradient backward of all (steps + 1) x batch rows."""
-    codes = data["conditions"]
-    emb = model.get_embedding_model()({"conditions": codes})["conditions"].detach()
+    codes = data["codes"]
+    emb = model.get_embedding_model()({"codes": codes})["codes"].detach()
     rows = emb.repeat(steps + 1, 1, 1).requires_grad_(True)
     mask = (codes != 0).int().repeat(steps + 1, 1)
 
     def run():
-        out = model.forward_from_embedding(conditions=(rows, mask))["logit"]
+        out = model.forward_from_embedding(codes=(rows, mask))["logit"]
         torch.autograd.grad(out[:, 0].sum(), rows)
-    return run
-
-
-def captum_fn(model, data, steps, chunk):
-    from captum.attr import IntegratedGradients as CaptumIG
-
-    codes = data["conditions"]
-    embed = model.get_embedding_model()
-    x = embed({"conditions": codes})["conditions"].detach()
-    b = embed({"conditions": torch.ones_like(codes)})["conditions"].detach()
-    mask = (codes != 0).int()
-    ig = CaptumIG(lambda e, m: model.forward_from_embedding(conditions=(e, m))["logit"][:, 0])
-
-    def run():
-        return ig.attribute(x, baselines=b, additional_forward_args=(mask,), n_steps=steps + 1,
-                            method="riemann_trapezoid", internal_batch_size=chunk).sum(-1)
     return run
 
 
@@ -79,11 +51,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
 
-    model, data = build(args.layers, args.heads, args.dim, args.length, args.batch, args.device)
+    model, data = build_model(args.length, args.batch, args.layers, args.heads, args.dim, args.device, use_pyhealth=True)
     ours = fastattr.IntegratedGradients(model)
     theirs = PyHealthIG(model)
-    ref = theirs.attribute(steps=args.steps, **data)["conditions"].detach()
-    got = ours.attribute(steps=args.steps, **data)["conditions"]
+    ref = theirs.attribute(steps=args.steps, **data)["codes"].detach()
+    got = ours.attribute(steps=args.steps, **data)["codes"]
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     assert err <= 1e-5, f"fastattr differs from PyHealth: relative error {err:.2e}"
     fns = {
@@ -93,13 +65,13 @@ def main(argv=None) -> None:
     }
     chunk = fastattr.integrated.default_internal_batch_size(args.batch, args.steps + 1, torch.device(args.device))
     try:
-        run_captum = captum_fn(model, data, args.steps, chunk)
+        run_captum = captum_ig(model, data, args.steps, chunk)
     except ImportError:
         run_captum = None
     if run_captum is not None:
         # Captum's trapezoid weights over n points are 1/n with halved ends (they sum to (n-1)/n);
         # fastattr's are 1/(n-1) with halved ends, so the two differ by exactly that factor.
-        trap = ours.attribute(steps=args.steps, method="riemann_trapezoid", **data)["conditions"]
+        trap = ours.attribute(steps=args.steps, method="riemann_trapezoid", **data)["codes"]
         trap = trap * (args.steps / (args.steps + 1))
         cap = run_captum()
         cerr = ((cap - trap).abs().max() / trap.abs().max()).item()

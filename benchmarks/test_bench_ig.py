@@ -10,13 +10,14 @@ import torch
 
 import fastattr
 
-ig_compare = pytest.importorskip("ig_compare", reason="run from the repository root with benchmarks/ on sys.path")
+from fastattr.bench import build_model
+
 pytest.importorskip("pyhealth.interpret.methods", reason="needs PyHealth 2.1.0")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    return ig_compare.build(layers=2, heads=4, dim=64, length=40, batch=16, device="cpu")
+    return build_model(length=40, batch=16, layers=2, heads=4, dim=64, device="cpu", use_pyhealth=True)
 
 
 def test_fastattr(benchmark, setup):
@@ -39,6 +40,6 @@ def test_same_attributions(setup):
     from pyhealth.interpret.methods import IntegratedGradients
 
     model, data = setup
-    ref = IntegratedGradients(model).attribute(steps=50, **data)["conditions"].detach()
-    got = fastattr.IntegratedGradients(model).attribute(steps=50, **data)["conditions"]
+    ref = IntegratedGradients(model).attribute(steps=50, **data)["codes"].detach()
+    got = fastattr.IntegratedGradients(model).attribute(steps=50, **data)["codes"]
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())

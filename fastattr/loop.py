@@ -59,3 +59,26 @@ def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, base
         attr = (values[k] - bs[k]).detach() * (sums[k] / (steps + 1))
         result[k] = attr.sum(-1) if (k in embedded and attr.dim() >= 3) else attr
     return expand_to_inputs(result, shapes)
+
+
+def full_chefer_relevance(model: torch.nn.Module, target_class_idx: int | None = None, **batch: Any) -> dict[str, torch.Tensor]:
+    """Chefer relevance by PyHealth 2.1.0's algorithm: a full backward, then the full R per layer."""
+    model.eval()
+    model.set_attention_hooks(True)
+    try:
+        logits = model(**batch)["logit"]
+    finally:
+        model.set_attention_hooks(False)
+    targets = resolve_targets(target_class_idx, logits.detach(), logits.shape[0], logits.shape[1], logits.device)
+    model.zero_grad()
+    (torch.nn.functional.one_hot(targets, logits.shape[1]).float() * logits).sum().backward()
+    model.zero_grad(set_to_none=True)
+    R = {}
+    for key, layers in model.get_attention_layers().items():
+        n = layers[0][0].shape[-1]
+        r = torch.eye(n, device=logits.device).unsqueeze(0).repeat(logits.shape[0], 1, 1)
+        for attn, grad in layers:
+            cam = (grad * attn).clamp(min=0)
+            r = r + (cam.mean(dim=1) if cam.dim() == 4 else cam) @ r
+        R[key] = r
+    return model.get_relevance_tensor(R, **batch)

@@ -1,0 +1,248 @@
+"""``fastattr bench``: side-by-side timings of fastattr against the methods it replaces.
+
+On the machine at hand and in one run, on the same model and batch: fastattr (each backend that
+runs here) against PyHealth's IntegratedGradients / CheferRelevance when PyHealth imports (else
+the same algorithms as ``fastattr.loop`` restates them), and Captum's IntegratedGradients when it
+imports. Every method's attributions are checked against the baseline before anything is timed;
+then each gets a warm-up and ``repeats`` interleaved timed calls (CUDA events on a GPU).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastattr.backend import interpreter_enabled, triton_available
+from fastattr.chefer import CheferRelevance
+from fastattr.ig import IntegratedGradients
+from fastattr.integrated import default_internal_batch_size
+from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
+
+COLUMNS = ["workload", "method", "baseline", "device", "model", "seq_len", "steps", "batch", "layers", "heads",
+           "dim", "repeats", "median_ms", "min_ms", "max_ms", "speedup_vs_baseline", "max_rel_err", "peak_mem_mb",
+           "torch"]
+
+
+def pyhealth_available() -> bool:
+    try:
+        import pyhealth.interpret.methods  # noqa: F401
+    except Exception:  # its import chain can fail in several ways (torchvision, optional deps)
+        return False
+    return True
+
+
+def build_model(length: int, batch: int, layers: int, heads: int, dim: int, device: str, use_pyhealth: bool):
+    """A Transformer over one token feature ``codes`` of ``length`` codes, and a batch for it."""
+    rng = random.Random(0)
+    if use_pyhealth:
+        from pyhealth.datasets import create_sample_dataset, get_dataloader
+        from pyhealth.models import Transformer
+
+        samples = [{"patient_id": f"p{i}", "visit_id": "v", "label": i % 2,
+                    "codes": [f"c{rng.randrange(500)}" for _ in range(length)]} for i in range(max(batch, 8))]
+        dataset = create_sample_dataset(samples=samples, input_schema={"codes": "sequence"},
+                                        output_schema={"label": "binary"}, dataset_name="bench")
+        torch.manual_seed(0)
+        model = Transformer(dataset=dataset, embedding_dim=dim, heads=heads, num_layers=layers)
+        data = next(iter(get_dataloader(dataset, batch_size=batch)))
+        codes = data["codes"]
+    else:
+        from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+
+        torch.manual_seed(0)
+        spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=502)}, {"label": "binary"})
+        model = TransformerClassifier(spec, num_classes=2, dim=dim, heads=heads, layers=layers)
+        codes = torch.randint(2, 502, (batch, length), generator=torch.Generator().manual_seed(0))
+    return model.to(device).eval(), {"codes": codes.to(device)}
+
+
+def captum_ig(model: Any, data: dict[str, torch.Tensor], steps: int, chunk: int) -> Callable[[], torch.Tensor]:
+    """Captum's IntegratedGradients on the embedded ``codes`` (UNK baseline, trapezoid rule over
+    ``steps + 1`` points, ``chunk`` rows per forward), summed over the embedding dim."""
+    from captum.attr import IntegratedGradients as CaptumIG
+
+    codes = data["codes"]
+    embed = model.get_embedding_model()
+    x = embed({"codes": codes})["codes"].detach()
+    b = embed({"codes": torch.ones_like(codes)})["codes"].detach()
+    mask = (codes != 0).int()
+    ig = CaptumIG(lambda e, m: model.forward_from_embedding(codes=(e, m))["logit"][:, 0])
+    return lambda: ig.attribute(x, baselines=b, additional_forward_args=(mask,), n_steps=steps + 1,
+                                method="riemann_trapezoid", internal_batch_size=chunk).sum(-1)
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double(), ref.detach().double()
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def backends_here(device: str) -> list[str]:
+    """fastattr backends worth timing here: Triton only where it compiles (CUDA)."""
+    if device.startswith("cuda") and triton_available() and not interpreter_enabled():
+        return ["torch", "triton"]
+    return ["torch"]
+
+
+def _time(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, dict[str, float]]:
+    cuda = device.startswith("cuda")
+    stats: dict[str, dict[str, float]] = {}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks = {k: float("nan") for k in fns}
+    for name, fn in fns.items():  # warm-up, and peak memory of one call
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+            peaks[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    for _ in range(repeats):  # interleaved, so drifting load hits every method alike
+        for name, fn in fns.items():
+            if cuda:
+                start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start_event.record()
+                fn()
+                end_event.record()
+                torch.cuda.synchronize()
+                times[name].append(start_event.elapsed_time(end_event) / 1e3)
+            else:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    for name, t in times.items():
+        stats[name] = {"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
+                       "peak_mem_mb": peaks[name]}
+    return stats
+
+
+def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim: int, device: str,
+               repeats: int, use_pyhealth: bool, use_captum: bool) -> list[dict[str, Any]]:
+    """All methods of both workloads on one model and batch; rows ready for the CSV."""
+    model, data = build_model(length, batch, layers, heads, dim, device, use_pyhealth)
+    common = {"device": device, "model": "pyhealth.Transformer" if use_pyhealth else "fastattr.TransformerClassifier",
+              "seq_len": length, "steps": steps, "batch": batch, "layers": layers, "heads": heads, "dim": dim,
+              "repeats": repeats, "torch": torch.__version__}
+    rows = []
+
+    ig = IntegratedGradients(model, steps=steps)
+    if use_pyhealth:
+        from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+        from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
+
+        base_ig, ig_base_name = (lambda p=PyHealthIG(model): p.attribute(steps=steps, **data)), "pyhealth"
+        base_ch, ch_base_name = (lambda p=PyHealthChefer(model): p.attribute(**data)), "pyhealth"
+    else:
+        base_ig, ig_base_name = (lambda: step_loop_integrated_gradients(model, steps=steps, **data)), "step-loop"
+        base_ch, ch_base_name = (lambda: full_chefer_relevance(model, **data)), "full-R-loop"
+    reference = base_ig()["codes"]
+    fns: dict[str, Callable[[], Any]] = {ig_base_name: base_ig}
+    errors = {ig_base_name: 0.0}
+    for backend in backends_here(device):
+        name = f"fastattr[{backend}]"
+        fns[name] = lambda b=backend: ig.attribute(backend=b, **data)
+        errors[name] = _rel_err(fns[name]()["codes"], reference)
+    if use_captum:
+        chunk = default_internal_batch_size(batch, steps + 1, torch.device(device))
+        run_captum = captum_ig(model, data, steps, chunk)
+        # Captum's trapezoid weights over n points are 1/n with halved ends (they sum to (n-1)/n);
+        # fastattr's riemann_trapezoid uses 1/(n-1): the two differ by exactly that factor.
+        trap = ig.attribute(method="riemann_trapezoid", **data)["codes"] * (steps / (steps + 1))
+        errors["captum"] = _rel_err(run_captum(), trap)
+        fns["captum"] = run_captum
+    for name, err in errors.items():
+        if err > 1e-4:
+            raise AssertionError(f"IG: {name} differs from {'the trapezoid rule' if name == 'captum' else ig_base_name} "
+                                 f"by {err:.2e} (relative); refusing to time methods that disagree")
+    stats = _time(fns, repeats, device)
+    rows += [{**common, "workload": "integrated_gradients", "method": name, "baseline": ig_base_name,
+              "speedup_vs_baseline": stats[ig_base_name]["median_ms"] / s["median_ms"],
+              "max_rel_err": errors[name], **s} for name, s in stats.items()]
+
+    chefer = CheferRelevance(model)
+    reference = base_ch()["codes"]
+    fns = {ch_base_name: base_ch}
+    errors = {ch_base_name: 0.0}
+    for backend in backends_here(device):
+        name = f"fastattr[{backend}]"
+        fns[name] = lambda b=backend: chefer.attribute(backend=b, **data)
+        errors[name] = _rel_err(fns[name]()["codes"], reference)
+        if errors[name] > 1e-4:
+            raise AssertionError(f"Chefer: {name} differs from {ch_base_name} by {errors[name]:.2e}")
+    stats = _time(fns, repeats, device)
+    rows += [{**common, "workload": "chefer", "method": name, "baseline": ch_base_name,
+              "speedup_vs_baseline": stats[ch_base_name]["median_ms"] / s["median_ms"],
+              "max_rel_err": errors[name], **s} for name, s in stats.items()]
+    model.zero_grad(set_to_none=True)
+    return rows
+
+
+def write_plot(path: Path, rows: list[dict[str, Any]]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    workloads = sorted({r["workload"] for r in rows})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        here = [r for r in rows if r["workload"] == workload]
+        for method in sorted({r["method"] for r in here}):
+            points = sorted((r["seq_len"], r["speedup_vs_baseline"]) for r in here if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (codes)")
+        ax.set_ylabel(f"speedup vs {here[0]['baseline']} (median)")
+        ax.set_title(f"{workload} on {here[0]['device']}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run(quick: bool = False, device: str | None = None, out: str | Path = "fastattr-bench",
+        lengths: list[int] | None = None, steps: int | None = None, batch: int | None = None,
+        layers: int | None = None, heads: int | None = None, dim: int | None = None,
+        repeats: int | None = None) -> list[dict[str, Any]]:
+    """Run the sweep over sequence lengths, print the table, write ``bench.csv`` and ``bench.png``."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lengths = lengths or ([16, 32] if quick else [32, 64, 128, 256])
+    steps = steps or (8 if quick else 50)
+    batch = batch or (4 if quick else 8)
+    layers = layers or 2
+    heads = heads or (2 if quick else 4)
+    dim = dim or (32 if quick else 64)
+    repeats = repeats or (2 if quick else 7)
+    use_pyhealth = pyhealth_available()
+    use_captum = importlib.util.find_spec("captum") is not None
+    print(f"fastattr bench on {device}: PyHealth {'found' if use_pyhealth else 'not importable (baseline: fastattr.loop)'}, "
+          f"Captum {'found' if use_captum else 'not importable'}; backends {', '.join(backends_here(device))}")
+    rows = []
+    for length in lengths:
+        rows += bench_case(length, steps, batch, layers, heads, dim, device, repeats, use_pyhealth, use_captum)
+    print("| workload | seq_len | method | median ms | min-max ms | speedup | peak MiB | rel. err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['workload']} | {r['seq_len']} | {r['method']} | {r['median_ms']:.1f} | "
+              f"{r['min_ms']:.1f}-{r['max_ms']:.1f} | {r['speedup_vs_baseline']:.2f}x | {r['peak_mem_mb']:.1f} | "
+              f"{r['max_rel_err']:.1e} |")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
+    png = write_plot(out / "bench.png", rows)
+    print(f"wrote {out / 'bench.csv'}" + (f" and {out / 'bench.png'}" if png else " (install matplotlib for the plot)"))
+    return rows

@@ -1,0 +1,15 @@
+"""`fastattr bench` against the real PyHealth: its baselines are PyHealth's own methods."""
+import pytest
+
+from fastattr import bench
+
+pytestmark = pytest.mark.parity
+
+
+def test_bench_case_times_pyhealth_after_checking_agreement():
+    rows = bench.bench_case(length=12, steps=4, batch=3, layers=1, heads=2, dim=16, device="cpu", repeats=1,
+                            use_pyhealth=True, use_captum=True)
+    methods = {(r["workload"], r["method"]) for r in rows}
+    assert {("integrated_gradients", "pyhealth"), ("integrated_gradients", "fastattr[torch]"),
+            ("integrated_gradients", "captum"), ("chefer", "pyhealth"), ("chefer", "fastattr[torch]")} <= methods
+    assert all(r["model"] == "pyhealth.Transformer" and r["max_rel_err"] <= 1e-4 for r in rows)
