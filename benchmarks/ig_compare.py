@@ -63,7 +63,8 @@ def main(argv=None) -> None:
         "fastattr": lambda: ours.attribute(steps=args.steps, **data),
         "floor": floor_fn(model, data, args.steps),
     }
-    chunk = fastattr.integrated.default_internal_batch_size(args.batch, args.steps + 1, torch.device(args.device))
+    ours.attribute(steps=args.steps, **data)
+    chunk = ours.last_internal_batch_size
     try:
         run_captum = captum_ig(model, data, args.steps, chunk)
     except ImportError:

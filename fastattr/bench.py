@@ -22,7 +22,6 @@ import torch
 from fastattr.backend import interpreter_enabled, triton_available
 from fastattr.chefer import CheferRelevance
 from fastattr.ig import IntegratedGradients
-from fastattr.integrated import default_internal_batch_size
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 
 COLUMNS = ["workload", "method", "baseline", "device", "model", "seq_len", "steps", "batch", "layers", "heads",
@@ -150,8 +149,8 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
         fns[name] = lambda b=backend: ig.attribute(backend=b, **data)
         errors[name] = _rel_err(fns[name]()["codes"], reference)
     if use_captum:
-        chunk = default_internal_batch_size(batch, steps + 1, torch.device(device))
-        run_captum = captum_ig(model, data, steps, chunk)
+        ig.attribute(**data)
+        run_captum = captum_ig(model, data, steps, ig.last_internal_batch_size)
         # Captum's trapezoid weights over n points are 1/n with halved ends (they sum to (n-1)/n);
         # fastattr's riemann_trapezoid uses 1/(n-1): the two differ by exactly that factor.
         trap = ig.attribute(method="riemann_trapezoid", **data)["codes"] * (steps / (steps + 1))

@@ -16,6 +16,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=50, help="IG steps")
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     demo.add_argument("--out", default="fastattr-demo", help="folder for the HTML/PNG pictures and results.json")
+    demo.add_argument("--save-model", default=None, help="also save the trained model here (for fastattr attribute)")
+    attribute = sub.add_parser("attribute", help="attribute a whole cohort with a saved fastattr model, to shards "
+                               "(resumable; run under torchrun to spread it over processes)")
+    attribute.add_argument("--cohort", choices=["synthetic"], default="synthetic", help="the embedded cohort generator")
+    attribute.add_argument("--size", type=int, required=True, help="patients in the cohort")
+    attribute.add_argument("--checkpoint", required=True, help="a model saved by fastattr demo --save-model")
+    attribute.add_argument("--method", choices=["ig", "chefer"], default="ig")
+    attribute.add_argument("--out", required=True, help="output folder (shards and manifest.json)")
+    attribute.add_argument("--seed", type=int, default=None, help="cohort seed (default: the model's training cohort)")
+    attribute.add_argument("--batch-size", type=int, default=64)
+    attribute.add_argument("--steps", type=int, default=50, help="IG steps")
+    attribute.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    attribute.add_argument("--no-resume", action="store_true", help="refuse to continue a run found in --out")
     bench = sub.add_parser("bench", help="time fastattr against PyHealth and Captum on this machine")
     bench.add_argument("--quick", action="store_true", help="a small sweep (CI, tests)")
     bench.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
@@ -36,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--lengths must all be >= 1")
         bench_module.run(quick=args.quick, device=args.device, out=args.out, lengths=args.lengths, steps=args.steps,
                          batch=args.batch, layers=args.layers, heads=args.heads, dim=args.dim, repeats=args.repeats)
+    if args.command == "attribute":
+        if args.size < 1 or args.batch_size < 1 or args.steps < 1:
+            parser.error("--size, --batch-size and --steps must be >= 1")
+        run_attribute(args)
     if args.command == "demo":
         from fastattr import demo as demo_module
 
@@ -51,8 +68,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             out=args.out,
             repeats=1 if args.quick else 3,
+            save_model=args.save_model,
         )
     return 0
+
+
+def run_attribute(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    from fastattr.chefer import CheferRelevance
+    from fastattr.cohort import CohortDataset, attribute_dataset
+    from fastattr.ig import IntegratedGradients
+    from fastattr.models import load_checkpoint
+    from fastattr.synthetic import SyntheticCohort
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    model, extra = load_checkpoint(args.checkpoint, map_location=device)
+    cohort_args = dict(extra.get("cohort", {}))
+    if args.seed is not None:
+        cohort_args["seed"] = args.seed
+    cohort = SyntheticCohort(**{**cohort_args, "patients": args.size})
+    if len(cohort.names) != model.dataset.input_processors["codes"].size:
+        raise SystemExit(f"the checkpoint's vocabulary ({model.dataset.input_processors['codes'].size} ids) does not "
+                         f"match the cohort's ({len(cohort.names)})")
+    loader = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=args.batch_size, shuffle=False)
+    if args.method == "ig":
+        interpreter, kwargs = IntegratedGradients(model, steps=args.steps), {}
+    else:
+        interpreter, kwargs = CheferRelevance(model), {}
+    attribute_dataset(interpreter, _DeviceLoader(loader, device), args.out, resume=not args.no_resume, **kwargs)
+
+
+class _DeviceLoader:
+    """A dataloader whose tensors are moved to ``device``; keeps ``len`` and ``dataset``."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device, self.dataset = loader, device, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from fastattr.chefer import CheferRelevance
 from fastattr.faithfulness import comprehensiveness, sufficiency
 from fastattr.ig import IntegratedGradients
 from fastattr.loop import step_loop_integrated_gradients
-from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier, save_checkpoint
 from fastattr.synthetic import SyntheticCohort
 
 
@@ -127,7 +127,8 @@ def write_png(path: Path, cohort: SyntheticCohort, rows: list[dict]) -> bool:
 
 
 def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600, explain: int = 32,
-        device: str | None = None, out: str | Path = "fastattr-demo", repeats: int = 3, show: int = 4) -> dict:
+        device: str | None = None, out: str | Path = "fastattr-demo", repeats: int = 3, show: int = 4,
+        save_model: str | Path | None = None) -> dict:
     """Run the demo, print its report, write the pictures and return the measured numbers."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
@@ -140,6 +141,8 @@ def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600
     start = time.perf_counter()
     loss = train(model, cohort, list(range(split)), updates, dev, seed)
     train_s = time.perf_counter() - start
+    if save_model is not None:
+        save_checkpoint(model, save_model, cohort={"seed": seed, "vocab": cohort.vocab})
 
     test = cohort.batch(range(split, patients))
     codes = test["codes"].to(dev)

@@ -53,6 +53,8 @@ class IntegratedGradients:
         self.use_embeddings = use_embeddings
         self.steps = steps
         self.backend = backend
+        #: rows per forward the last ``attribute`` call settled on (diagnostics, benchmarks)
+        self.last_internal_batch_size: int | None = None
         model.eval()
 
     def __call__(self, **batch: Any) -> dict[str, torch.Tensor]:
@@ -83,6 +85,7 @@ class IntegratedGradients:
             target_class_idx: class to explain, an int or a LongTensor with one class per sample;
                 ``None`` takes the argmax of the model's logits. Ignored for a single logit.
             internal_batch_size: rows (sample x path point) per forward; results do not depend on it.
+                Default: sized from a one-point probe (free memory on CUDA, activation bytes on the CPU).
             method: quadrature rule; ``"uniform"`` is PyHealth's (steps + 1 equal-weight points).
             return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(b))``.
             backend: ``"auto" | "torch" | "triton"`` for this call.
@@ -132,6 +135,7 @@ class IntegratedGradients:
                                   if k in embedded_tokens})
         continuous = set(features) - token if self.use_embeddings else set()
 
+        stats: dict[str, Any] = {}
         extra = {f"{k}\0{i}": t for k, f in features.items() for i, t in enumerate(f) if i != slots[k]}
 
         def forward(rows: dict[str, Any]) -> torch.Tensor:
@@ -159,7 +163,9 @@ class IntegratedGradients:
             return_convergence_delta=return_convergence_delta,
             backend=backend if backend is not None else self.backend,
             progress=progress,
+            stats=stats,
         )
+        self.last_internal_batch_size = stats["chunk_rows"]
         if return_convergence_delta:
             attributions, delta = result
             return expand_to_inputs(attributions, shapes), delta

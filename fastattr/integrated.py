@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
 
@@ -13,11 +15,63 @@ from fastattr.kernels import interpolate as ops
 
 Forward = Callable[[dict[str, Any]], torch.Tensor]
 
-# Path points per forward on the CPU. Measured on the 2-core reference machine (benchmarks/
-# RESULTS.md): gains flatten from ~8 points on and larger chunks only add memory.
-CPU_POINTS_PER_CHUNK = 16
+# Most path points per forward on the CPU; larger chunks measured no faster.
+CPU_MAX_POINTS = 16
+# Bytes of saved activations one CPU chunk may hold. Measured on the 2-core reference CPU with
+# PyHealth's 2-layer Transformer: the fastest chunks held ~50-80 MiB of activations for 40, 128
+# and 256 codes alike (16, 4 and 2 path points of the batch).
+CPU_CHUNK_BYTES = 64 << 20
 # Fraction of the free CUDA memory one chunk's activations may take.
 CUDA_MEMORY_FRACTION = 0.5
+
+
+class ChunkSizer:
+    """Rows (sample x path point) per forward.
+
+    Fixed when the caller gives ``internal_batch_size``. Otherwise one path point of the batch
+    runs first as a probe. On CUDA the rest run in chunks sized from the probe's peak memory and
+    the free memory. On the CPU the probe counts the bytes autograd saves for the backward (the
+    activations, which scale with the rows; parameters excluded), and chunks are sized so their
+    activations stay near ``CPU_CHUNK_BYTES``: large enough to batch well, small enough to stay in
+    cache rather than stream through memory. Results do not depend on the sizes.
+    """
+
+    def __init__(self, requested: int | None, batch: int, points: int, device: torch.device) -> None:
+        self.batch, self.device = batch, device
+        self.rows = requested if requested is not None else batch
+        self.mode = "fixed" if requested is not None else ("cuda" if device.type == "cuda" else "cpu")
+        self.max_rows = batch * min(points, CPU_MAX_POINTS)
+        self._mark = 0
+        self._saved: dict[int, int] = {}
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not (tensor.is_leaf and tensor.requires_grad):  # parameters do not grow with the rows
+            storage = tensor.untyped_storage()
+            self._saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def watch(self):
+        """Context for the chunk's forward: records saved activations during the CPU probe."""
+        if self.mode == "cpu":
+            return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        return contextlib.nullcontext()
+
+    def begin(self) -> None:
+        if self.mode == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._mark = torch.cuda.memory_allocated(self.device)
+
+    def end(self, rows: int) -> None:
+        if self.mode == "cuda":
+            per_row = max(torch.cuda.max_memory_allocated(self.device) - self._mark, 1) / rows
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.rows = max(self.batch, int(CUDA_MEMORY_FRACTION * free / per_row) // self.batch * self.batch)
+        elif self.mode == "cpu":
+            per_row = max(sum(self._saved.values()), 1) / rows
+            self.rows = min(self.max_rows, max(self.batch, int(CPU_CHUNK_BYTES / per_row) // self.batch * self.batch))
+            self._saved.clear()
+        self.mode = "fixed"
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -115,11 +169,6 @@ def _expand_baselines(inputs: Mapping[str, torch.Tensor], baselines: Mapping[str
     return out
 
 
-def default_internal_batch_size(batch: int, points: int, device: torch.device) -> int:
-    """Rows per forward on the CPU: ``CPU_POINTS_PER_CHUNK`` path points of the batch."""
-    return batch * min(points, CPU_POINTS_PER_CHUNK)
-
-
 def integrated_gradients(
     forward: Forward,
     inputs: Mapping[str, torch.Tensor],
@@ -134,6 +183,7 @@ def integrated_gradients(
     return_convergence_delta: bool = False,
     backend: str | None = None,
     progress: bool | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Integrated gradients of ``forward`` with respect to every tensor in ``inputs``.
 
@@ -146,8 +196,8 @@ def integrated_gradients(
             the argmax of ``forward(inputs)``. A single logit column always targets 0.
         steps: subintervals of the quadrature rule ``method`` (see ``fastattr.quadrature``).
         internal_batch_size: rows (sample x path point) per forward; results do not depend on it.
-            Default: on CUDA sized from the free memory after a probe chunk, on the CPU
-            ``CPU_POINTS_PER_CHUNK`` path points of the batch.
+            Default: sized by :class:`ChunkSizer` from a one-point probe (free memory on CUDA,
+            activation bytes on the CPU).
         additional_inputs: tensors passed to ``forward`` alongside the inputs without being
             attributed (masks, times). Tensors whose first dim is the batch size are gathered per
             row; anything else is passed unchanged.
@@ -156,6 +206,7 @@ def integrated_gradients(
             for the target logit.
         backend: ``"auto" | "torch" | "triton"``; ``None`` reads ``FASTATTR_BACKEND``.
         progress: show a progress bar over chunks (``None``: only on a terminal).
+        stats: a dict that receives ``"chunk_rows"``, the rows per forward settled on.
 
     Returns:
         ``{key: attribution}`` (input shape, or without the last dim for ``sum_last_dim`` keys),
@@ -207,23 +258,18 @@ def integrated_gradients(
         accumulate, interpolate, finalize = ops.accumulate_torch, ops.interpolate_torch, ops.finalize_torch
 
     total = batch * len(alphas)
-    chunk = internal_batch_size
-    probe = chunk is None and device.type == "cuda"
-    if chunk is None:
-        chunk = batch if probe else default_internal_batch_size(batch, len(alphas), device)
+    sizer = ChunkSizer(internal_batch_size, batch, len(alphas), device)
     bar = tqdm(total=total, desc="integrated gradients", unit="row", leave=False,
                disable=None if progress is None else not progress)
     start = 0
     while start < total:
-        rows = min(chunk, total - start)
-        if probe:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
+        rows = min(sizer.rows, total - start)
+        sizer.begin()
         with torch.enable_grad():
             path = {k: interpolate(xs[k], bs[k], alphas, start, rows).requires_grad_(True) for k in keys}
             sample = torch.arange(start, start + rows, device=device) % batch
-            logits = _logits_2d(forward({**path, **rows_of(extra, sample)}))
+            with sizer.watch():
+                logits = _logits_2d(forward({**path, **rows_of(extra, sample)}))
             if logits.shape[0] != rows:
                 raise ValueError(f"forward returned {logits.shape[0]} rows for {rows} inputs")
             if targets is None:
@@ -236,15 +282,13 @@ def integrated_gradients(
         for k, g in zip(keys, grads):
             if g is not None:
                 accumulate(accs[k], g, acc_weights, start)
-        if probe:
-            per_row = max(torch.cuda.max_memory_allocated(device) - before, 1) / rows
-            free, _ = torch.cuda.mem_get_info(device)
-            chunk = max(batch, int(CUDA_MEMORY_FRACTION * free / per_row) // batch * batch)
-            probe = False
         del path, logits, score, grads
+        sizer.end(rows)
         start += rows
         bar.update(rows)
     bar.close()
+    if stats is not None:
+        stats["chunk_rows"] = sizer.rows
 
     attributions = {k: finalize(xs[k], bs[k], accs[k], divisor, k in summed).to(xs[k].dtype) for k in keys}
     if not return_convergence_delta:

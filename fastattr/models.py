@@ -184,6 +184,7 @@ class TransformerClassifier(ProtocolModel):
     def __init__(self, spec: FeatureSpec, num_classes: int = 2, dim: int = 32, heads: int = 2,
                  layers: int = 2, dropout: float = 0.1) -> None:
         super().__init__(spec, num_classes, dim)
+        self.config = {"num_classes": num_classes, "dim": dim, "heads": heads, "layers": layers, "dropout": dropout}
         self.cls = nn.ParameterDict({k: nn.Parameter(torch.randn(dim) * 0.02) for k in self.feature_keys})
         self.encoders = nn.ModuleDict({
             k: nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers)) for k in self.feature_keys
@@ -220,6 +221,7 @@ class MLPClassifier(ProtocolModel):
 
     def __init__(self, spec: FeatureSpec, num_classes: int = 2, dim: int = 32, hidden: int = 64) -> None:
         super().__init__(spec, num_classes, dim)
+        self.config = {"num_classes": num_classes, "dim": dim, "hidden": hidden}
         self.mlp = nn.Sequential(nn.Linear(dim * len(self.feature_keys), hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1 if num_classes == 2 else num_classes))
 
@@ -230,3 +232,34 @@ class MLPClassifier(ProtocolModel):
             m = mask.to(x.dtype).unsqueeze(-1)
             pooled.append((x * m).sum(1) / m.sum(1).clamp_min(1.0))
         return self._outputs(self.mlp(torch.cat(pooled, dim=-1)), batch)
+
+
+MODELS = {cls.__name__: cls for cls in (TransformerClassifier, MLPClassifier)}
+
+
+def save_checkpoint(model: ProtocolModel, path: str | Any, **extra: Any) -> None:
+    """Save a fastattr model (class, configuration, features, weights) and ``extra`` metadata."""
+    if type(model).__name__ not in MODELS:
+        raise TypeError(f"save_checkpoint saves fastattr.models models; got {type(model).__name__}")
+    torch.save({
+        "format": "fastattr-model/1",
+        "class": type(model).__name__,
+        "config": model.config,
+        "features": {k: {"token": p.token, "size": p.size, "layout": list(p.layout)}
+                     for k, p in model.dataset.input_processors.items()},
+        "output_schema": dict(model.dataset.output_schema),
+        "state_dict": model.state_dict(),
+        "extra": extra,
+    }, path)
+
+
+def load_checkpoint(path: str | Any, map_location: str | torch.device = "cpu") -> tuple[ProtocolModel, dict]:
+    """Load a model saved by :func:`save_checkpoint`, in eval mode; returns ``(model, extra)``."""
+    data = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != "fastattr-model/1":
+        raise ValueError(f"{path} is not a fastattr model checkpoint")
+    spec = FeatureSpec({k: FeatureProcessor(token=v["token"], size=v["size"], layout=tuple(v["layout"]))
+                        for k, v in data["features"].items()}, data["output_schema"])
+    model = MODELS[data["class"]](spec, **data["config"])
+    model.load_state_dict(data["state_dict"])
+    return model.eval(), data["extra"]

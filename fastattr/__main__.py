@@ -1,0 +1,3 @@
+from fastattr.cli import main
+
+raise SystemExit(main())

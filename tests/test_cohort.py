@@ -1,0 +1,193 @@
+"""Cohort-scale attribution: shards, lazy loading, resume after SIGKILL, torchrun, checksums."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastattr
+from fastattr.cohort import CohortDataset, attribute_dataset, load_attributions
+from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint, save_checkpoint
+from fastattr.synthetic import SyntheticCohort
+
+
+def tiny_model(cohort):
+    torch.manual_seed(0)
+    spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=len(cohort.names))}, {"label": "binary"})
+    return TransformerClassifier(spec, num_classes=2, dim=16, heads=2, layers=1).eval()
+
+
+def loader(cohort, batch_size=8):
+    return torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=batch_size, shuffle=False)
+
+
+def same_runs(a: Path, b: Path) -> None:
+    sa, sb = load_attributions(a), load_attributions(b)
+    assert sa.ids == sb.ids
+    assert len(set(sa.ids)) == len(sa.ids), "every patient exactly once"
+    ta, tb = sa.all(), sb.all()
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cohort = SyntheticCohort(patients=10, seed=3)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(tiny_model(cohort), path, cohort={"seed": 3, "vocab": cohort.vocab})
+    return path
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "fastattr", *map(str, args)], capture_output=True, text=True,
+                          **kwargs)
+
+
+def test_roundtrip_lazy_load_by_id(tmp_path):
+    cohort = SyntheticCohort(patients=37, seed=1)
+    model = tiny_model(cohort)
+    ig = fastattr.IntegratedGradients(model, steps=3)
+    attribute_dataset(ig, loader(cohort), tmp_path, return_convergence_delta=True)
+    store = load_attributions(tmp_path)
+    assert len(store) == 37 and store.ids[0] == "P00000000" and store.complete
+    everything = store.all()
+    assert everything["attr/codes"].shape == (37, cohort.max_codes)
+    assert everything["probability"].shape == (37, 1)
+    assert everything["convergence_delta"].shape == (37,)
+    direct = ig.attribute(**cohort.batch(range(32, 37)))["codes"]
+    torch.testing.assert_close(store["P00000034"]["attr/codes"], direct[2])
+    with pytest.raises(KeyError, match="P99"):
+        store["P99"]
+
+
+def test_checkpoint_roundtrip(tmp_path, checkpoint):
+    model, extra = load_checkpoint(checkpoint)
+    assert extra == {"cohort": {"seed": 3, "vocab": 100}}
+    cohort = SyntheticCohort(patients=10, seed=3)
+    torch.testing.assert_close(model(**cohort.batch(range(4)))["logit"], tiny_model(cohort)(**cohort.batch(range(4)))["logit"])
+    with pytest.raises(ValueError, match="not a fastattr model checkpoint"):
+        torch.save({"x": 1}, tmp_path / "bad.pt")
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_shards_are_detected_at_load_and_redone_on_resume(tmp_path, damage):
+    cohort = SyntheticCohort(patients=24, seed=2)
+    chefer = fastattr.CheferRelevance(tiny_model(cohort))
+    attribute_dataset(chefer, loader(cohort), tmp_path / "a")
+    attribute_dataset(chefer, loader(cohort), tmp_path / "clean")
+    shard = tmp_path / "a" / "shard-00000001.safetensors"
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[-3] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    shard.write_bytes(bytes(data))
+    store = load_attributions(tmp_path / "a")
+    store["P00000000"]  # shard 0 is fine
+    with pytest.raises(ValueError, match="shard-00000001.*SHA-256"):
+        store["P00000009"]
+    with pytest.warns(UserWarning, match="corrupt"):
+        attribute_dataset(chefer, loader(cohort), tmp_path / "a")
+    same_runs(tmp_path / "a", tmp_path / "clean")
+
+
+def test_resume_checks_the_order_and_no_resume_refuses(tmp_path):
+    cohort = SyntheticCohort(patients=16, seed=4)
+    ig = fastattr.IntegratedGradients(tiny_model(cohort), steps=2)
+    attribute_dataset(ig, loader(cohort), tmp_path)
+    shuffled = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=8, shuffle=True,
+                                           generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="shuffle=False"):
+        attribute_dataset(ig, shuffled, tmp_path)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        attribute_dataset(ig, loader(cohort), tmp_path, resume=False)
+
+
+class Flaky:
+    """Raises CUDA out-of-memory for batches larger than ``limit`` patients."""
+
+    def __init__(self, inner, limit):
+        self.inner, self.model, self.limit, self.sizes = inner, inner.model, limit, []
+
+    def attribute(self, **batch):
+        size = batch["codes"].shape[0]
+        self.sizes.append(size)
+        if size > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.inner.attribute(**batch)
+
+
+def test_out_of_memory_batches_are_split_then_fail_naming_the_batch(tmp_path):
+    cohort = SyntheticCohort(patients=13, seed=5)
+    ig = fastattr.IntegratedGradients(tiny_model(cohort), steps=2)
+    flaky = Flaky(ig, limit=3)
+    attribute_dataset(flaky, loader(cohort), tmp_path / "split")
+    attribute_dataset(ig, loader(cohort), tmp_path / "whole")
+    assert max(s for s in flaky.sizes if s <= 3) <= 3 and 8 in flaky.sizes
+    store, whole = load_attributions(tmp_path / "split").all(), load_attributions(tmp_path / "whole").all()
+    torch.testing.assert_close(store["attr/codes"], whole["attr/codes"])
+    with pytest.raises(RuntimeError, match="batch 0 ran out of memory even one patient at a time"):
+        attribute_dataset(Flaky(ig, limit=0), loader(cohort), tmp_path / "fail")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_memory_stays_flat_over_a_long_run(tmp_path):
+    cohort = SyntheticCohort(patients=1200, seed=6)
+    ig = fastattr.IntegratedGradients(tiny_model(cohort), steps=2)
+    samples = []
+
+    class Measured:
+        model = ig.model
+
+        def attribute(self, **batch):
+            samples.append(rss_mib())
+            return ig.attribute(**batch)
+
+    attribute_dataset(Measured(), loader(cohort, batch_size=4), tmp_path)
+    assert len(samples) == 300
+    growth = samples[-1] - samples[30]
+    assert growth < 25, f"RSS grew {growth:.1f} MiB between batch 30 and batch 300"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL test uses POSIX signals")
+def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, checkpoint):
+    args = ["attribute", "--size", 240, "--checkpoint", checkpoint, "--batch-size", 4, "--steps", 30, "--device", "cpu"]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastattr", *map(str, args), "--out", str(tmp_path / "killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "killed").glob("shard-*.safetensors"))) < 8:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(list((tmp_path / "killed").glob("shard-*.safetensors")))
+    assert 8 <= written < 60, "the kill must land mid-run"
+    assert not (tmp_path / "killed" / "manifest.json").exists()
+    assert cli(*args, "--out", tmp_path / "killed", env=env).returncode == 0
+    assert cli(*args, "--out", tmp_path / "whole", env=env).returncode == 0
+    same_runs(tmp_path / "killed", tmp_path / "whole")
+    assert len(load_attributions(tmp_path / "killed")) == 240
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, checkpoint):
+    args = ["attribute", "--size", 50, "--checkpoint", checkpoint, "--batch-size", 6, "--steps", 4, "--device", "cpu"]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    single = cli(*args, "--out", tmp_path / "one", env=env)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "fastattr", *map(str, args), "--out", str(tmp_path / "two")],
+                           capture_output=True, text=True, env=env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    same_runs(tmp_path / "one", tmp_path / "two")
+    assert len(load_attributions(tmp_path / "two")) == 50
+    assert not list((tmp_path / "two").glob("manifest.rank*.json"))
