@@ -1,5 +1,6 @@
 """fastattr: fast, exact drop-in replacements for PyHealth's attribution methods."""
 from fastattr.chefer import CheferRelevance, apply_self_attention_rules, avg_heads
+from fastattr.cohort import attribute_dataset, load_attributions
 from fastattr.ig import IntegratedGradients
 from fastattr.integrated import integrated_gradients
 from fastattr.quadrature import METHODS, quadrature
@@ -10,9 +11,11 @@ __all__ = [
     "IntegratedGradients",
     "METHODS",
     "apply_self_attention_rules",
+    "attribute_dataset",
     "avg_heads",
     "chefer_relevance",
     "integrated_gradients",
+    "load_attributions",
     "quadrature",
 ]
 __version__ = "0.1.0"
