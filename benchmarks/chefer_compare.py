@@ -16,8 +16,9 @@ import random
 import torch
 
 import fastattr
+from fastattr.bench import time_interleaved
 from fastattr.chefer import apply_self_attention_rules, avg_heads
-from timing import interleaved, table
+from timing import table
 
 
 
@@ -53,7 +54,7 @@ def relevance(args) -> None:
             full = fastattr.chefer_relevance(layers, backend=backend)[:, 0]
             assert ((full - ref).abs().max() / ref.abs().max()).item() <= 1e-5
             fns[f"fastattr full path ({backend})"] = lambda b=backend: fastattr.chefer_relevance(layers, backend=b)
-    times = interleaved(fns, args.repeats, args.device)
+    times = time_interleaved(fns, args.repeats, args.device)
     print(f"relevance alone, device={args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}: "
           f"B={args.batch} H={args.heads} N={args.tokens} L={args.layers}, float32, {args.repeats} interleaved repeats")
     table(times, "pyhealth")
@@ -92,7 +93,7 @@ def end2end(args) -> None:
         torch.autograd.grad(logits[:, 0].sum(), embed_params, allow_unused=True)
 
     fns["floor (model forward + backward)"] = floor
-    times = interleaved(fns, args.repeats, args.device)
+    times = time_interleaved(fns, args.repeats, args.device)
     print(f"CheferRelevance.attribute end to end, device={args.device}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}: PyHealth Transformer {args.layers} layers, {args.heads} heads, dim {args.dim}, "
           f"{args.tokens} codes, batch {args.batch}, {args.repeats} interleaved repeats")

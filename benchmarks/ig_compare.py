@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 
 import torch
 
 import fastattr
-from fastattr.bench import build_model, captum_ig
-from timing import interleaved, table
+from fastattr.bench import build_model, captum_ig, time_interleaved
+from timing import table
 
 
 
@@ -78,7 +77,7 @@ def main(argv=None) -> None:
         cerr = ((cap - trap).abs().max() / trap.abs().max()).item()
         assert cerr <= 1e-4, f"Captum differs from fastattr's trapezoid rule: relative error {cerr:.2e}"
         fns["captum"] = run_captum
-    times = interleaved(fns, args.repeats, args.device)
+    times = time_interleaved(fns, args.repeats, args.device)
     print(f"device={args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; Transformer {args.layers} layers, {args.heads} heads, dim {args.dim}, "
           f"{args.length} codes, batch {args.batch}, steps {args.steps}; fastattr chunk {chunk} rows; "

@@ -1,36 +1,11 @@
-"""Interleaved timing shared by the comparison scripts."""
+"""Markdown table for the comparison scripts (timing itself: ``fastattr.bench.time_interleaved``)."""
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
 
-import torch
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, list[float]]:
-    """Seconds per call of each function; one warm-up each, then rounds that call every function
-    once, so drifting machine load hits every method alike. CUDA work is synchronized."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def table(times: dict[str, list[float]], base: str) -> None:
-    """Print a Markdown table of median/min/max and the speedup of each method over ``base``."""
-    ref = statistics.median(times[base])
+def table(stats: dict[str, dict[str, float]], base: str) -> None:
+    """Print median/min/max milliseconds and each method's speedup over ``base``."""
+    ref = stats[base]["median_ms"]
     print(f"| method | median ms | min ms | max ms | speedup vs {base} |")
     print("|---|---|---|---|---|")
-    for name, t in times.items():
-        med = statistics.median(t)
-        print(f"| {name} | {med * 1e3:.1f} | {min(t) * 1e3:.1f} | {max(t) * 1e3:.1f} | {ref / med:.2f}x |")
+    for name, s in stats.items():
+        print(f"| {name} | {s['median_ms']:.1f} | {s['min_ms']:.1f} | {s['max_ms']:.1f} | {ref / s['median_ms']:.2f}x |")

@@ -89,7 +89,10 @@ def backends_here(device: str) -> list[str]:
     return ["torch"]
 
 
-def _time(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, dict[str, float]]:
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, dict[str, float]]:
+    """Median/min/max milliseconds and peak CUDA MiB per function: one warm-up call each (which
+    also measures peak memory on CUDA), then ``repeats`` rounds calling every function once, so
+    drifting machine load hits every method alike. CUDA calls are timed with CUDA events."""
     cuda = device.startswith("cuda")
     stats: dict[str, dict[str, float]] = {}
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -160,7 +163,7 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
         if err > 1e-4:
             raise AssertionError(f"IG: {name} differs from {'the trapezoid rule' if name == 'captum' else ig_base_name} "
                                  f"by {err:.2e} (relative); refusing to time methods that disagree")
-    stats = _time(fns, repeats, device)
+    stats = time_interleaved(fns, repeats, device)
     rows += [{**common, "workload": "integrated_gradients", "method": name, "baseline": ig_base_name,
               "speedup_vs_baseline": stats[ig_base_name]["median_ms"] / s["median_ms"],
               "max_rel_err": errors[name], **s} for name, s in stats.items()]
@@ -175,7 +178,7 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
         errors[name] = _rel_err(fns[name]()["codes"], reference)
         if errors[name] > 1e-4:
             raise AssertionError(f"Chefer: {name} differs from {ch_base_name} by {errors[name]:.2e}")
-    stats = _time(fns, repeats, device)
+    stats = time_interleaved(fns, repeats, device)
     rows += [{**common, "workload": "chefer", "method": name, "baseline": ch_base_name,
               "speedup_vs_baseline": stats[ch_base_name]["median_ms"] / s["median_ms"],
               "max_rel_err": errors[name], **s} for name, s in stats.items()]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import html
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from fastattr.bench import time_interleaved
 from fastattr.chefer import CheferRelevance
 from fastattr.faithfulness import comprehensiveness, sufficiency
 from fastattr.ig import IntegratedGradients
@@ -60,15 +60,6 @@ def recovery(attributions: torch.Tensor, codes: torch.Tensor, truths: list[set[i
         top1 += order[0] in truth
         top3 += bool(truth & set(order[:3]))
     return {"top1": top1 / len(truths), "top3": top3 / len(truths)}
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _color(value: float, scale: float) -> str:
@@ -184,9 +175,12 @@ def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600
         s = scores[name]
         print(f"| {name} | {s['top1']:.0%} | {s['top3']:.0%} | {s['comprehensiveness']:.3f} | {s['sufficiency']:.3f} |")
 
-    fast = median_seconds(lambda: ig.attribute(**batch), repeats)
-    loop = median_seconds(lambda: step_loop_integrated_gradients(model, steps=steps, **batch), repeats)
-    print(f"\nIG speed on {dev.type} ({len(chosen)} patients, {steps} steps, median of {repeats}): fastattr "
+    timing = time_interleaved({"fastattr": lambda: ig.attribute(**batch),
+                               "loop": lambda: step_loop_integrated_gradients(model, steps=steps, **batch)},
+                              repeats, dev.type)
+    fast, loop = timing["fastattr"]["median_ms"] / 1e3, timing["loop"]["median_ms"] / 1e3
+    print(f"\nIG speed on {dev.type} ({len(chosen)} patients, {steps} steps, median of {repeats} interleaved, "
+          f"after a warm-up): fastattr "
           f"{fast * 1e3:.0f} ms, one-step-at-a-time loop {loop * 1e3:.0f} ms: {loop / fast:.2f}x faster")
 
     rows = []

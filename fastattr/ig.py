@@ -6,12 +6,11 @@ from typing import Any
 import torch
 
 from fastattr.backend import check_backend_name, resolve_backend
-from fastattr.integrated import check_finite, check_internal_batch_size, integrated_gradients, resolve_targets
+from fastattr.integrated import check_baseline, check_finite, check_internal_batch_size, integrated_gradients, resolve_targets
 from fastattr.protocol import (
     expand_to_inputs,
     feature_tuples,
     model_device,
-    replace_value,
     require_feature_protocol,
     require_methods,
     value_index,
@@ -114,7 +113,7 @@ class IntegratedGradients:
         for k, v in values.items():
             check_finite(f"batch[{k!r}]", v)
         token = {k for k in features if model.dataset.input_processors[k].is_token()}
-        baselines = self._baselines(baseline, values, token, device)
+        baselines = self._baselines(baseline, values, token)
 
         with torch.no_grad():
             logits = model.forward(**features)["logit"]
@@ -171,8 +170,8 @@ class IntegratedGradients:
             return expand_to_inputs(attributions, shapes), delta
         return expand_to_inputs(result, shapes)
 
-    def _baselines(self, baseline: dict[str, Any] | None, values: dict[str, torch.Tensor], token: set[str],
-                   device: torch.device) -> dict[str, torch.Tensor]:
+    def _baselines(self, baseline: dict[str, Any] | None, values: dict[str, torch.Tensor],
+                   token: set[str]) -> dict[str, torch.Tensor]:
         if baseline is None:
             return {k: torch.ones_like(v) if (self.use_embeddings and k in token) else torch.zeros_like(v) + 1e-2
                     for k, v in values.items()}
@@ -182,15 +181,7 @@ class IntegratedGradients:
         for k, v in values.items():
             if k not in baseline:
                 raise ValueError(f"baseline has no entry for feature {k!r}; expected keys {sorted(values)}")
-            b = torch.as_tensor(baseline[k]).to(device)
-            try:
-                ok = torch.broadcast_shapes(b.shape, v.shape) == v.shape
-            except RuntimeError:
-                ok = False
-            if not ok:
-                raise ValueError(f"baseline[{k!r}] of shape {tuple(b.shape)} does not broadcast to the "
-                                 f"input shape {tuple(v.shape)}")
-            check_finite(f"baseline[{k!r}]", b)
+            b = check_baseline(k, baseline[k], v)
             if self.use_embeddings and k in token:
                 if b.is_floating_point():
                     raise TypeError(f"baseline[{k!r}] holds token ids for an embedded feature and must be an "

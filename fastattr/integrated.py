@@ -146,6 +146,20 @@ def _validate_batch(inputs: Mapping[str, torch.Tensor]) -> int:
     return batch
 
 
+def check_baseline(key: str, baseline: Any, value: torch.Tensor) -> torch.Tensor:
+    """``baseline`` as a finite tensor on ``value``'s device whose shape broadcasts to ``value``'s."""
+    b = torch.as_tensor(baseline).to(value.device)
+    try:
+        ok = torch.broadcast_shapes(b.shape, value.shape) == value.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"baseline[{key!r}] of shape {tuple(b.shape)} does not broadcast to the input shape "
+                         f"{tuple(value.shape)}")
+    check_finite(f"baseline[{key!r}]", b)
+    return b
+
+
 def _expand_baselines(inputs: Mapping[str, torch.Tensor], baselines: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
     out = {}
     for key, x in inputs.items():
@@ -154,17 +168,7 @@ def _expand_baselines(inputs: Mapping[str, torch.Tensor], baselines: Mapping[str
         elif key not in baselines:
             raise ValueError(f"baseline has no entry for {key!r}; expected keys {sorted(inputs)}")
         else:
-            b = torch.as_tensor(baselines[key], device=x.device)
-            check_finite(f"baseline[{key!r}]", b)
-            try:
-                shape = torch.broadcast_shapes(b.shape, x.shape)
-            except RuntimeError:
-                shape = None
-            if shape != x.shape:
-                raise ValueError(
-                    f"baseline[{key!r}] of shape {tuple(b.shape)} does not broadcast to the input shape {tuple(x.shape)}"
-                )
-            b = b.to(x.dtype).expand_as(x)
+            b = check_baseline(key, baselines[key], x).to(x.dtype).expand_as(x)
         out[key] = b.contiguous()
     return out
 
