@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastattr.integrated import resolve_targets
+
 FORMAT = "fastattr-attributions/1"
 ID_KEYS = ("patient_id", "visit_id")
 
@@ -100,11 +102,14 @@ def _concat(parts: list[tuple[int, int, Any]]) -> Any:
     return {k: torch.cat([p[2][k] for p in parts]) for k in first}
 
 
-def _probabilities(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+def _predictions(model: Any, batch: dict[str, Any], target: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted probabilities ``[B, C]`` and the class each patient is explained for."""
     with torch.no_grad():
         out = model(**{k: v for k, v in batch.items() if k in model.feature_keys})
-    prob = out["y_prob"] if "y_prob" in out else out["logit"]
-    return prob.detach().float().reshape(prob.shape[0], -1)
+    logits = out["logit"].reshape(out["logit"].shape[0], -1)
+    prob = out["y_prob"] if "y_prob" in out else logits
+    targets = resolve_targets(target, logits, logits.shape[0], logits.shape[1], logits.device)
+    return prob.detach().float().reshape(prob.shape[0], -1), targets
 
 
 def _distributed() -> tuple[int, int]:
@@ -165,7 +170,8 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
             through a ``DataLoader``). Its order must be the same on every run and rank
             (``shuffle=False``); ids come from ``patient_id`` / ``visit_id`` when present.
         out: a folder; created if needed.
-        save_probabilities: also store the model's predicted probabilities per patient.
+        save_probabilities: also store the model's predicted probabilities and the class each
+            patient was explained for (``target``), from one extra forward per batch.
         resume: continue a run found in ``out`` (verifying its shards by checksum and redoing any
             corrupt one); ``False`` refuses to touch a folder that already holds a run.
         progress: progress bar with patients/s and ETA (``None``: only on a terminal).
@@ -223,10 +229,9 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
         if delta is not None:
             tensors["convergence_delta"] = delta.detach().contiguous().cpu()
         if save_probabilities and model is not None:
-            tensors["probability"] = _probabilities(model, batch).cpu().contiguous()
-        target = attribute_kwargs.get("target_class_idx")
-        if isinstance(target, torch.Tensor):
-            tensors["target"] = target.detach().reshape(-1).cpu().contiguous()
+            prob, targets = _predictions(model, batch, attribute_kwargs.get("target_class_idx"))
+            tensors["probability"] = prob.cpu().contiguous()
+            tensors["target"] = targets.cpu().contiguous()
         from safetensors.torch import save
 
         name = f"shard-{index:08d}.safetensors"

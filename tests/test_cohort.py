@@ -59,6 +59,7 @@ def test_roundtrip_lazy_load_by_id(tmp_path):
     assert everything["attr/codes"].shape == (37, cohort.max_codes)
     assert everything["probability"].shape == (37, 1)
     assert everything["convergence_delta"].shape == (37,)
+    assert torch.equal(everything["target"], torch.zeros(37, dtype=torch.long))  # a single logit
     direct = ig.attribute(**cohort.batch(range(32, 37)))["codes"]
     torch.testing.assert_close(store["P00000034"]["attr/codes"], direct[2])
     with pytest.raises(KeyError, match="P99"):
