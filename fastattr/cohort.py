@@ -112,17 +112,19 @@ def _predictions(model: Any, batch: dict[str, Any], target: Any) -> tuple[torch.
     return prob.detach().float().reshape(prob.shape[0], -1), targets
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group under torchrun when it is not up yet."""
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call started the process group, as it does under torchrun)."""
     import torch.distributed as dist
 
     if not dist.is_available():
-        return 0, 1
+        return 0, 1, False
+    started = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        started = True
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return dist.get_rank(), dist.get_world_size(), started
+    return 0, 1, started
 
 
 def _barrier() -> None:
@@ -184,7 +186,7 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
     A batch that runs out of CUDA memory is retried in halves before failing.
     """
     out = Path(out)
-    rank, world = _distributed()
+    rank, world, started = _distributed()
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     rank_path = out / f"manifest.rank{rank}.json"
@@ -256,6 +258,8 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
             if stray.name not in merged:
                 stray.unlink()
     _barrier()
+    if started:
+        torch.distributed.destroy_process_group()
     return out
 
 
