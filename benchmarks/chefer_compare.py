@@ -17,7 +17,7 @@ import torch
 
 import fastattr
 from fastattr.bench import time_interleaved
-from fastattr.chefer import apply_self_attention_rules, avg_heads
+from fastattr.loop import full_relevance
 from timing import table
 
 
@@ -26,13 +26,8 @@ from timing import table
 
 
 def pyhealth_loop(layers):
-    """PyHealth 2.1.0's propagation as its chefer.py writes it, then the Transformer's row 0."""
-    b, n = layers[0][0].shape[0], layers[0][0].shape[-1]
-    R = torch.eye(n, device=layers[0][0].device).unsqueeze(0).repeat(b, 1, 1)
-    for attn, grad in layers:
-        cam = avg_heads(attn, grad)
-        R = R + apply_self_attention_rules(R, cam).detach()
-    return R[:, 0]
+    """PyHealth 2.1.0's propagation, then the Transformer's row 0."""
+    return full_relevance(layers)[:, 0]
 
 
 def relevance(args) -> None:

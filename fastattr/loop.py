@@ -1,4 +1,5 @@
-"""PyHealth's integrated gradients as it runs there: one forward and backward per path point.
+"""PyHealth's algorithms as they run there: IG with one forward and backward per path point, and
+Chefer relevance with a full backward and the full relevance matrix.
 
 This is the baseline fastattr's speed is measured against where PyHealth is not installed, and
 the oracle for fastattr's own models in the tests. It follows REFERENCE.md step by step.
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fastattr.chefer import apply_self_attention_rules, avg_heads
 from fastattr.integrated import resolve_targets
 from fastattr.protocol import expand_to_inputs, feature_tuples, model_device, replace_value, value_index, with_masks
 
@@ -61,6 +63,16 @@ def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, base
     return expand_to_inputs(result, shapes)
 
 
+def full_relevance(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """PyHealth 2.1.0's propagation as its chefer.py writes it: R = I, then R = R + cam @ R per
+    layer with cam = ``avg_heads(attn, grad)``; returns the full ``[B, N, N]``."""
+    attn0 = layers[0][0]
+    R = torch.eye(attn0.shape[-1], device=attn0.device).unsqueeze(0).repeat(attn0.shape[0], 1, 1)
+    for attn, grad in layers:
+        R = R + apply_self_attention_rules(R, avg_heads(attn, grad)).detach()
+    return R
+
+
 def full_chefer_relevance(model: torch.nn.Module, target_class_idx: int | None = None, **batch: Any) -> dict[str, torch.Tensor]:
     """Chefer relevance by PyHealth 2.1.0's algorithm: a full backward, then the full R per layer."""
     model.eval()
@@ -73,12 +85,5 @@ def full_chefer_relevance(model: torch.nn.Module, target_class_idx: int | None =
     model.zero_grad()
     (torch.nn.functional.one_hot(targets, logits.shape[1]).float() * logits).sum().backward()
     model.zero_grad(set_to_none=True)
-    R = {}
-    for key, layers in model.get_attention_layers().items():
-        n = layers[0][0].shape[-1]
-        r = torch.eye(n, device=logits.device).unsqueeze(0).repeat(logits.shape[0], 1, 1)
-        for attn, grad in layers:
-            cam = (grad * attn).clamp(min=0)
-            r = r + (cam.mean(dim=1) if cam.dim() == 4 else cam) @ r
-        R[key] = r
+    R = {key: full_relevance(layers) for key, layers in model.get_attention_layers().items()}
     return model.get_relevance_tensor(R, **batch)

@@ -6,34 +6,15 @@ import pytest
 import torch
 
 import fastattr
-from fastattr.chefer import apply_self_attention_rules, avg_heads, detect_row_picks
+from fastattr.chefer import detect_row_picks
+from fastattr.loop import full_chefer_relevance
 
 from conftest import own_model
 
 
 def reference(model, target=None, **batch):
-    """PyHealth's algorithm verbatim: full backward, full R, the model's reduction."""
-    model.set_attention_hooks(True)
-    try:
-        logits = model(**batch)["logit"]
-    finally:
-        model.set_attention_hooks(False)
-    if logits.shape[1] == 1:
-        target = torch.zeros(logits.shape[0], dtype=torch.long)
-    elif target is None:
-        target = logits.argmax(-1)
-    elif isinstance(target, int):
-        target = torch.full((logits.shape[0],), target)
-    (torch.nn.functional.one_hot(target, logits.shape[1]).float() * logits).sum().backward()
-    model.zero_grad(set_to_none=True)
-    R = {}
-    for key, layers in model.get_attention_layers().items():
-        n = layers[0][0].shape[-1]
-        r = torch.eye(n).unsqueeze(0).repeat(logits.shape[0], 1, 1)
-        for attn, grad in layers:
-            r = r + apply_self_attention_rules(r, avg_heads(attn, grad))
-        R[key] = r
-    out = model.get_relevance_tensor(R, **batch)
+    """PyHealth's algorithm verbatim (fastattr.loop), then its expansion to nested input shapes."""
+    out = full_chefer_relevance(model, target_class_idx=target, **batch)
     for key, attr in out.items():  # PyHealth's expansion to nested input shapes
         value = batch[key]
         while value.dim() > attr.dim():

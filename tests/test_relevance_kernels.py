@@ -4,6 +4,7 @@ import torch
 
 from fastattr.chefer import apply_self_attention_rules, avg_heads
 from fastattr.kernels import relevance as ops
+from fastattr.loop import full_relevance
 from fastattr.relevance import chefer_relevance
 
 SHAPES = [(1, 1, 1), (3, 2, 17), (2, 3, 63), (1, 4, 16)]
@@ -21,14 +22,6 @@ def maps(batch, heads, n, seed, dtype=torch.float32, three_d=False):
     grad = torch.randn(shape, generator=g)
     return attn.to(dtype), grad.to(dtype)
 
-
-def pyhealth_full(layers):
-    """PyHealth's loop, as its chefer.py writes it."""
-    b, n = layers[0][0].shape[0], layers[0][0].shape[-1]
-    R = torch.eye(n).unsqueeze(0).repeat(b, 1, 1)
-    for attn, grad in layers:
-        R = R + apply_self_attention_rules(R, avg_heads(attn, grad))
-    return R
 
 
 @pytest.mark.parametrize("batch, heads, n", SHAPES)
@@ -68,7 +61,7 @@ def test_kernels_read_non_contiguous_maps():
 def test_full_path_matches_pyhealth_loop_and_rows_match_full(backend, batch, heads, n, layers):
     stack = [maps(batch, heads, n, seed=10 * i + n) for i in range(layers)]
     R = chefer_relevance(stack, backend=backend)
-    torch.testing.assert_close(R, pyhealth_full(stack), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(R, full_relevance(stack), rtol=1e-5, atol=1e-6)
     rows = torch.randint(0, n, (batch,), generator=torch.Generator().manual_seed(n))
     v = chefer_relevance(stack, rows, backend=backend)
     torch.testing.assert_close(v, R[torch.arange(batch), rows], rtol=1e-5, atol=1e-6)
