@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import MAX_GRID_X, flat_grid, need_triton, tl, triton
+
 
 def _row_index(batch: int, row_start: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     r = torch.arange(row_start, row_start + rows, device=device)
@@ -40,20 +42,30 @@ def finalize_torch(x: torch.Tensor, baseline: torch.Tensor, acc: torch.Tensor, d
     return attr.sum(dim=-1) if sum_last_dim else attr
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch path works without Triton
-    triton = None
+MAX_BLOCK = 1024
+ACCUMULATE_STAGES = 3
 
-BLOCK = 1024
+
+def _block(width: int) -> int:
+    """Elements per program along a row: the row itself when short (tiny features waste no
+    lanes), else 1024."""
+    return min(MAX_BLOCK, max(16, triton.next_power_of_2(width)))
+
+
+def _warps(block: int) -> int:
+    return max(1, min(4, block // 256))
+
 
 if triton is not None:
 
-    @triton.jit
-    def _interpolate_kernel(x_ptr, b_ptr, alpha_ptr, out_ptr, row_start, batch, width, BLOCK: tl.constexpr):
-        local = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # Chunk offsets change every call: specialising on them (== 1, % 16) would recompile.
+    @triton.jit(do_not_specialize=["row_start"])
+    def _interpolate_kernel(x_ptr, b_ptr, alpha_ptr, out_ptr, row_start, batch, width, col_blocks,
+                            BLOCK: tl.constexpr):
+        # Flat grid over (chunk row, column block): CUDA's y/z limit never applies.
+        pid = tl.program_id(0)
+        local = (pid // col_blocks).to(tl.int64)
+        cols = (pid % col_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < width
         row = row_start + local
         sample = row % batch
@@ -62,22 +74,28 @@ if triton is not None:
         b = tl.load(b_ptr + sample * width + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + local * width + cols, (b + alpha * (x - b)).to(out_ptr.dtype.element_ty), mask=ok)
 
-    @triton.jit
-    def _accumulate_kernel(acc_ptr, g_ptr, w_ptr, row_start, rows, batch, width, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["row_start", "rows"])
+    def _accumulate_kernel(acc_ptr, g_ptr, w_ptr, row_start, rows, batch, width, row_stride, col_blocks,
+                           BLOCK: tl.constexpr, STAGES: tl.constexpr):
         # One program owns one sample's slice of the accumulator and walks that sample's rows of
-        # the chunk in order: no atomics, the same sum order as the torch reference.
-        sample = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        # the chunk in step order: no atomics, the same sum order as the torch reference. The
+        # walk advances pointers by ``row_stride`` (batch * width; no division inside the loop),
+        # and the loop is software-pipelined (STAGES rows' loads in flight through cp.async).
+        pid = tl.program_id(0)
+        sample = (pid // col_blocks).to(tl.int64)
+        cols = (pid % col_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < width
-        first = row_start + (sample - row_start % batch + batch) % batch
-        end = row_start + rows
-        count = (end - first + batch - 1) // batch
+        start = row_start.to(tl.int64)
+        first = start + (sample - start % batch + batch) % batch
+        count = (start + rows - first + batch - 1) // batch
+        w_here = w_ptr + first // batch
+        g_here = g_ptr + (first - start) * width + cols
         acc = tl.load(acc_ptr + sample * width + cols, mask=ok, other=0.0)
-        for k in range(0, count):
-            row = first + k * batch
-            w = tl.load(w_ptr + row // batch)
-            g = tl.load(g_ptr + (row - row_start) * width + cols, mask=ok, other=0.0).to(tl.float32)
-            acc += w * g
+        for _ in tl.range(0, count, num_stages=STAGES):
+            g = tl.load(g_here, mask=ok, other=0.0).to(tl.float32)
+            acc += tl.load(w_here) * g
+            w_here += 1
+            g_here += row_stride
         tl.store(acc_ptr + sample * width + cols, acc, mask=ok)
 
     @triton.jit
@@ -105,15 +123,10 @@ if triton is not None:
             tl.store(out_ptr + offs, (x - b) * (a * inv_divisor), mask=ok)
 
 
-def _need_triton() -> None:
-    if triton is None:
-        raise RuntimeError("the Triton IG kernels need the triton package: pip install triton")
-
-
 def interpolate_triton(x: torch.Tensor, baseline: torch.Tensor, alphas: torch.Tensor, row_start: int, rows: int,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused :func:`interpolate_torch`: every row of the chunk in one launch (float32 math)."""
-    _need_triton()
+    need_triton("IG")
     batch = x.shape[0]
     x, baseline = x.contiguous(), baseline.contiguous()
     width = x[0].numel()
@@ -121,28 +134,39 @@ def interpolate_triton(x: torch.Tensor, baseline: torch.Tensor, alphas: torch.Te
         out = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
     alpha = alphas.to(device=x.device, dtype=torch.float32).contiguous()
     if rows and width:
-        _interpolate_kernel[(rows, triton.cdiv(width, BLOCK))](x, baseline, alpha, out, row_start, batch, width,
-                                                               BLOCK=BLOCK)
+        block = _block(width)
+        col_blocks = triton.cdiv(width, block)
+        # A chunk too large for one grid (over 2^31 blocks) is launched in row ranges.
+        per_launch = max(1, MAX_GRID_X // col_blocks)
+        flat = out.view(rows, width)
+        for first in range(0, rows, per_launch):
+            count = min(per_launch, rows - first)
+            _interpolate_kernel[flat_grid(count * col_blocks)](
+                x, baseline, alpha, flat[first:first + count], row_start + first, batch, width, col_blocks,
+                BLOCK=block, num_warps=_warps(block))
     return out
 
 
 def accumulate_triton(acc: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor, row_start: int) -> None:
     """Fused :func:`accumulate_torch` into a float32 ``acc``, in place, no temporaries."""
-    _need_triton()
+    need_triton("IG")
     if acc.dtype != torch.float32 or not acc.is_contiguous():
         raise ValueError("accumulate_triton needs a contiguous float32 accumulator")
     batch = acc.shape[0]
     width = acc[0].numel()
     w = weights.to(device=acc.device, dtype=torch.float32).contiguous()
-    if width:
-        _accumulate_kernel[(batch, triton.cdiv(width, BLOCK))](acc, grads.contiguous(), w, row_start, grads.shape[0],
-                                                               batch, width, BLOCK=BLOCK)
+    if width and grads.shape[0]:
+        block = _block(width)
+        col_blocks = triton.cdiv(width, block)
+        _accumulate_kernel[flat_grid(batch * col_blocks)](acc, grads.contiguous(), w, row_start, grads.shape[0],
+                                                          batch, width, batch * width, col_blocks, BLOCK=block,
+                                                          num_warps=_warps(block), STAGES=ACCUMULATE_STAGES)
 
 
 def finalize_triton(x: torch.Tensor, baseline: torch.Tensor, acc: torch.Tensor, divisor: float, sum_last_dim: bool,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused :func:`finalize_torch`: ``(x - b) * acc / divisor``, optionally summed over the last dim."""
-    _need_triton()
+    need_triton("IG")
     x, baseline = x.contiguous(), baseline.contiguous()
     shape = x.shape[:-1] if sum_last_dim else x.shape
     if out is None:
@@ -151,9 +175,10 @@ def finalize_triton(x: torch.Tensor, baseline: torch.Tensor, acc: torch.Tensor, 
     if total:
         if sum_last_dim:
             inner = x.shape[-1]
-            _finalize_kernel[(total // inner,)](x, baseline, acc, out, total, inner, 1.0 / divisor,
-                                                SUM_LAST=True, BLOCK=min(BLOCK, triton.next_power_of_2(inner)))
+            block = min(MAX_BLOCK, triton.next_power_of_2(inner))
+            _finalize_kernel[flat_grid(total // inner)](x, baseline, acc, out, total, inner, 1.0 / divisor,
+                                                        SUM_LAST=True, BLOCK=block, num_warps=_warps(block))
         else:
-            _finalize_kernel[(triton.cdiv(total, BLOCK),)](x, baseline, acc, out, total, 1, 1.0 / divisor,
-                                                            SUM_LAST=False, BLOCK=BLOCK)
+            _finalize_kernel[flat_grid(triton.cdiv(total, MAX_BLOCK))](x, baseline, acc, out, total, 1, 1.0 / divisor,
+                                                                       SUM_LAST=False, BLOCK=MAX_BLOCK)
     return out

@@ -73,6 +73,29 @@ def test_relevance_kernels(dtype, batch, heads, n):
                                    rtol=max(rtol, 1e-4), atol=max(atol, 1e-3))
 
 
+@pytest.mark.parametrize("n", [100, 512])
+def test_full_path_stays_ieee_float32_under_global_tf32(n):
+    attn, grad = cuda_maps(2, 4, n, torch.float32, seed=7)
+    R = torch.randn(2, n, n, device="cuda")
+    ref = rel_ops.full_step_torch(R.double(), attn.double(), grad.double())
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 for every other float32 matmul
+    try:
+        got = rel_ops.full_step_triton(R, attn, grad)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    error = (got.double() - ref).norm() / ref.norm()
+    assert error < 1e-6, f"relative error {error:.2e}: the product ran in TF32"
+
+
+def test_row_path_is_deterministic():
+    attn, grad = cuda_maps(4, 4, 512, torch.float32, seed=11)
+    v = torch.randn(4, 512, device="cuda")
+    first = rel_ops.row_step_triton(v, attn, grad)
+    assert all(torch.equal(first, rel_ops.row_step_triton(v, attn, grad)) for _ in range(5))
+
+
 def test_end_to_end_on_gpu():
     model, batch = own_model("transformer", seed=30)
     model = model.cuda()

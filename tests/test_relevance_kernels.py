@@ -7,7 +7,7 @@ from fastattr.kernels import relevance as ops
 from fastattr.loop import full_relevance
 from fastattr.relevance import chefer_relevance
 
-SHAPES = [(1, 1, 1), (3, 2, 17), (2, 3, 63), (1, 4, 16)]
+SHAPES = [(1, 1, 1), (3, 2, 17), (2, 3, 63), (1, 4, 16), (2, 3, 130)]
 
 
 def maps(batch, heads, n, seed, dtype=torch.float32, three_d=False):
@@ -46,6 +46,18 @@ def test_full_kernel_matches_torch(batch, heads, n, three_d):
     got = ops.full_step_triton(R, attn, grad, out=out)
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_read_maps_whose_rows_are_not_16_byte_aligned():
+    # rows of 101 floats starting one element into their storage: no vector-width assumption holds
+    attn, grad = maps(2, 2, 102, seed=3)
+    attn, grad = attn[..., 1:, 1:], grad[..., 1:, 1:]
+    v = torch.randn(2, 101)
+    torch.testing.assert_close(ops.row_step_triton(v, attn, grad), ops.row_step_torch(v, attn, grad),
+                               rtol=1e-5, atol=1e-6)
+    R = torch.randn(2, 101, 101)
+    torch.testing.assert_close(ops.full_step_triton(R, attn, grad), ops.full_step_torch(R, attn, grad),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_read_non_contiguous_maps():
