@@ -1,17 +1,49 @@
 #!/usr/bin/env bash
-# For a session lent a GPU (the device tool's `run`, from the repository root): the GPU test tier,
-# then the GPU measurements, each log written under $OUT (or ./gpu-results). Not run yet: no
-# session so far was lent a device. The device image has torch, Triton, safetensors, tqdm,
-# pytest, hypothesis and matplotlib, but no network, hence --no-build-isolation.
-set -uo pipefail
+# GPU runbook for a session lent a device (the device tool's `run`, from the repository root), in
+# parts of a few minutes each so none outruns a 10-minute call:
+#   bash benchmarks/gpu_runbook.sh tests     # install check + the GPU test tier (pytest -m gpu)
+#   bash benchmarks/gpu_runbook.sh kernels   # kernels alone: do_bench, GB/s vs copy, TFLOP/s vs cuBLAS
+#   bash benchmarks/gpu_runbook.sh e2e       # IG and Chefer end to end vs the step loop, Captum, floor
+# Several parts may be named in one call. Logs go to $OUT (or ./gpu-results). The device image has
+# torch, Triton, pytest, safetensors, tqdm and matplotlib but no package registry: Captum travels
+# as a wheel in .whl/ (see README, "Benchmarks"); PyHealth's imports are too large to carry, so the
+# baseline there is fastattr.loop, PyHealth's algorithms restated, and every table says so.
+set -euo pipefail
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
-python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
-python3 benchmarks/kernels_gpu.py 2>&1 | tee "$out/kernels.log"
-python3 benchmarks/chefer_compare.py relevance --device cuda --batch 8 --heads 4 --tokens 2048 --layers 6 --full \
-  2>&1 | tee "$out/relevance.log"
-python3 -m fastattr bench --device cuda --lengths 128 512 2048 --batch 32 --dim 128 --out "$out" 2>&1 | tee "$out/bench.log"
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastattr-site .whl/*.whl
+  export PYTHONPATH="/tmp/fastattr-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
+  || { cat "$out/install.log"; echo "install failed"; exit 1; }
+python3 - <<'PY' | tee "$out/device.txt"
+import torch, triton
+import fastattr.kernels.interpolate, fastattr.kernels.relevance  # the import check comes first
+p = torch.cuda.get_device_properties(0)
+print(f"{torch.cuda.get_device_name()} | {p.multi_processor_count} SMs | {p.total_memory / 2**30:.0f} GiB | "
+      f"torch {torch.__version__} | triton {triton.__version__}")
+PY
+
+for part in "$@"; do
+  case "$part" in
+    tests)
+      python3 -m pytest -m gpu tests -q -p no:cacheprovider -rs 2>&1 | tee "$out/gpu-tests.log" ;;
+    kernels)
+      python3 benchmarks/kernels_gpu.py --csv "$out/kernels.csv" 2>&1 | tee "$out/kernels.log" ;;
+    e2e)
+      {
+        python3 benchmarks/ig_compare.py --device cuda --layers 2 --heads 4 --dim 128 --length 100 --batch 32 \
+          --steps 50 --repeats 20
+        python3 benchmarks/chefer_compare.py end2end --device cuda --layers 4 --heads 4 --dim 128 --tokens 512 \
+          --batch 32 --repeats 20
+        for n in 128 512 2048; do
+          python3 benchmarks/chefer_compare.py relevance --device cuda --batch 4 --heads 4 --tokens "$n" --layers 6 \
+            --full --repeats 20
+        done
+      } 2>&1 | tee "$out/e2e.log" ;;
+    *) echo "unknown part $part (tests, kernels, e2e)"; exit 2 ;;
+  esac
+done
