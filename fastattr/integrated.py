@@ -21,27 +21,26 @@ CPU_MAX_POINTS = 16
 # PyHealth's 2-layer Transformer: the fastest chunks held ~50-80 MiB of activations for 40, 128
 # and 256 codes alike (16, 4 and 2 path points of the batch).
 CPU_CHUNK_BYTES = 64 << 20
-# Fraction of the free CUDA memory one chunk's activations may take.
-CUDA_MEMORY_FRACTION = 0.5
 
 
 class ChunkSizer:
     """Rows (sample x path point) per forward.
 
-    Fixed when the caller gives ``internal_batch_size``. Otherwise one path point of the batch
-    runs first as a probe. On CUDA the rest run in chunks sized from the probe's peak memory and
-    the free memory. On the CPU the probe counts the bytes autograd saves for the backward (the
-    activations, which scale with the rows; parameters excluded), and chunks are sized so their
-    activations stay near ``CPU_CHUNK_BYTES``: large enough to batch well, small enough to stay in
-    cache rather than stream through memory. Results do not depend on the sizes.
+    Fixed when the caller gives ``internal_batch_size``. On CUDA every row runs in one forward
+    (small clinical models are launch-bound there: fewer, larger batches are faster), and a chunk
+    that runs out of memory is retried in halves (:meth:`shrink`); the size that fit is kept for
+    the rest. On the CPU one path point of the batch runs first as a probe that counts the bytes
+    autograd saves for the backward (the activations, which scale with the rows; parameters
+    excluded), and chunks are sized so their activations stay near ``CPU_CHUNK_BYTES``: large
+    enough to batch well, small enough to stay in cache rather than stream through memory.
+    Results do not depend on the sizes.
     """
 
     def __init__(self, requested: int | None, batch: int, points: int, device: torch.device) -> None:
-        self.batch, self.device = batch, device
-        self.rows = requested if requested is not None else batch
+        self.batch = batch
         self.mode = "fixed" if requested is not None else ("cuda" if device.type == "cuda" else "cpu")
+        self.rows = requested if requested is not None else (batch * points if self.mode == "cuda" else batch)
         self.max_rows = batch * min(points, CPU_MAX_POINTS)
-        self._mark = 0
         self._saved: dict[int, int] = {}
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -56,22 +55,22 @@ class ChunkSizer:
             return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
         return contextlib.nullcontext()
 
-    def begin(self) -> None:
-        if self.mode == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._mark = torch.cuda.memory_allocated(self.device)
-
     def end(self, rows: int) -> None:
-        if self.mode == "cuda":
-            per_row = max(torch.cuda.max_memory_allocated(self.device) - self._mark, 1) / rows
-            free, _ = torch.cuda.mem_get_info(self.device)
-            self.rows = max(self.batch, int(CUDA_MEMORY_FRACTION * free / per_row) // self.batch * self.batch)
-        elif self.mode == "cpu":
+        """After a chunk of ``rows`` forward rows ran: settle the size on the CPU probe."""
+        if self.mode == "cpu":
             per_row = max(sum(self._saved.values()), 1) / rows
             self.rows = min(self.max_rows, max(self.batch, int(CPU_CHUNK_BYTES / per_row) // self.batch * self.batch))
             self._saved.clear()
-        self.mode = "fixed"
+            self.mode = "fixed"
+
+    def shrink(self, rows: int) -> bool:
+        """A chunk of ``rows`` ran out of CUDA memory: halve (whole path points while they fit).
+        False when the size was the caller's or is down to one row (the error then stands)."""
+        if self.mode != "cuda" or rows <= 1:
+            return False
+        half = rows // 2
+        self.rows = half // self.batch * self.batch if half >= self.batch else half
+        return True
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -173,6 +172,50 @@ def _expand_baselines(inputs: Mapping[str, torch.Tensor], baselines: Mapping[str
     return out
 
 
+def _float_logits(logits: torch.Tensor) -> torch.Tensor:
+    return logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _rows_of(tensors: Mapping[str, Any], sample: torch.Tensor, batch: int) -> dict[str, Any]:
+    """The given rows of every batch-first tensor; anything else unchanged."""
+    return {k: v.index_select(0, sample) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+            else v for k, v in tensors.items()}
+
+
+def _chunk_gradients(forward: Forward, xs: Mapping[str, torch.Tensor], bs: Mapping[str, torch.Tensor],
+                     alphas: torch.Tensor, start: int, rows: int, endpoint_rows: int, batch: int,
+                     extra_inputs: Mapping[str, Any], interpolate: Callable, sizer: ChunkSizer,
+                     target: int | torch.Tensor | None, targets: torch.Tensor | None):
+    """One forward and input-gradient backward of path rows ``[start, start + rows)``.
+
+    With ``endpoint_rows`` (= batch), the inputs themselves ride along as extra rows of the same
+    forward, and their logits (no gradient flows from them) come back as the endpoint logits;
+    the targets are resolved from them when ``target`` is None. Returns
+    ``(gradients per input key, targets, endpoint logits or None)``.
+    """
+    keys = list(xs)
+    device = xs[keys[0]].device
+    sample = torch.arange(start, start + rows, device=device) % batch
+    if endpoint_rows:
+        sample = torch.cat([sample, torch.arange(batch, device=device)])
+    with torch.enable_grad():
+        path = {k: interpolate(xs[k], bs[k], alphas, start, rows).requires_grad_(True) for k in keys}
+        points = {k: torch.cat([path[k], xs[k]]) if endpoint_rows else path[k] for k in keys}
+        with sizer.watch():
+            logits = _logits_2d(forward({**points, **_rows_of(extra_inputs, sample, batch)}))
+        if logits.shape[0] != rows + endpoint_rows:
+            raise ValueError(f"forward returned {logits.shape[0]} rows for {rows + endpoint_rows} inputs")
+        endpoint = _float_logits(logits[rows:]) if endpoint_rows else None
+        if targets is None:
+            targets = resolve_targets(target, endpoint, batch, logits.shape[1], device)
+        score = logits[:rows].gather(1, targets.index_select(0, sample[:rows]).unsqueeze(1)).sum()
+        # The path tensor is a leaf, so autograd.grad hands back exactly the [rows, ...]
+        # gradients the reduction kernel consumes; wrapping construction and reduction in an
+        # autograd.Function would still materialize that same gradient, plus a backward node.
+        grads = torch.autograd.grad(score, [path[k] for k in keys], allow_unused=True)
+    return grads, targets, endpoint
+
+
 def integrated_gradients(
     forward: Forward,
     inputs: Mapping[str, torch.Tensor],
@@ -200,8 +243,8 @@ def integrated_gradients(
             the argmax of ``forward(inputs)``. A single logit column always targets 0.
         steps: subintervals of the quadrature rule ``method`` (see ``fastattr.quadrature``).
         internal_batch_size: rows (sample x path point) per forward; results do not depend on it.
-            Default: sized by :class:`ChunkSizer` from a one-point probe (free memory on CUDA,
-            activation bytes on the CPU).
+            Default: :class:`ChunkSizer` (on CUDA all rows, halved on out-of-memory; on the CPU
+            sized from the activation bytes of a one-point probe).
         additional_inputs: tensors passed to ``forward`` alongside the inputs without being
             attributed (masks, times). Tensors whose first dim is the batch size are gathered per
             row; anything else is passed unchanged.
@@ -227,27 +270,22 @@ def integrated_gradients(
         raise ValueError(f"sum_last_dim names keys that are not inputs: {sorted(unknown)}")
     xs = {k: inputs[k].detach().contiguous() for k in keys}
     bs = _expand_baselines(xs, baselines)
-    extra = dict(additional_inputs or {})
-    clash = set(extra) & set(keys)
+    extra_inputs = dict(additional_inputs or {})
+    clash = set(extra_inputs) & set(keys)
     if clash:
         raise ValueError(f"additional_inputs reuse input keys: {sorted(clash)}")
     device = xs[keys[0]].device
     use = resolve_backend(backend, device)
 
-    def rows_of(tensors: Mapping[str, Any], sample: torch.Tensor) -> dict[str, Any]:
-        return {k: v.index_select(0, sample) if isinstance(v, torch.Tensor) and v.dim() > 0
-                and v.shape[0] == batch else v for k, v in tensors.items()}
-
     def endpoint_logits(points: Mapping[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            logits = _logits_2d(forward({**points, **extra}))
-            return logits.to(torch.promote_types(logits.dtype, torch.float32))
+            return _float_logits(_logits_2d(forward({**points, **extra_inputs})))
 
-    fx = endpoint_logits(xs) if target is None or return_convergence_delta else None
-    if fx is not None and fx.shape[0] != batch:
-        raise ValueError(f"forward returned {fx.shape[0]} rows for a batch of {batch}")
-    # Without endpoint logits the class count (to check the target) comes from the first chunk.
-    targets = resolve_targets(target, fx, batch, fx.shape[1], device) if fx is not None else None
+    # The logits at the input (for the argmax target and the convergence delta) come from extra
+    # rows of the first chunk's forward, not from a forward of their own.
+    fx: torch.Tensor | None = None
+    need_fx = target is None or return_convergence_delta
+    targets = None
 
     equal = is_equal_weight(weights)
     acc_weights = torch.ones_like(weights) if equal else weights
@@ -268,26 +306,23 @@ def integrated_gradients(
     start = 0
     while start < total:
         rows = min(sizer.rows, total - start)
-        sizer.begin()
-        with torch.enable_grad():
-            path = {k: interpolate(xs[k], bs[k], alphas, start, rows).requires_grad_(True) for k in keys}
-            sample = torch.arange(start, start + rows, device=device) % batch
-            with sizer.watch():
-                logits = _logits_2d(forward({**path, **rows_of(extra, sample)}))
-            if logits.shape[0] != rows:
-                raise ValueError(f"forward returned {logits.shape[0]} rows for {rows} inputs")
-            if targets is None:
-                targets = resolve_targets(target, None, batch, logits.shape[1], device)
-            score = logits.gather(1, targets.index_select(0, sample).unsqueeze(1)).sum()
-            # The path tensor is a leaf, so autograd.grad hands back exactly the [rows, ...]
-            # gradients the reduction kernel consumes; wrapping construction and reduction in an
-            # autograd.Function would still materialize that same gradient, plus a backward node.
-            grads = torch.autograd.grad(score, [path[k] for k in keys], allow_unused=True)
+        extra = batch if need_fx and fx is None else 0
+        try:
+            result = _chunk_gradients(forward, xs, bs, alphas, start, rows, extra, batch, extra_inputs,
+                                      interpolate, sizer, target, targets)
+        except torch.cuda.OutOfMemoryError:
+            if not sizer.shrink(rows):
+                raise
+            torch.cuda.empty_cache()
+            continue
+        grads, targets, endpoint = result
+        if endpoint is not None:
+            fx = endpoint
         for k, g in zip(keys, grads):
             if g is not None:
                 accumulate(accs[k], g, acc_weights, start)
-        del path, logits, score, grads
-        sizer.end(rows)
+        del grads
+        sizer.end(rows + extra)
         start += rows
         bar.update(rows)
     bar.close()
@@ -298,6 +333,8 @@ def integrated_gradients(
     if not return_convergence_delta:
         return attributions
     fb = endpoint_logits(bs)
+    if fb.shape[0] != batch:
+        raise ValueError(f"forward returned {fb.shape[0]} rows for a batch of {batch}")
     rows_idx = targets.unsqueeze(1)
     gap = fx.gather(1, rows_idx).squeeze(1) - fb.gather(1, rows_idx).squeeze(1)
     total_attr = sum(a.reshape(batch, -1).sum(dim=1).to(gap.dtype) for a in attributions.values())
