@@ -79,6 +79,33 @@ def detect_row_picks(model: Any, tokens: dict[str, int], batch: int, data: dict[
     return picks
 
 
+def _gradient_sinks(sinks: list[torch.Tensor]):
+    """A forward hook for the embedding module that collects its floating outputs as the ends of
+    Chefer's backward, made to require grad where frozen weights left them outside the graph."""
+    def sink(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if not value.requires_grad:
+                value = value.detach().requires_grad_(True)
+            sinks.append(value)
+        return value
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, dict):
+            return {k: sink(v) for k, v in output.items()}
+        if isinstance(output, (tuple, list)):
+            return type(output)(sink(v) for v in output)
+        return sink(output)
+    return hook
+
+
+def _grad_objects(layers: Any) -> list[torch.Tensor]:
+    """The attention-gradient tensors the model holds right now (to recognise stale ones)."""
+    if not isinstance(layers, dict):
+        return []
+    return [pair[1] for pairs in layers.values() for pair in pairs
+            if isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], torch.Tensor)]
+
+
 class CheferRelevance:
     """Chefer et al.'s gradient-weighted attention relevance for PyHealth-protocol models.
 
@@ -130,12 +157,18 @@ class CheferRelevance:
         if not any(k in data for k in model.feature_keys):
             raise ValueError(f"the batch has none of the model's feature keys {list(model.feature_keys)}; "
                              f"got keys {sorted(data)}")
+        sinks: list[torch.Tensor] = []
+        embed = getattr(model, "get_embedding_model", None)
+        embed = embed() if callable(embed) else None
+        handle = embed.register_forward_hook(_gradient_sinks(sinks)) if isinstance(embed, torch.nn.Module) else None
         model.set_attention_hooks(True)
         try:
             with torch.enable_grad():
                 logits = model(**data)["logit"]
         finally:
             model.set_attention_hooks(False)
+            if handle is not None:
+                handle.remove()
         if logits.dim() == 1:
             logits = logits.unsqueeze(1)
         batch, classes = logits.shape
@@ -143,11 +176,17 @@ class CheferRelevance:
             raise ValueError("the batch is empty (batch size 0)")
         targets = resolve_targets(target_class_idx, logits.detach(), batch, classes, logits.device)
         score = (torch.nn.functional.one_hot(targets, classes).to(logits.dtype) * logits).sum()
-        self._backward(score)
-        del score, logits
+        before = _grad_objects(model.get_attention_layers())
+        self._backward(score, sinks)
+        del score, logits, sinks
         layers = model.get_attention_layers()
         if not isinstance(layers, dict) or not layers:
             raise ValueError("model.get_attention_layers() must return {feature key: [(attn, grad), ...]}")
+        for key, pairs in layers.items():
+            for i, (_, grad) in enumerate(pairs):
+                if grad is not None and any(grad is old for old in before):
+                    raise ValueError(f"attention layer {i} of {key!r} still holds the gradient of an earlier call: "
+                                     "this backward did not reach it")
         tokens = {key: check_layers(pairs, f"attention layers of {key!r}")[1] for key, pairs in layers.items()}
         device = next(iter(layers.values()))[0][0].device
 
@@ -166,16 +205,16 @@ class CheferRelevance:
         del layers
         return self._expand_to_inputs(result, data)
 
-    def _backward(self, score: torch.Tensor) -> None:
-        """Backward far enough that every attention gradient hook fires, leaving no ``.grad``."""
-        embed = getattr(self.model, "get_embedding_model", None)
-        embed = embed() if callable(embed) else None
-        sinks = [p for p in embed.parameters() if p.requires_grad] if isinstance(embed, torch.nn.Module) else []
+    def _backward(self, score: torch.Tensor, sinks: list[torch.Tensor]) -> None:
+        """Backward far enough that every attention gradient hook fires, leaving no ``.grad``:
+        down to the embedding outputs (every attention map lies between them and the logits,
+        whatever ``requires_grad`` says of the embedding weights), or, for a model whose
+        embedding module is not called in its forward, to every parameter that requires grad."""
         if not sinks:
             sinks = [p for p in self.model.parameters() if p.requires_grad]
         if not sinks:
-            raise ValueError("CheferRelevance needs the model's parameters to require grad: the attention "
-                             "gradients are taken on the way to them")
+            raise ValueError("CheferRelevance found nothing to take gradients to: the model's embedding module "
+                             "(get_embedding_model()) was not called in its forward and no parameter requires grad")
         torch.autograd.grad(score, sinks, allow_unused=True)
 
     def _expand_to_inputs(self, result: dict[str, torch.Tensor], data: dict[str, Any]) -> dict[str, torch.Tensor]:

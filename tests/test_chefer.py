@@ -141,7 +141,8 @@ def test_missing_gradient_is_a_clear_error():
     model.get_attention_layers = lambda: {k: [(a, None) for a, _ in v] for k, v in original().items()}
     with pytest.raises(ValueError, match="no attention gradient"):
         fastattr.CheferRelevance(model).attribute(**batch)
-    model.get_attention_layers = lambda: {k: [(a, g[..., :-1]) for a, g in v] for k, v in original().items()}
+    model.get_attention_layers = lambda: {k: [(a, None if g is None else g[..., :-1]) for a, g in v]
+                                          for k, v in original().items()}
     with pytest.raises(ValueError, match="differ in shape"):
         fastattr.CheferRelevance(model).attribute(**batch)
 
@@ -166,3 +167,31 @@ def test_bad_target_and_batch():
     with pytest.raises(ValueError, match="backend must be one of"):
         chefer.attribute(backend="tpu", **batch)
     assert model._capture is False
+
+
+@pytest.mark.parametrize("frozen", [("codes",), ("codes", "labs"), "all"])
+def test_frozen_embeddings_reach_every_attention_map(frozen):
+    # Freezing a key's embedding (pretrained codes) must not hide that key's attention maps from
+    # the backward, nor let gradients an earlier call left on the maps be read again.
+    model, batch = own_model("transformer", seed=40)
+    expected = reference(model, **batch)
+    model.zero_grad(set_to_none=True)
+    params = list(model.parameters()) if frozen == "all" else [
+        p for key in frozen for p in model.embedding_model.layers[key].parameters()]
+    for p in params:
+        p.requires_grad_(False)
+    # an earlier call on a same-shaped batch of other values leaves its gradients on the maps
+    other = {**batch, "codes": torch.roll(batch["codes"], 1, dims=0), "labs": batch["labs"].flip(0)}
+    fastattr.CheferRelevance(model).attribute(**other)
+    close(fastattr.CheferRelevance(model).attribute(**batch), expected)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_stale_attention_gradients_are_refused():
+    model, batch = own_model("transformer", seed=41)
+    chefer = fastattr.CheferRelevance(model)
+    chefer.attribute(**batch)
+    stale = model.get_attention_layers()
+    model.get_attention_layers = lambda: stale  # a model whose hooks stopped recording
+    with pytest.raises(ValueError, match="earlier call"):
+        chefer.attribute(**batch)

@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the argument, before any path forward runs."""
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,33 @@ def test_model_is_put_in_eval_mode():
     model.train()
     fastattr.IntegratedGradients(model)
     assert not model.training
+
+
+@pytest.mark.parametrize("target", [np.int64(2), np.int32(2), torch.tensor(2), [2, 2, 2, 2], (2, 2, 2, 2),
+                                    np.array([2, 2, 2, 2]), torch.tensor([2, 2, 2, 2], dtype=torch.int32)])
+def test_integer_like_targets_are_accepted(target):
+    model, batch = own_model("transformer", num_classes=3, seed=21)
+    ig = fastattr.IntegratedGradients(model, steps=4)
+    ref = ig.attribute(target_class_idx=2, **batch)
+    got = ig.attribute(target_class_idx=target, **batch)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key])
+    chefer = fastattr.CheferRelevance(model)
+    ref = chefer.attribute(target_class_idx=2, **batch)
+    got = chefer.attribute(target_class_idx=target, **batch)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key])
+
+
+@pytest.mark.parametrize("target, error, match", [
+    (True, TypeError, "bool"), (np.bool_(True), TypeError, "bool"), (1.0, TypeError, "target_class_idx"),
+    (np.float32(1), TypeError, "target_class_idx"), ([1.0, 1.0, 1.0, 1.0], TypeError, "integer"),
+    ([True, False, True, False], TypeError, "integer"), (np.int64(3), ValueError, "out of range"),
+    ([[1, 1], [1, 1]], ValueError, "1-D"),
+])
+def test_non_integer_or_out_of_range_targets_are_refused(target, error, match):
+    model, batch = own_model("transformer", num_classes=3, seed=22)
+    with pytest.raises(error, match=match):
+        fastattr.IntegratedGradients(model, steps=2).attribute(target_class_idx=target, **batch)
+    with pytest.raises(error, match=match):
+        fastattr.CheferRelevance(model).attribute(target_class_idx=target, **batch)

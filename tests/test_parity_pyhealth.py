@@ -97,3 +97,11 @@ def test_triton_backend_matches_pyhealth(name):
     theirs = PyHealthIG(model).attribute(steps=7, **batch)
     ours = fastattr.IntegratedGradients(model).attribute(steps=7, backend="triton", internal_batch_size=4, **batch)
     assert_parity(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["transformer-3L4H-multiclass-seq", "mlp-seq+tensor"])
+def test_numpy_integer_target(name):
+    import numpy as np
+
+    run_both(name, 7, target=np.int64(2))
+    run_both(name, 7, target=np.int32(1))

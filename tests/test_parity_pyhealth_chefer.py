@@ -73,3 +73,49 @@ def test_pyhealth_reductions_are_detected_as_row_picks(name):
     assert picks is not None, "PyHealth's CLS-row / last-visit reductions are row picks"
     if "transformer" in name:
         assert all(bool((rows == 0).all()) for rows, _ in picks.values())
+
+
+def fresh(name):
+    import pyhealth_cases
+
+    kind, model_name, classes, kwargs = CONFIGS[name]
+    return pyhealth_cases.build(kind, model_name, num_classes=classes, seed=len(name) + 1, **kwargs)
+
+
+def assert_matches(theirs, ours):
+    for key in theirs:
+        ref, got = theirs[key].detach().double(), ours[key].double()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 1e-5, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("frozen", [("conditions",), ("conditions", "procedures")])
+@pytest.mark.parametrize("pyhealth_first", [False, True])
+def test_frozen_embeddings(frozen, pyhealth_first):
+    # Users keep pretrained code embeddings fixed; the backward must still reach every attention
+    # map, and gradients PyHealth left on the maps of a same-shaped batch must never be reused.
+    from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+
+    model, batch = fresh("transformer-2L2H-multiclass-seq")
+    for key in frozen:
+        for p in model.embedding_model.embedding_layers[key].parameters():
+            p.requires_grad_(False)
+    if pyhealth_first:
+        theirs = PyHealthChefer(model).attribute(**batch)
+        ours = fastattr.CheferRelevance(model).attribute(**batch)
+    else:
+        ours = fastattr.CheferRelevance(model).attribute(**batch)
+        theirs = PyHealthChefer(model).attribute(**batch)
+    assert_matches(theirs, ours)
+    model.zero_grad(set_to_none=True)
+    fastattr.CheferRelevance(model).attribute(**batch)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_numpy_integer_target():
+    import numpy as np
+    from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+
+    model, batch = case("transformer-2L2H-multiclass-seq")
+    theirs = PyHealthChefer(model).attribute(target_class_idx=np.int64(3), **batch)
+    assert_matches(theirs, fastattr.CheferRelevance(model).attribute(target_class_idx=np.int64(3), **batch))
