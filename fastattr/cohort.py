@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,12 +269,16 @@ class _Location:
     row: int
 
 
-class Attributions:
-    """Attributions stored by :func:`attribute_dataset`, read lazily.
+class Attributions(Mapping[int, dict[str, torch.Tensor]]):
+    """Attributions stored by :func:`attribute_dataset`, read lazily: a read-only mapping from each
+    sample's position in the dataset (0, 1, ... in dataloader order, always unique) to its
+    ``{"attr/<key>": tensor, "probability": ..., "target": ...}``.
 
-    ``store[patient_id]`` gives one patient's ``{"attr/<key>": tensor, "probability": ...}``;
-    ``store.all()`` everything concatenated in batch order; ``store.ids`` the patient ids. A shard
-    is checked against the manifest's SHA-256 the first time it is opened.
+    Ids are columns, not keys, because they need not be unique (several samples of one visit, a
+    dataset without visit ids): ``store.patient_ids`` and ``store.visit_ids`` list them by
+    position, ``store.find(patient_id, visit_id=None)`` gives the positions of every matching
+    sample and ``store.lookup(...)`` their rows. ``store.all()`` concatenates everything in order.
+    A shard is checked against the manifest's SHA-256 the first time it is opened.
     """
 
     def __init__(self, out: str | Path) -> None:
@@ -285,19 +289,41 @@ class Attributions:
         self.complete = bool(manifest.get("complete"))
         self.shards = dict(sorted(manifest["shards"].items(), key=lambda item: item[1]["batch"]))
         self._checked: set[str] = set()
-        rows = [(name, row, pid, entry["ids"].get("visit_id", [None] * entry["patients"])[row])
-                for name, entry in self.shards.items() for row, pid in enumerate(entry["ids"]["patient_id"])]
-        # Patient ids are the keys; where a patient has several samples (visits), "patient/visit".
-        unique = len({pid for _, _, pid, _ in rows}) == len(rows)
-        self._index: dict[str, _Location] = {
-            pid if unique else f"{pid}/{vid}": _Location(name, row) for name, row, pid, vid in rows}
-
-    @property
-    def ids(self) -> list[str]:
-        return list(self._index)
+        self._rows: list[_Location] = []
+        self.patient_ids: list[str] = []
+        self.visit_ids: list[str | None] = []
+        for name, entry in self.shards.items():
+            ids = entry["ids"]
+            self._rows += [_Location(name, row) for row in range(entry["patients"])]
+            self.patient_ids += ids["patient_id"]
+            self.visit_ids += ids.get("visit_id", [None] * entry["patients"])
+        self._by_id: dict[str, list[int]] = {}
+        for position, pid in enumerate(self.patient_ids):
+            self._by_id.setdefault(pid, []).append(position)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self._rows)))
+
+    def __contains__(self, position: object) -> bool:
+        return isinstance(position, int) and not isinstance(position, bool) and 0 <= position < len(self._rows)
+
+    def find(self, patient_id: Any, visit_id: Any = None) -> list[int]:
+        """Positions of every sample of ``patient_id`` (and ``visit_id`` when given), in order."""
+        found = self._by_id.get(str(patient_id), [])
+        if visit_id is not None:
+            found = [i for i in found if self.visit_ids[i] == str(visit_id)]
+        return list(found)
+
+    def lookup(self, patient_id: Any, visit_id: Any = None) -> list[dict[str, torch.Tensor]]:
+        """The rows of every sample of ``patient_id`` (and ``visit_id``); KeyError when none."""
+        found = self.find(patient_id, visit_id)
+        if not found:
+            which = f"patient {patient_id!r}" + (f", visit {visit_id!r}" if visit_id is not None else "")
+            raise KeyError(f"no sample of {which} in {self.out}")
+        return [self[i] for i in found]
 
     def _open(self, name: str):
         from safetensors import safe_open
@@ -307,10 +333,12 @@ class Attributions:
             self._checked.add(name)
         return safe_open(self.out / name, framework="pt")
 
-    def __getitem__(self, patient_id: str) -> dict[str, torch.Tensor]:
-        if patient_id not in self._index:
-            raise KeyError(f"no patient {patient_id!r} in {self.out}")
-        loc = self._index[patient_id]
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        if position not in self:
+            hint = " (keys are sample positions; look ids up with store.lookup(patient_id))" \
+                if isinstance(position, str) else ""
+            raise KeyError(f"no sample at position {position!r} in {self.out}: {len(self)} samples{hint}")
+        loc = self._rows[position]
         with self._open(loc.shard) as f:
             return {k: f.get_slice(k)[loc.row: loc.row + 1][0] for k in f.keys()}
 

@@ -27,8 +27,8 @@ def loader(cohort, batch_size=8):
 
 def same_runs(a: Path, b: Path) -> None:
     sa, sb = load_attributions(a), load_attributions(b)
-    assert sa.ids == sb.ids
-    assert len(set(sa.ids)) == len(sa.ids), "every patient exactly once"
+    assert sa.patient_ids == sb.patient_ids
+    assert len(set(sa.patient_ids)) == len(sa), "every patient exactly once"
     ta, tb = sa.all(), sb.all()
     assert ta.keys() == tb.keys()
     for k in ta:
@@ -54,16 +54,20 @@ def test_roundtrip_lazy_load_by_id(tmp_path):
     ig = fastattr.IntegratedGradients(model, steps=3)
     attribute_dataset(ig, loader(cohort), tmp_path, return_convergence_delta=True)
     store = load_attributions(tmp_path)
-    assert len(store) == 37 and store.ids[0] == "P00000000" and store.complete
+    assert len(store) == 37 and store.patient_ids[0] == "P00000000" and store.complete
     everything = store.all()
     assert everything["attr/codes"].shape == (37, cohort.max_codes)
     assert everything["probability"].shape == (37, 1)
     assert everything["convergence_delta"].shape == (37,)
     assert torch.equal(everything["target"], torch.zeros(37, dtype=torch.long))  # a single logit
     direct = ig.attribute(**cohort.batch(range(32, 37)))["codes"]
-    torch.testing.assert_close(store["P00000034"]["attr/codes"], direct[2])
+    torch.testing.assert_close(store[34]["attr/codes"], direct[2])
+    (row,) = store.lookup("P00000034")
+    torch.testing.assert_close(row["attr/codes"], direct[2])
     with pytest.raises(KeyError, match="P99"):
-        store["P99"]
+        store.lookup("P99")
+    with pytest.raises(KeyError, match="store.lookup"):
+        store["P00000034"]
 
 
 def test_checkpoint_roundtrip(tmp_path, checkpoint):
@@ -90,9 +94,9 @@ def test_damaged_shards_are_detected_at_load_and_redone_on_resume(tmp_path, dama
         data = data[: len(data) // 2]
     shard.write_bytes(bytes(data))
     store = load_attributions(tmp_path / "a")
-    store["P00000000"]  # shard 0 is fine
+    store[0]  # shard 0 is fine
     with pytest.raises(ValueError, match="shard-00000001.*SHA-256"):
-        store["P00000009"]
+        store.lookup("P00000009")
     with pytest.warns(UserWarning, match="corrupt"):
         attribute_dataset(chefer, loader(cohort), tmp_path / "a")
     same_runs(tmp_path / "a", tmp_path / "clean")
@@ -192,3 +196,40 @@ def test_torchrun_two_processes_equal_one(tmp_path, checkpoint):
     same_runs(tmp_path / "one", tmp_path / "two")
     assert len(load_attributions(tmp_path / "two")) == 50
     assert not list((tmp_path / "two").glob("manifest.rank*.json"))
+
+
+class RepeatedIds(torch.utils.data.Dataset):
+    """Samples whose (patient, visit) ids repeat: three samples of one visit, visits missing."""
+
+    def __init__(self, cohort):
+        self.inner = CohortDataset(cohort)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        item = dict(self.inner[index])
+        item["patient_id"] = f"P{index // 3}"
+        item["visit_id"] = "v0"
+        return item
+
+
+def test_repeated_ids_keep_every_row_and_the_store_is_a_mapping(tmp_path):
+    import collections.abc
+
+    cohort = SyntheticCohort(patients=10, seed=4)
+    ig = fastattr.IntegratedGradients(tiny_model(cohort), steps=3)
+    data = torch.utils.data.DataLoader(RepeatedIds(cohort), batch_size=4, shuffle=False)
+    attribute_dataset(ig, data, tmp_path)
+    store = load_attributions(tmp_path)
+    assert isinstance(store, collections.abc.Mapping)
+    assert len(store) == 10 and list(store) == list(range(10)) and set(store) == set(range(10))
+    assert list(store.keys()) == list(range(10)) and 9 in store and 10 not in store and "P0" not in store
+    direct = ig.attribute(**cohort.batch(range(10)))["codes"]
+    for position, row in store.items():
+        torch.testing.assert_close(row["attr/codes"], direct[position])
+    assert store.patient_ids == [f"P{i // 3}" for i in range(10)] and set(store.visit_ids) == {"v0"}
+    assert store.find("P1") == [3, 4, 5] and store.find("P1", "v0") == [3, 4, 5] and store.find("P1", "v9") == []
+    rows = store.lookup("P3")
+    assert len(rows) == 1 and torch.equal(rows[0]["attr/codes"], store[9]["attr/codes"])
+    assert len(store.lookup("P2", visit_id="v0")) == 3
