@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from fastattr.kernels._triton import interpreting
+
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "FASTATTR_BACKEND"
 
@@ -17,7 +19,7 @@ def triton_available() -> bool:
 
 def interpreter_enabled() -> bool:
     """True when Triton kernels run on the CPU through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def check_backend_name(backend: str | None) -> None:
