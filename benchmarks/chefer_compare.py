@@ -1,7 +1,7 @@
 """Side-by-side Chefer timing: fastattr vs PyHealth, relevance alone and end to end.
 
-    python benchmarks/chefer_compare.py relevance --batch 4 --heads 2 --tokens 1024 --layers 6
-    python benchmarks/chefer_compare.py end2end --layers 6 --heads 4 --dim 32 --tokens 384 --batch 4
+    python -m benchmarks.chefer_compare relevance --batch 4 --heads 2 --tokens 1024 --layers 6
+    python -m benchmarks.chefer_compare end2end --layers 6 --heads 4 --dim 32 --tokens 384 --batch 4
 
 "relevance" times the propagation alone on given random maps and gradients: PyHealth's loop
 (avg_heads, then R + cam @ R per layer, then row 0) against fastattr's row path and full path.
@@ -16,9 +16,9 @@ import argparse
 import torch
 
 import fastattr
-from fastattr.bench import build_model, pyhealth_available, time_interleaved
+from fastattr.tools.bench import build_model, pyhealth_available, time_interleaved
 from fastattr.loop import full_chefer_relevance, full_relevance
-from timing import table
+from benchmarks.timing import table
 
 
 

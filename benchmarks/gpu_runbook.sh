@@ -32,15 +32,15 @@ for part in "$@"; do
     tests)
       python3 -m pytest -m gpu tests -q -p no:cacheprovider -rs 2>&1 | tee "$out/gpu-tests.log" ;;
     kernels)
-      python3 benchmarks/kernels_gpu.py --csv "$out/kernels.csv" 2>&1 | tee "$out/kernels.log" ;;
+      python3 -m benchmarks.kernels_gpu --csv "$out/kernels.csv" 2>&1 | tee "$out/kernels.log" ;;
     e2e)
       {
-        python3 benchmarks/ig_compare.py --device cuda --layers 2 --heads 4 --dim 128 --length 100 --batch 32 \
+        python3 -m benchmarks.ig_compare --device cuda --layers 2 --heads 4 --dim 128 --length 100 --batch 32 \
           --steps 50 --repeats 20
-        python3 benchmarks/chefer_compare.py end2end --device cuda --layers 4 --heads 4 --dim 128 --tokens 512 \
+        python3 -m benchmarks.chefer_compare end2end --device cuda --layers 4 --heads 4 --dim 128 --tokens 512 \
           --batch 32 --repeats 20
         for n in 128 512 2048; do
-          python3 benchmarks/chefer_compare.py relevance --device cuda --batch 4 --heads 4 --tokens "$n" --layers 6 \
+          python3 -m benchmarks.chefer_compare relevance --device cuda --batch 4 --heads 4 --tokens "$n" --layers 6 \
             --full --repeats 20
         done
       } 2>&1 | tee "$out/e2e.log" ;;

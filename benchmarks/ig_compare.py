@@ -4,7 +4,7 @@ The floor is one forward and input-gradient backward of the whole (steps + 1) x 
 timed alone: what IG cannot go below without changing the model. Every method's attributions are
 checked against each other before anything is timed.
 
-    python benchmarks/ig_compare.py --layers 2 --heads 4 --dim 64 --length 40 --batch 16 --steps 50
+    python -m benchmarks.ig_compare --layers 2 --heads 4 --dim 64 --length 40 --batch 16 --steps 50
 
 Runs against PyHealth 2.1.0 when it imports (tests/pyhealth_env.sh builds an environment with it).
 Where it does not (the GPU machines have no package registry, and PyHealth's imports are far larger
@@ -20,9 +20,9 @@ import platform
 import torch
 
 import fastattr
-from fastattr.bench import build_model, captum_ig, pyhealth_available, time_interleaved
+from fastattr.tools.bench import build_model, captum_ig, pyhealth_available, time_interleaved
 from fastattr.loop import step_loop_integrated_gradients
-from timing import table
+from benchmarks.timing import table
 
 
 

@@ -1,6 +1,6 @@
 """The Triton kernels alone on a CUDA device, against their torch references and the card's ceilings.
 
-    python benchmarks/kernels_gpu.py [--quick] [--csv out.csv]
+    python -m benchmarks.kernels_gpu [--quick] [--csv out.csv]
 
 Times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed before every call, median)
 on device-resident inputs. Every kernel's result is checked against its torch reference, on fresh
@@ -22,7 +22,7 @@ import triton.testing
 from fastattr.kernels import interpolate as ig_ops
 from fastattr.kernels import relevance as rel_ops
 from fastattr.kernels._triton import ieee_float32_matmul
-from fastattr.quadrature import quadrature
+from fastattr.core.quadrature import quadrature
 
 ROWS: list[dict] = []
 

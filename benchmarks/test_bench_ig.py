@@ -10,7 +10,7 @@ import torch
 
 import fastattr
 
-from fastattr.bench import build_model
+from fastattr.tools.bench import build_model
 
 pytest.importorskip("pyhealth.interpret.methods", reason="needs PyHealth 2.1.0")
 

@@ -1,10 +1,10 @@
 """fastattr: fast, exact drop-in replacements for PyHealth's attribution methods."""
-from fastattr.chefer import CheferRelevance, apply_self_attention_rules, avg_heads
-from fastattr.cohort import attribute_dataset, load_attributions
-from fastattr.ig import IntegratedGradients
-from fastattr.integrated import integrated_gradients
-from fastattr.quadrature import METHODS, quadrature
-from fastattr.relevance import chefer_relevance
+from fastattr.interpret.chefer import CheferRelevance, apply_self_attention_rules, avg_heads
+from fastattr.tools.cohort import attribute_dataset, load_attributions
+from fastattr.interpret.ig import IntegratedGradients
+from fastattr.core.integrated import integrated_gradients
+from fastattr.core.quadrature import METHODS, quadrature
+from fastattr.core.relevance import chefer_relevance
 
 __all__ = [
     "CheferRelevance",

@@ -1,3 +1,3 @@
-from fastattr.cli import main
+from fastattr.tools.cli import main
 
 raise SystemExit(main())

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from fastattr.chefer import apply_self_attention_rules, avg_heads
-from fastattr.integrated import resolve_targets
-from fastattr.protocol import expand_to_inputs, feature_tuples, model_device, replace_value, value_index, with_masks
+from fastattr.interpret.chefer import apply_self_attention_rules, avg_heads
+from fastattr.core.integrated import resolve_targets
+from fastattr.interpret.features import expand_to_inputs, feature_tuples, model_device, replace_value, value_index, with_masks
 
 
 def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, baseline: dict | None = None,

@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastattr.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
+from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
 
 
 def pyhealth_import_error() -> str | None:

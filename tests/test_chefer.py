@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastattr
-from fastattr.chefer import detect_row_picks
+from fastattr.interpret.chefer import detect_row_picks
 from fastattr.loop import full_chefer_relevance
 
 from conftest import own_model
@@ -61,7 +61,7 @@ def test_own_transformer_is_detected_as_a_row_pick():
     assert picks["codes"][1].tolist() == [list(range(1, 12))] * 4
 
 
-class Reduced(fastattr.models.TransformerClassifier):
+class Reduced(fastattr.tools.models.TransformerClassifier):
     """A model whose reduction is not a row pick."""
 
     reduction = "mean"
@@ -90,7 +90,7 @@ def test_non_row_pick_takes_full_path_and_matches(reduction, monkeypatch):
 
 
 def test_stated_rows_are_used():
-    from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+    from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
     torch.manual_seed(6)
     model = TransformerClassifier(FeatureSpec({"codes": FeatureProcessor(token=True, size=30)}), num_classes=3).eval()
@@ -103,7 +103,7 @@ def test_stated_rows_are_used():
 
 
 def test_nested_inputs_are_expanded():
-    from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+    from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
     torch.manual_seed(0)
     model = TransformerClassifier(FeatureSpec({"visits": FeatureProcessor(token=True, size=30)}), num_classes=2).eval()

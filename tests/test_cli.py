@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fastattr import bench, cli, demo
+from fastattr.tools import bench, cli, demo
 
 
 def test_demo_quick_recovers_planted_codes(tmp_path, capsys):

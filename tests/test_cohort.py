@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import fastattr
-from fastattr.cohort import CohortDataset, attribute_dataset, load_attributions
-from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint, save_checkpoint
-from fastattr.synthetic import SyntheticCohort
+from fastattr.tools.cohort import CohortDataset, attribute_dataset, load_attributions
+from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint, save_checkpoint
+from fastattr.tools.synthetic import SyntheticCohort
 
 
 def tiny_model(cohort):

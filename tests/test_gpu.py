@@ -5,7 +5,7 @@ import torch
 import fastattr
 from fastattr.kernels import interpolate as ig_ops
 from fastattr.kernels import relevance as rel_ops
-from fastattr.quadrature import quadrature
+from fastattr.core.quadrature import quadrature
 
 from conftest import own_model
 

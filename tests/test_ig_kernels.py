@@ -6,7 +6,7 @@ import torch
 
 import fastattr
 from fastattr.kernels import interpolate as ops
-from fastattr.quadrature import METHODS, quadrature
+from fastattr.core.quadrature import METHODS, quadrature
 
 from conftest import own_model
 
@@ -94,7 +94,7 @@ def test_environment_variable_selects_backend(monkeypatch):
 
 
 def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
-    from fastattr.backend import resolve_backend
+    from fastattr.core.backend import resolve_backend
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

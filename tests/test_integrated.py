@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import fastattr
-from fastattr.integrated import integrated_gradients
+from fastattr.core.integrated import integrated_gradients
 from fastattr.loop import step_loop_integrated_gradients
-from fastattr.quadrature import METHODS, quadrature
+from fastattr.core.quadrature import METHODS, quadrature
 
 from conftest import own_model
 
@@ -126,7 +126,7 @@ def test_default_target_is_argmax_and_custom_baseline_is_used():
 
 
 def test_use_embeddings_false_on_continuous_only():
-    from fastattr.models import FeatureProcessor, FeatureSpec, MLPClassifier
+    from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier
 
     torch.manual_seed(0)
     model = MLPClassifier(FeatureSpec({"labs": FeatureProcessor(token=False, size=6)}), num_classes=2).eval()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastattr
-from fastattr.chefer import detect_row_picks
+from fastattr.interpret.chefer import detect_row_picks
 
 pytestmark = pytest.mark.parity
 

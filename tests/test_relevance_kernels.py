@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from fastattr.chefer import apply_self_attention_rules, avg_heads
+from fastattr.interpret.chefer import apply_self_attention_rules, avg_heads
 from fastattr.kernels import relevance as ops
 from fastattr.loop import full_relevance
-from fastattr.relevance import chefer_relevance
+from fastattr.core.relevance import chefer_relevance
 
 SHAPES = [(1, 1, 1), (3, 2, 17), (2, 3, 63), (1, 4, 16), (2, 3, 130)]
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastattr.integrated import resolve_targets
+from fastattr.core.integrated import resolve_targets
 
 FORMAT = "fastattr-attributions/1"
 ID_KEYS = ("patient_id", "visit_id")
@@ -168,7 +168,7 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
     Args:
         interpreter: a fastattr interpreter (``IntegratedGradients``, ``CheferRelevance``) or any
             object with ``attribute(**kwargs, **batch)`` and ``model``.
-        dataloader: batches as dicts (a PyHealth dataloader, or ``fastattr.cohort.CohortDataset``
+        dataloader: batches as dicts (a PyHealth dataloader, or ``fastattr.tools.cohort.CohortDataset``
             through a ``DataLoader``). Its order must be the same on every run and rank
             (``shuffle=False``); ids come from ``patient_id`` / ``visit_id`` when present.
         out: a folder; created if needed.
@@ -360,7 +360,7 @@ def load_attributions(out: str | Path) -> Attributions:
 
 
 class CohortDataset(torch.utils.data.Dataset):
-    """A :class:`fastattr.synthetic.SyntheticCohort` as a map-style dataset of patient dicts."""
+    """A :class:`fastattr.tools.synthetic.SyntheticCohort` as a map-style dataset of patient dicts."""
 
     def __init__(self, cohort: Any) -> None:
         self.cohort = cohort

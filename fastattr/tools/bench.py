@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from fastattr.backend import interpreter_enabled, triton_available
-from fastattr.chefer import CheferRelevance
-from fastattr.ig import IntegratedGradients
+from fastattr.core.backend import interpreter_enabled, triton_available
+from fastattr.interpret.chefer import CheferRelevance
+from fastattr.interpret.ig import IntegratedGradients
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 
 COLUMNS = ["workload", "method", "baseline", "device", "model", "seq_len", "steps", "batch", "layers", "heads",
@@ -53,7 +53,7 @@ def build_model(length: int, batch: int, layers: int, heads: int, dim: int, devi
         data = next(iter(get_dataloader(dataset, batch_size=batch)))
         codes = data["codes"]
     else:
-        from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+        from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
         torch.manual_seed(0)
         spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=502)}, {"label": "binary"})

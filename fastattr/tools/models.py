@@ -89,7 +89,7 @@ class ProtocolModel(nn.Module):
 
     def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
         """Embeds each feature's value (masks taken from the raw values), then ``forward_from_embedding``."""
-        from fastattr.protocol import with_masks
+        from fastattr.interpret.features import with_masks
 
         embedded = {}
         features = with_masks(self, {k: batch[k] if isinstance(batch[k], tuple) else (batch[k],)
@@ -240,7 +240,7 @@ MODELS = {cls.__name__: cls for cls in (TransformerClassifier, MLPClassifier)}
 def save_checkpoint(model: ProtocolModel, path: str | Any, **extra: Any) -> None:
     """Save a fastattr model (class, configuration, features, weights) and ``extra`` metadata."""
     if type(model).__name__ not in MODELS:
-        raise TypeError(f"save_checkpoint saves fastattr.models models; got {type(model).__name__}")
+        raise TypeError(f"save_checkpoint saves fastattr.tools.models models; got {type(model).__name__}")
     torch.save({
         "format": "fastattr-model/1",
         "class": type(model).__name__,

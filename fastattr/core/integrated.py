@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastattr.backend import resolve_backend
-from fastattr.quadrature import is_equal_weight, quadrature
+from fastattr.core.backend import resolve_backend
+from fastattr.core.quadrature import is_equal_weight, quadrature
 from fastattr.kernels import interpolate as ops
 
 Forward = Callable[[dict[str, Any]], torch.Tensor]
@@ -264,7 +264,7 @@ def integrated_gradients(
         baselines: per key, a tensor broadcasting to the input's shape; zeros when ``None``.
         target: class to explain, an int or a LongTensor with one class per sample; ``None`` takes
             the argmax of ``forward(inputs)``. A single logit column always targets 0.
-        steps: subintervals of the quadrature rule ``method`` (see ``fastattr.quadrature``).
+        steps: subintervals of the quadrature rule ``method`` (see ``fastattr.core.quadrature``).
         internal_batch_size: rows (sample x path point) per forward; results do not depend on it.
             Default: :class:`ChunkSizer` (on CUDA all rows, halved on out-of-memory; on the CPU
             sized from the activation bytes of a one-point probe).

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastattr.backend import resolve_backend
+from fastattr.core.backend import resolve_backend
 from fastattr.kernels import relevance as ops
 
 Layer = tuple[torch.Tensor, torch.Tensor]

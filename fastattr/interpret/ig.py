@@ -5,9 +5,9 @@ from typing import Any
 
 import torch
 
-from fastattr.backend import check_backend_name, resolve_backend
-from fastattr.integrated import check_baseline, check_finite, check_internal_batch_size, integrated_gradients, resolve_targets
-from fastattr.protocol import (
+from fastattr.core.backend import check_backend_name, resolve_backend
+from fastattr.core.integrated import check_baseline, check_finite, check_internal_batch_size, integrated_gradients, resolve_targets
+from fastattr.interpret.features import (
     expand_to_inputs,
     feature_tuples,
     model_device,
@@ -16,7 +16,7 @@ from fastattr.protocol import (
     value_index,
     with_masks,
 )
-from fastattr.quadrature import quadrature
+from fastattr.core.quadrature import quadrature
 
 
 class IntegratedGradients:

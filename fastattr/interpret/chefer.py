@@ -5,10 +5,10 @@ from typing import Any
 
 import torch
 
-from fastattr.backend import check_backend_name
-from fastattr.integrated import resolve_targets
-from fastattr.protocol import require_feature_protocol, require_methods
-from fastattr.relevance import check_layers, chefer_relevance
+from fastattr.core.backend import check_backend_name
+from fastattr.core.integrated import resolve_targets
+from fastattr.interpret.features import require_feature_protocol, require_methods
+from fastattr.core.relevance import check_layers, chefer_relevance
 
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
 

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.add_argument(f"--{name}", type=int, default=None, help=help_text)
     args = parser.parse_args(argv)
     if args.command == "bench":
-        from fastattr import bench as bench_module
+        from fastattr.tools import bench as bench_module
 
         for name in ("steps", "batch", "layers", "heads", "dim", "repeats"):
             value = getattr(args, name)
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--size, --batch-size and --steps must be >= 1")
         run_attribute(args)
     if args.command == "demo":
-        from fastattr import demo as demo_module
+        from fastattr.tools import demo as demo_module
 
         for name in ("patients", "updates", "steps"):
             value = getattr(args, name)
@@ -78,11 +78,11 @@ def run_attribute(args: argparse.Namespace) -> None:
 
     import torch
 
-    from fastattr.chefer import CheferRelevance
-    from fastattr.cohort import CohortDataset, attribute_dataset
-    from fastattr.ig import IntegratedGradients
-    from fastattr.models import load_checkpoint
-    from fastattr.synthetic import SyntheticCohort
+    from fastattr.interpret.chefer import CheferRelevance
+    from fastattr.tools.cohort import CohortDataset, attribute_dataset
+    from fastattr.interpret.ig import IntegratedGradients
+    from fastattr.tools.models import load_checkpoint
+    from fastattr.tools.synthetic import SyntheticCohort
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:

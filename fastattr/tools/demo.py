@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastattr.bench import time_interleaved
-from fastattr.chefer import CheferRelevance
-from fastattr.faithfulness import comprehensiveness, sufficiency
-from fastattr.ig import IntegratedGradients
+from fastattr.tools.bench import time_interleaved
+from fastattr.interpret.chefer import CheferRelevance
+from fastattr.tools.faithfulness import comprehensiveness, sufficiency
+from fastattr.interpret.ig import IntegratedGradients
 from fastattr.loop import step_loop_integrated_gradients
-from fastattr.models import FeatureProcessor, FeatureSpec, TransformerClassifier, save_checkpoint
-from fastattr.synthetic import SyntheticCohort
+from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, save_checkpoint
+from fastattr.tools.synthetic import SyntheticCohort
 
 
 def train(model: torch.nn.Module, cohort: SyntheticCohort, train_idx: list[int], updates: int,
