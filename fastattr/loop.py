@@ -1,8 +1,11 @@
-"""PyHealth's algorithms as they run there: IG with one forward and backward per path point, and
-Chefer relevance with a full backward and the full relevance matrix.
+"""The oracle: PyHealth 2.1.0's two algorithms restated on their own terms, step by step as
+``../shared/REFERENCE.md`` describes them, importing nothing from the fastattr code they check.
 
-This is the baseline fastattr's speed is measured against where PyHealth is not installed, and
-the oracle for fastattr's own models in the tests. It follows REFERENCE.md step by step.
+IG runs one forward and backward per path point on the padded batch; Chefer forms the full
+relevance matrix R per layer. This is the baseline fastattr's speed is measured against where
+PyHealth is not installed, and the reference for fastattr's own models in the tests. Keep it
+plain: every rule (mask, baseline, embedding, target, shape mapping) is written out here again,
+so a bug in fastattr's protocol code cannot hide behind the same bug in its oracle.
 """
 from __future__ import annotations
 
@@ -10,80 +13,148 @@ from typing import Any
 
 import torch
 
-from fastattr.interpret.chefer import apply_self_attention_rules, avg_heads
-from fastattr.core.integrated import resolve_targets
-from fastattr.interpret.features import expand_to_inputs, feature_tuples, model_device, replace_value, value_index, with_masks
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _schema(model: Any, key: str) -> tuple[str, ...]:
+    return tuple(model.dataset.input_processors[key].schema())
+
+
+def _targets(target_class_idx: Any, logits: torch.Tensor) -> torch.Tensor:
+    """Step 3 of PyHealth's IG: one column -> 0; a given class for every row; else the argmax."""
+    batch = logits.shape[0]
+    if logits.shape[-1] == 1:
+        return torch.zeros(batch, dtype=torch.long, device=logits.device)
+    if target_class_idx is None:
+        return logits.argmax(dim=-1)
+    t = torch.as_tensor(target_class_idx, device=logits.device).long().reshape(-1)
+    return t.expand(batch) if t.numel() == 1 else t
 
 
 def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, baseline: dict | None = None,
-                                   target_class_idx: int | None = None, use_embeddings: bool = True,
+                                   target_class_idx: Any = None, use_embeddings: bool = True,
                                    **batch: Any) -> dict[str, torch.Tensor]:
-    """Attributions by PyHealth 2.1.0's algorithm: ``steps + 1`` single-step forward/backward passes."""
+    """Attributions by PyHealth 2.1.0's algorithm: ``steps + 1`` single-point forward/backward passes."""
     model.eval()
-    device = model_device(model)
-    features = with_masks(model, {k: tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in f)
-                                  for k, f in feature_tuples(model, batch).items()})
-    slots = {k: value_index(model, k) for k in features}
-    values = {k: features[k][slots[k]] for k in features}
-    shapes = {k: v.shape for k, v in values.items()}
-    token = {k for k in features if model.dataset.input_processors[k].is_token()}
+    device = _device(model)
+    inputs, values, slots, token = {}, {}, {}, {}
+    for key in model.feature_keys:
+        if key not in batch:
+            continue
+        feature = batch[key]
+        feature = tuple(feature) if isinstance(feature, (tuple, list)) else (feature,)
+        feature = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in feature)
+        schema = _schema(model, key)
+        slot = schema.index("value")
+        value = feature[slot]
+        is_token = bool(model.dataset.input_processors[key].is_token())
+        if "mask" not in schema:  # step 2: the appended mask
+            if is_token:
+                mask = (value != 0).int()
+            elif value.dim() >= 3:
+                mask = (value.abs().sum(dim=-1) != 0).int()
+            else:
+                mask = (value != 0).int()
+            feature = feature + (mask,)
+        inputs[key], values[key], slots[key], token[key] = feature, value, slot, is_token
+    raw_shapes = {k: v.shape for k, v in values.items()}
+
     with torch.no_grad():
-        logits = model.forward(**features)["logit"]
-    targets = resolve_targets(target_class_idx, logits, logits.shape[0], logits.shape[1], device)
+        logits = model.forward(**inputs)["logit"]
+    targets = _targets(target_class_idx, logits)
+
+    # step 4: baselines in raw space
     if baseline is None:
-        bs = {k: torch.ones_like(v) if (use_embeddings and k in token) else torch.zeros_like(v) + 1e-2
-              for k, v in values.items()}
+        base = {k: torch.ones_like(v) if (use_embeddings and token[k]) else torch.zeros_like(v) + 0.01
+                for k, v in values.items()}
     else:
-        bs = {k: baseline[k].to(device) for k in values}
-    embed = model.get_embedding_model() if use_embeddings else None
-    embedded = token if use_embeddings else set()
+        base = {k: baseline[k].to(device) for k in values}
+    # step 5: token features' values and baselines replaced by their embeddings
+    embedder = model.get_embedding_model() if use_embeddings else None
+    embedded = {k for k in values if use_embeddings and token[k]}
+    x = dict(values)
     if embedded:
-        values.update({k: v for k, v in embed({k: values[k] for k in embedded}).items() if k in embedded})
-        bs.update({k: v for k, v in embed({k: bs[k] for k in embedded}).items() if k in embedded})
-    continuous = set(features) - token if use_embeddings else set()
-    sums = {k: torch.zeros_like(values[k], dtype=torch.float32) for k in features}
+        with torch.no_grad():
+            ex = embedder({k: values[k] for k in embedded})
+            eb = embedder({k: base[k] for k in embedded})
+        for k in embedded:
+            x[k], base[k] = ex[k], eb[k]
+    x = {k: v.float() if not v.is_floating_point() else v for k, v in x.items()}
+    base = {k: b.to(x[k].dtype) for k, b in base.items()}
+
+    # step 6: one forward and backward per path point
+    grads = {k: torch.zeros_like(x[k]) for k in x}
     for step in range(steps + 1):
         alpha = step / steps
-        points = {k: (bs[k] + alpha * (values[k] - bs[k])).detach().requires_grad_(True) for k in features}
-        call_values = dict(points)
-        if continuous:
-            call_values.update({k: v for k, v in embed({k: points[k] for k in continuous}).items() if k in continuous})
-        call = {k: replace_value(f, slots[k], call_values[k]) for k, f in features.items()}
+        points = {k: (base[k] + alpha * (x[k] - base[k])).detach().requires_grad_(True) for k in x}
+        call = {}
+        for k, feature in inputs.items():
+            point = points[k]
+            if use_embeddings and not token[k]:
+                point = embedder({k: point})[k]
+            parts = list(feature)
+            parts[slots[k]] = point
+            call[k] = tuple(parts)
         out = (model.forward_from_embedding(**call) if use_embeddings else model.forward(**call))["logit"]
         model.zero_grad()
-        out.gather(1, targets.unsqueeze(1)).sum().backward()
-        for k in features:
+        out.gather(1, targets.view(-1, 1)).sum().backward()
+        for k in x:
             if points[k].grad is not None:
-                sums[k] += points[k].grad
+                grads[k] += points[k].grad
     model.zero_grad(set_to_none=True)
+
+    # steps 7-8: average, times (x - b), summed over the embedding dim, mapped to the raw shape
     result = {}
-    for k in features:
-        attr = (values[k] - bs[k]).detach() * (sums[k] / (steps + 1))
-        result[k] = attr.sum(-1) if (k in embedded and attr.dim() >= 3) else attr
-    return expand_to_inputs(result, shapes)
+    for k in x:
+        attr = (x[k] - base[k]) * (grads[k] / (steps + 1))
+        if k in embedded and attr.dim() >= 3:
+            attr = attr.sum(dim=-1)
+        shape = raw_shapes[k]
+        if attr.shape != shape:
+            while attr.dim() < len(shape):
+                attr = attr.unsqueeze(-1)
+            attr = attr.expand(shape)
+        result[k] = attr.detach()
+    return result
 
 
 def full_relevance(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """PyHealth 2.1.0's propagation as its chefer.py writes it: R = I, then R = R + cam @ R per
-    layer with cam = ``avg_heads(attn, grad)``; returns the full ``[B, N, N]``."""
+    layer with cam = mean over heads of clamp(attn * grad, 0); returns the full ``[B, N, N]``."""
     attn0 = layers[0][0]
     R = torch.eye(attn0.shape[-1], device=attn0.device).unsqueeze(0).repeat(attn0.shape[0], 1, 1)
     for attn, grad in layers:
-        R = R + apply_self_attention_rules(R, avg_heads(attn, grad)).detach()
+        cam = (grad * attn).clamp(min=0)
+        if cam.dim() == 4:
+            cam = cam.mean(dim=1)
+        R = R + torch.matmul(cam, R).detach()
     return R
 
 
-def full_chefer_relevance(model: torch.nn.Module, target_class_idx: int | None = None, **batch: Any) -> dict[str, torch.Tensor]:
-    """Chefer relevance by PyHealth 2.1.0's algorithm: a full backward, then the full R per layer."""
+def full_chefer_relevance(model: torch.nn.Module, target_class_idx: Any = None, **batch: Any) -> dict[str, torch.Tensor]:
+    """Chefer relevance by PyHealth 2.1.0's algorithm: a full backward, then the full R per layer,
+    reduced by the model and expanded to nested inputs' shapes."""
     model.eval()
     model.set_attention_hooks(True)
     try:
         logits = model(**batch)["logit"]
     finally:
         model.set_attention_hooks(False)
-    targets = resolve_targets(target_class_idx, logits.detach(), logits.shape[0], logits.shape[1], logits.device)
+    targets = _targets(target_class_idx, logits.detach())
     model.zero_grad()
     (torch.nn.functional.one_hot(targets, logits.shape[1]).float() * logits).sum().backward()
     model.zero_grad(set_to_none=True)
     R = {key: full_relevance(layers) for key, layers in model.get_attention_layers().items()}
-    return model.get_relevance_tensor(R, **batch)
+    result = model.get_relevance_tensor(R, **batch)
+    out = {}
+    for key, vector in result.items():
+        feature = batch.get(key)
+        value = feature[_schema(model, key).index("value")] if isinstance(feature, (tuple, list)) else feature
+        if isinstance(value, torch.Tensor) and value.dim() > vector.dim():
+            while vector.dim() < value.dim():
+                vector = vector.unsqueeze(-1)
+            vector = vector.expand_as(value)
+        out[key] = vector
+    return out

@@ -68,3 +68,9 @@ def pytest_terminal_summary(terminalreporter):
     ran = [r for r in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
            if "parity" in r.keywords]
     terminalreporter.write_line(f"PyHealth parity cases run: {len(ran)}")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude (float64)."""
+    got, ref = got.detach().double(), ref.detach().double()
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()

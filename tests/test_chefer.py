@@ -9,7 +9,7 @@ import fastattr
 from fastattr.interpret.chefer import detect_row_picks
 from fastattr.loop import full_chefer_relevance
 
-from conftest import own_model
+from conftest import own_model, rel_err
 
 
 def reference(model, target=None, **batch):
@@ -27,7 +27,7 @@ def close(got, ref):
     assert set(got) == set(ref)
     for k in ref:
         assert got[k].shape == ref[k].shape, k
-        err = ((got[k] - ref[k]).abs().max() / ref[k].abs().max()).item()
+        err = rel_err(got[k], ref[k])
         assert err <= 1e-5, f"{k}: {err:.2e}"
 
 

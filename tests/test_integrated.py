@@ -7,12 +7,7 @@ from fastattr.core.integrated import integrated_gradients
 from fastattr.loop import step_loop_integrated_gradients
 from fastattr.core.quadrature import METHODS, quadrature
 
-from conftest import own_model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+from conftest import own_model, rel_err
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -6,6 +6,8 @@ import torch
 
 import fastattr
 
+from conftest import rel_err
+
 pytestmark = pytest.mark.parity
 
 CONFIGS = {
@@ -45,7 +47,7 @@ def assert_parity(ours, theirs):
         got = ours[key].double()
         assert got.shape == ref.shape, key
         assert ref.abs().max() > 0, f"{key}: reference attribution is all zero, the case tests nothing"
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        err = rel_err(got, ref)
         assert err <= 1e-5, f"{key}: relative error {err:.2e}"
 
 
@@ -105,3 +107,24 @@ def test_numpy_integer_target(name):
 
     run_both(name, 7, target=np.int64(2))
     run_both(name, 7, target=np.int32(1))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_length_packing_keeps_parity(name, monkeypatch, recwarn):
+    """Every distinct length in its own group (groups made free): PyHealth's numbers still, and
+    either the batch really ran in several trimmed groups or the padding check turned packing off
+    for a model whose logits depend on padding (with a warning saying so)."""
+    from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
+    from fastattr.core import packing
+
+    monkeypatch.setitem(packing.GROUP_COST, "cpu", 0.0)
+    model, batch = case(name)
+    use_embeddings = "no-embeddings" not in name
+    theirs = PyHealthIG(model, use_embeddings=use_embeddings).attribute(steps=7, **batch)
+    ig = fastattr.IntegratedGradients(model, use_embeddings=use_embeddings)
+    ours = ig.attribute(steps=7, **batch)
+    assert_parity(ours, theirs)
+    warned = [w for w in recwarn if "depends on padding" in str(w.message)]
+    print(name, "groups:", ig.last_groups, "padding-dependent:", bool(warned))
+    assert len(ig.last_groups) > 1 or warned or all(s is None for _, s in ig.last_groups) and \
+        "tensor-only" in name  # a tensor feature alone has no padded dim

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import fastattr
+
+from conftest import rel_err
 from fastattr.interpret.chefer import detect_row_picks
 
 pytestmark = pytest.mark.parity
@@ -40,7 +42,7 @@ def compare(name, target=None, backend=None):
         got = ours[key].double()
         assert got.shape == ref.shape, key
         assert ref.abs().max() > 0
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        err = rel_err(got, ref)
         assert err <= 1e-5, f"{key}: relative error {err:.2e}"
     assert all(p.grad is None for p in model.parameters())
 
@@ -85,7 +87,7 @@ def fresh(name):
 def assert_matches(theirs, ours):
     for key in theirs:
         ref, got = theirs[key].detach().double(), ours[key].double()
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        err = rel_err(got, ref)
         assert err <= 1e-5, f"{key}: relative error {err:.2e}"
 
 

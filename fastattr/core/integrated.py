@@ -5,17 +5,19 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import contextlib
-import numbers
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from fastattr.core.backend import resolve_backend
 from fastattr.core.quadrature import is_equal_weight, quadrature
+from fastattr.core.targets import resolve_targets
 from fastattr.kernels import interpolate as ops
 
 Forward = Callable[[dict[str, Any]], torch.Tensor]
+# The core's forward: the chunk's interpolated points and the chunk's rows of the additional inputs.
+RowsForward = Callable[[dict[str, torch.Tensor], dict[str, Any]], torch.Tensor]
 
 # Most path points per forward on the CPU; larger chunks measured no faster.
 CPU_MAX_POINTS = 16
@@ -98,55 +100,6 @@ def _logits_2d(logits: Any) -> torch.Tensor:
     return logits
 
 
-def _target_tensor(target: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """``target`` as one class index per sample: any integral scalar (Python int, numpy integer,
-    0-dim integer tensor) for every sample, or a 1-D integer tensor, array or sequence of one class
-    per sample. Bools and floats are refused."""
-    if isinstance(target, (bool, np.bool_)):
-        raise TypeError(f"target_class_idx must be an integer class index, not a bool; got {target!r}")
-    if isinstance(target, numbers.Integral):
-        return torch.full((batch,), int(target), dtype=torch.long, device=device)
-    if isinstance(target, (np.ndarray, list, tuple)):
-        try:
-            array = np.asarray(target)
-        except ValueError:
-            array = np.asarray(target, dtype=object)
-        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-            raise TypeError(f"target_class_idx must hold integer class indices; got {array.dtype} values")
-        target = torch.as_tensor(array)
-    if not isinstance(target, torch.Tensor):
-        raise TypeError("target_class_idx must be an integer, one integer per sample (tensor, array or list) or "
-                        f"None; got {type(target).__name__}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target_class_idx tensor must hold integers; got dtype {target.dtype}")
-    if target.dim() > 1:
-        raise ValueError(f"target_class_idx must be a scalar or 1-D (one class per sample); got shape "
-                         f"{tuple(target.shape)}")
-    t = target.reshape(-1).to(device=device, dtype=torch.long)
-    if t.numel() == 1:
-        return t.expand(batch)
-    if t.numel() != batch:
-        raise ValueError(f"target_class_idx must hold one class per sample ({batch}); got {target.numel()}")
-    return t
-
-
-def resolve_targets(target: Any, logits: torch.Tensor | None, batch: int,
-                    num_classes: int, device: torch.device) -> torch.Tensor:
-    """One class index per sample, PyHealth's rules: a single logit column always targets 0;
-    otherwise ``target`` (an int or one index per sample), else the argmax of ``logits``."""
-    if num_classes == 1:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    if target is None:
-        if logits is None:
-            raise ValueError("target is None and no logits were given to take the argmax of")
-        return logits.argmax(dim=-1).to(device)
-    t = _target_tensor(target, batch, device)
-    if bool(((t < 0) | (t >= num_classes)).any()):
-        bad = t[(t < 0) | (t >= num_classes)][0].item()
-        raise ValueError(f"target_class_idx {bad} is out of range for {num_classes} classes")
-    return t.contiguous()
-
-
 def _validate_batch(inputs: Mapping[str, torch.Tensor]) -> int:
     if not inputs:
         raise ValueError("inputs is empty: give at least one tensor to attribute")
@@ -195,48 +148,170 @@ def _expand_baselines(inputs: Mapping[str, torch.Tensor], baselines: Mapping[str
     return out
 
 
+@dataclass(frozen=True)
+class IGOptions:
+    """Integrated-gradients options, validated once by :func:`resolve_options`; the core trusts them."""
+
+    alphas: torch.Tensor
+    weights: torch.Tensor
+    backend: str  # "torch" or "triton", resolved for the device
+    internal_batch_size: int | None
+    return_convergence_delta: bool
+    progress: bool | None
+
+
+def resolve_options(*, steps: int, method: str, internal_batch_size: int | None, backend: str | None,
+                    device: torch.device, return_convergence_delta: bool = False,
+                    progress: bool | None = None) -> IGOptions:
+    """Validate and resolve the options of one integrated-gradients call."""
+    alphas, weights = quadrature(method, steps)
+    check_internal_batch_size(internal_batch_size)
+    return IGOptions(alphas, weights, resolve_backend(backend, device), internal_batch_size,
+                     bool(return_convergence_delta), progress)
+
+
+@dataclass
+class IGResult:
+    """What the core returns: attributions per key, the convergence delta when asked, the rows per
+    forward settled on, and the targets explained."""
+
+    attributions: dict[str, torch.Tensor]
+    delta: torch.Tensor | None
+    chunk_rows: int
+    targets: torch.Tensor
+
+
 def _float_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _rows_of(tensors: Mapping[str, Any], sample: torch.Tensor, batch: int) -> dict[str, Any]:
-    """The given rows of every batch-first tensor; anything else unchanged."""
-    return {k: v.index_select(0, sample) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
-            else v for k, v in tensors.items()}
+def _rows_of(value: Any, sample: torch.Tensor, batch: int) -> Any:
+    """The given rows of a batch-first tensor (inside tuples, lists and dicts too); anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, sample) if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_of(v, sample, batch) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _rows_of(v, sample, batch) for k, v in value.items()}
+    return value
 
 
-def _chunk_gradients(forward: Forward, xs: Mapping[str, torch.Tensor], bs: Mapping[str, torch.Tensor],
-                     alphas: torch.Tensor, start: int, rows: int, endpoint_rows: int, batch: int,
-                     extra_inputs: Mapping[str, Any], interpolate: Callable, sizer: ChunkSizer,
-                     target: int | torch.Tensor | None, targets: torch.Tensor | None):
-    """One forward and input-gradient backward of path rows ``[start, start + rows)``.
+class _Kernels:
+    """The interpolate / accumulate / finalize trio of one backend."""
 
-    With ``endpoint_rows`` (= batch), the inputs themselves ride along as extra rows of the same
-    forward, and their logits (no gradient flows from them) come back as the endpoint logits;
-    the targets are resolved from them when ``target`` is None. Returns
-    ``(gradients per input key, targets, endpoint logits or None)``.
+    def __init__(self, backend: str) -> None:
+        triton = backend == "triton"
+        self.interpolate = ops.interpolate_triton if triton else ops.interpolate_torch
+        self.accumulate = ops.accumulate_triton if triton else ops.accumulate_torch
+        self.finalize = ops.finalize_triton if triton else ops.finalize_torch
+
+
+class _ChunkRunner:
+    """Runs the path rows (sample x path point) of one batch in chunks: each chunk is one forward
+    and one input-only backward whose gradients are reduced into per-key accumulators.
+
+    The logits at the inputs (for an argmax target and the convergence delta) ride along as extra
+    rows of the first chunk's forward; no gradient flows from them.
     """
-    keys = list(xs)
-    device = xs[keys[0]].device
-    sample = torch.arange(start, start + rows, device=device) % batch
-    if endpoint_rows:
-        sample = torch.cat([sample, torch.arange(batch, device=device)])
-    with torch.enable_grad():
-        path = {k: interpolate(xs[k], bs[k], alphas, start, rows).requires_grad_(True) for k in keys}
-        points = {k: torch.cat([path[k], xs[k]]) if endpoint_rows else path[k] for k in keys}
-        with sizer.watch():
-            logits = _logits_2d(forward({**points, **_rows_of(extra_inputs, sample, batch)}))
-        if logits.shape[0] != rows + endpoint_rows:
-            raise ValueError(f"forward returned {logits.shape[0]} rows for {rows + endpoint_rows} inputs")
-        endpoint = _float_logits(logits[rows:]) if endpoint_rows else None
-        if targets is None:
-            targets = resolve_targets(target, endpoint, batch, logits.shape[1], device)
-        score = logits[:rows].gather(1, targets.index_select(0, sample[:rows]).unsqueeze(1)).sum()
-        # The path tensor is a leaf, so autograd.grad hands back exactly the [rows, ...]
-        # gradients the reduction kernel consumes; wrapping construction and reduction in an
-        # autograd.Function would still materialize that same gradient, plus a backward node.
-        grads = torch.autograd.grad(score, [path[k] for k in keys], allow_unused=True)
-    return grads, targets, endpoint
+
+    def __init__(self, forward: RowsForward, xs: dict[str, torch.Tensor], bs: dict[str, torch.Tensor],
+                 extra: Mapping[str, Any], options: IGOptions, need_fx: bool) -> None:
+        self.forward, self.xs, self.bs, self.extra, self.options = forward, xs, bs, extra, options
+        self.keys = list(xs)
+        first = xs[self.keys[0]]
+        self.batch, self.device = first.shape[0], first.device
+        backend = options.backend
+        acc_dtype = {k: torch.promote_types(x.dtype, torch.float32) for k, x in xs.items()}
+        if backend == "triton" and any(d != torch.float32 for d in acc_dtype.values()):
+            backend = "torch"  # the kernels accumulate in float32; float64 inputs keep their precision
+        self.kernels = _Kernels(backend)
+        self.accs = {k: torch.zeros(x.shape, dtype=acc_dtype[k], device=self.device) for k, x in xs.items()}
+        self.need_fx = need_fx
+        self.fx: torch.Tensor | None = None
+        self.sizer = ChunkSizer(options.internal_batch_size, self.batch, len(options.alphas), self.device)
+
+    def _chunk(self, start: int, rows: int, endpoint_rows: int, target: Any, targets: torch.Tensor | None):
+        alphas, batch, device = self.options.alphas, self.batch, self.device
+        sample = torch.arange(start, start + rows, device=device) % batch
+        if endpoint_rows:
+            sample = torch.cat([sample, torch.arange(batch, device=device)])
+        with torch.enable_grad():
+            path = {k: self.kernels.interpolate(self.xs[k], self.bs[k], alphas, start, rows).requires_grad_(True)
+                    for k in self.keys}
+            points = {k: torch.cat([path[k], self.xs[k]]) if endpoint_rows else path[k] for k in self.keys}
+            with self.sizer.watch():
+                logits = _logits_2d(self.forward(points, _rows_of(self.extra, sample, batch)))
+            if logits.shape[0] != rows + endpoint_rows:
+                raise ValueError(f"forward returned {logits.shape[0]} rows for {rows + endpoint_rows} inputs")
+            if endpoint_rows:
+                self.fx = _float_logits(logits[rows:])
+            if targets is None:
+                targets = resolve_targets(target, self.fx, batch, logits.shape[1], device)
+            score = logits[:rows].gather(1, targets.index_select(0, sample[:rows]).unsqueeze(1)).sum()
+            # The path tensor is a leaf, so autograd.grad hands back exactly the [rows, ...]
+            # gradients the reduction kernel consumes.
+            grads = torch.autograd.grad(score, [path[k] for k in self.keys], allow_unused=True)
+        return grads, targets
+
+    def run(self, target: Any, targets: torch.Tensor | None) -> torch.Tensor:
+        """Every path row; returns the targets (resolved from the first chunk when ``targets`` is None)."""
+        weights = self.options.weights
+        acc_weights = torch.ones_like(weights) if is_equal_weight(weights) else weights
+        total = self.batch * len(self.options.alphas)
+        progress = self.options.progress
+        bar = tqdm(total=total, desc="integrated gradients", unit="row", leave=False,
+                   disable=None if progress is None else not progress)
+        start = 0
+        while start < total:
+            rows = min(self.sizer.rows, total - start)
+            extra = self.batch if self.need_fx and self.fx is None else 0
+            try:
+                grads, targets = self._chunk(start, rows, extra, target, targets)
+            except torch.cuda.OutOfMemoryError:
+                if not self.sizer.shrink(rows):
+                    raise
+                torch.cuda.empty_cache()
+                continue
+            for k, g in zip(self.keys, grads):
+                if g is not None:
+                    self.kernels.accumulate(self.accs[k], g, acc_weights, start)
+            del grads
+            self.sizer.end(rows + extra)
+            start += rows
+            bar.update(rows)
+        bar.close()
+        return targets
+
+    def attributions(self, summed: set[str]) -> dict[str, torch.Tensor]:
+        weights = self.options.weights
+        divisor = float(len(weights)) if is_equal_weight(weights) else 1.0
+        return {k: self.kernels.finalize(self.xs[k], self.bs[k], self.accs[k], divisor, k in summed).to(self.xs[k].dtype)
+                for k in self.keys}
+
+
+def run_integrated_gradients(forward: RowsForward, xs: dict[str, torch.Tensor], bs: dict[str, torch.Tensor],
+                             options: IGOptions, *, target: Any = None, targets: torch.Tensor | None = None,
+                             extra: Mapping[str, Any] | None = None, sum_last_dim: Iterable[str] = ()) -> IGResult:
+    """The core, on validated inputs: ``xs`` floating, batch first, contiguous; ``bs`` expanded to
+    them; ``targets`` one class per sample or None (then resolved from ``target`` and the
+    endpoint logits); ``extra`` batch-first tensors (in any nesting) gathered per row."""
+    summed = set(sum_last_dim)
+    need_fx = targets is None and target is None or options.return_convergence_delta
+    runner = _ChunkRunner(forward, xs, bs, extra or {}, options, need_fx)
+    targets = runner.run(target, targets)
+    attributions = runner.attributions(summed)
+    delta = None
+    if options.return_convergence_delta:
+        batch = runner.batch
+        with torch.no_grad():
+            fb = _float_logits(_logits_2d(forward(bs, dict(extra or {}))))
+        if fb.shape[0] != batch:
+            raise ValueError(f"forward returned {fb.shape[0]} rows for a batch of {batch}")
+        idx = targets.unsqueeze(1)
+        gap = runner.fx.gather(1, idx).squeeze(1) - fb.gather(1, idx).squeeze(1)
+        total_attr = sum(a.reshape(batch, -1).sum(dim=1).to(gap.dtype) for a in attributions.values())
+        delta = total_attr - gap
+    return IGResult(attributions, delta, runner.sizer.rows, targets)
 
 
 def integrated_gradients(
@@ -253,7 +328,6 @@ def integrated_gradients(
     return_convergence_delta: bool = False,
     backend: str | None = None,
     progress: bool | None = None,
-    stats: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Integrated gradients of ``forward`` with respect to every tensor in ``inputs``.
 
@@ -276,7 +350,6 @@ def integrated_gradients(
             for the target logit.
         backend: ``"auto" | "torch" | "triton"``; ``None`` reads ``FASTATTR_BACKEND``.
         progress: show a progress bar over chunks (``None``: only on a terminal).
-        stats: a dict that receives ``"chunk_rows"``, the rows per forward settled on.
 
     Returns:
         ``{key: attribution}`` (input shape, or without the last dim for ``sum_last_dim`` keys),
@@ -284,81 +357,22 @@ def integrated_gradients(
         parameter's ``.grad`` is touched.
     """
     batch = _validate_batch(inputs)
-    alphas, weights = quadrature(method, steps)
-    check_internal_batch_size(internal_batch_size)
     keys = list(inputs)
-    summed = set(sum_last_dim)
-    unknown = summed - set(keys)
+    unknown = set(sum_last_dim) - set(keys)
     if unknown:
         raise ValueError(f"sum_last_dim names keys that are not inputs: {sorted(unknown)}")
-    xs = {k: inputs[k].detach().contiguous() for k in keys}
-    bs = _expand_baselines(xs, baselines)
-    extra_inputs = dict(additional_inputs or {})
-    clash = set(extra_inputs) & set(keys)
+    extra = dict(additional_inputs or {})
+    clash = set(extra) & set(keys)
     if clash:
         raise ValueError(f"additional_inputs reuse input keys: {sorted(clash)}")
-    device = xs[keys[0]].device
-    use = resolve_backend(backend, device)
-
-    def endpoint_logits(points: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            return _float_logits(_logits_2d(forward({**points, **extra_inputs})))
-
-    # The logits at the input (for the argmax target and the convergence delta) come from extra
-    # rows of the first chunk's forward, not from a forward of their own.
-    fx: torch.Tensor | None = None
-    need_fx = target is None or return_convergence_delta
-    targets = None
-
-    equal = is_equal_weight(weights)
-    acc_weights = torch.ones_like(weights) if equal else weights
-    divisor = float(len(weights)) if equal else 1.0
-    acc_dtype = {k: torch.promote_types(xs[k].dtype, torch.float32) for k in keys}
-    accs = {k: torch.zeros(xs[k].shape, dtype=acc_dtype[k], device=device) for k in keys}
-    if use == "triton" and any(acc.dtype != torch.float32 for acc in accs.values()):
-        use = "torch"  # the kernels accumulate in float32; float64 inputs keep their precision
-    if use == "triton":
-        accumulate, interpolate, finalize = ops.accumulate_triton, ops.interpolate_triton, ops.finalize_triton
-    else:
-        accumulate, interpolate, finalize = ops.accumulate_torch, ops.interpolate_torch, ops.finalize_torch
-
-    total = batch * len(alphas)
-    sizer = ChunkSizer(internal_batch_size, batch, len(alphas), device)
-    bar = tqdm(total=total, desc="integrated gradients", unit="row", leave=False,
-               disable=None if progress is None else not progress)
-    start = 0
-    while start < total:
-        rows = min(sizer.rows, total - start)
-        extra = batch if need_fx and fx is None else 0
-        try:
-            result = _chunk_gradients(forward, xs, bs, alphas, start, rows, extra, batch, extra_inputs,
-                                      interpolate, sizer, target, targets)
-        except torch.cuda.OutOfMemoryError:
-            if not sizer.shrink(rows):
-                raise
-            torch.cuda.empty_cache()
-            continue
-        grads, targets, endpoint = result
-        if endpoint is not None:
-            fx = endpoint
-        for k, g in zip(keys, grads):
-            if g is not None:
-                accumulate(accs[k], g, acc_weights, start)
-        del grads
-        sizer.end(rows + extra)
-        start += rows
-        bar.update(rows)
-    bar.close()
-    if stats is not None:
-        stats["chunk_rows"] = sizer.rows
-
-    attributions = {k: finalize(xs[k], bs[k], accs[k], divisor, k in summed).to(xs[k].dtype) for k in keys}
-    if not return_convergence_delta:
-        return attributions
-    fb = endpoint_logits(bs)
-    if fb.shape[0] != batch:
-        raise ValueError(f"forward returned {fb.shape[0]} rows for a batch of {batch}")
-    rows_idx = targets.unsqueeze(1)
-    gap = fx.gather(1, rows_idx).squeeze(1) - fb.gather(1, rows_idx).squeeze(1)
-    total_attr = sum(a.reshape(batch, -1).sum(dim=1).to(gap.dtype) for a in attributions.values())
-    return attributions, total_attr - gap
+    xs = {k: inputs[k].detach().contiguous() for k in keys}
+    options = resolve_options(steps=steps, method=method, internal_batch_size=internal_batch_size, backend=backend,
+                              device=xs[keys[0]].device, return_convergence_delta=return_convergence_delta,
+                              progress=progress)
+    result = run_integrated_gradients(lambda points, rows: forward({**points, **rows}), xs,
+                                      _expand_baselines(xs, baselines), options, target=target, extra=extra,
+                                      sum_last_dim=sum_last_dim)
+    del batch
+    if return_convergence_delta:
+        return result.attributions, result.delta
+    return result.attributions

@@ -6,8 +6,8 @@ from typing import Any
 import torch
 
 from fastattr.core.backend import check_backend_name
-from fastattr.core.integrated import resolve_targets
-from fastattr.interpret.features import require_feature_protocol, require_methods
+from fastattr.core.targets import resolve_targets
+from fastattr.interpret.features import FeatureBatch, require_feature_protocol, require_methods
 from fastattr.core.relevance import check_layers, chefer_relevance
 
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
@@ -129,6 +129,8 @@ class CheferRelevance:
         check_backend_name(backend)
         self.model = model
         self.backend = backend
+        #: ``(probabilities [B, C], targets [B])`` of the last call's forward, for the cohort runner
+        self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
         model.eval()
 
     def __call__(self, **data: Any) -> dict[str, torch.Tensor]:
@@ -154,9 +156,7 @@ class CheferRelevance:
         model = self.model
         check_backend_name(backend)
         backend = backend if backend is not None else self.backend
-        if not any(k in data for k in model.feature_keys):
-            raise ValueError(f"the batch has none of the model's feature keys {list(model.feature_keys)}; "
-                             f"got keys {sorted(data)}")
+        features = FeatureBatch.from_batch(model, data, add_masks=False)
         sinks: list[torch.Tensor] = []
         embed = getattr(model, "get_embedding_model", None)
         embed = embed() if callable(embed) else None
@@ -164,7 +164,8 @@ class CheferRelevance:
         model.set_attention_hooks(True)
         try:
             with torch.enable_grad():
-                logits = model(**data)["logit"]
+                out = model(**data)
+                logits = out["logit"]
         finally:
             model.set_attention_hooks(False)
             if handle is not None:
@@ -175,6 +176,9 @@ class CheferRelevance:
         if batch == 0:
             raise ValueError("the batch is empty (batch size 0)")
         targets = resolve_targets(target_class_idx, logits.detach(), batch, classes, logits.device)
+        prob = out.get("y_prob", logits) if isinstance(out, dict) else logits
+        self.last_predictions = (prob.detach().float().reshape(batch, -1), targets)
+        del out, prob
         score = (torch.nn.functional.one_hot(targets, classes).to(logits.dtype) * logits).sum()
         before = _grad_objects(model.get_attention_layers())
         self._backward(score, sinks)
@@ -203,7 +207,7 @@ class CheferRelevance:
                 full = {k: chefer_relevance(layers[k], backend=backend) for k in layers}
                 result = model.get_relevance_tensor(full, **data)
         del layers
-        return self._expand_to_inputs(result, data)
+        return features.expand(result)
 
     def _backward(self, score: torch.Tensor, sinks: list[torch.Tensor]) -> None:
         """Backward far enough that every attention gradient hook fires, leaving no ``.grad``:
@@ -216,18 +220,3 @@ class CheferRelevance:
             raise ValueError("CheferRelevance found nothing to take gradients to: the model's embedding module "
                              "(get_embedding_model()) was not called in its forward and no parameter requires grad")
         torch.autograd.grad(score, sinks, allow_unused=True)
-
-    def _expand_to_inputs(self, result: dict[str, torch.Tensor], data: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, attr in result.items():
-            feature = data.get(key)
-            value = feature
-            if isinstance(feature, (tuple, list)):
-                schema = tuple(self.model.dataset.input_processors[key].schema())
-                value = feature[schema.index("value")] if "value" in schema else None
-            if isinstance(value, torch.Tensor) and value.dim() > attr.dim():
-                for _ in range(value.dim() - attr.dim()):
-                    attr = attr.unsqueeze(-1)
-                attr = attr.expand_as(value)
-            out[key] = attr
-        return out

@@ -1,7 +1,18 @@
-"""The PyHealth model protocol, duck-typed: fastattr never imports PyHealth."""
+"""The PyHealth feature protocol, in one place: fastattr never imports PyHealth.
+
+A PyHealth batch maps each feature key to a tensor or to a tuple laid out by the feature's
+processor schema (``("value",)``, ``("time", "value", "mask")``...). :class:`FeatureLayout`
+knows one feature's layout (where the value and mask sit, token or continuous, PyHealth's rule
+for the mask it appends when the schema has none); :class:`FeatureBatch` holds a batch's
+features under their layouts and is the only code that indexes a feature tuple: it selects
+samples, trims padding, puts embedded or interpolated values back and expands results to the
+inputs' shapes. Every interpreter, the cohort runner, faithfulness and fastattr's own models go
+through it.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,60 +50,310 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def feature_tuples(model: Any, batch: Mapping[str, Any]) -> dict[str, tuple]:
-    """The batch's feature entries as tuples, in ``model.feature_keys`` order; others dropped."""
-    found = {k: (v,) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in model.feature_keys}
-    if not found:
-        raise ValueError(
-            f"the batch has none of the model's feature keys {list(model.feature_keys)}; got keys {sorted(batch)}"
-        )
-    for key, value in found.items():
-        if not isinstance(value, tuple):
-            raise TypeError(f"batch[{key!r}] must be a tensor or a tuple of tensors; got {type(value).__name__}")
-    return {k: found[k] for k in model.feature_keys if k in found}
+@dataclass(frozen=True)
+class FeatureLayout:
+    """One feature's tuple layout, from its processor's ``schema()`` and ``is_token()``."""
 
+    key: str
+    schema: tuple[str, ...]
+    token: bool
 
-def value_index(model: Any, key: str) -> int:
-    """Position of ``"value"`` in the feature's schema."""
-    schema = tuple(model.dataset.input_processors[key].schema())
-    if "value" not in schema:
-        raise ValueError(f"the schema of feature {key!r} has no 'value' element: {schema}")
-    return schema.index("value")
-
-
-def with_masks(model: Any, features: Mapping[str, tuple]) -> dict[str, tuple]:
-    """PyHealth's mask rule: a schema without ``"mask"`` gets one appended, built from the value
-    (tokens: ``value != 0``; continuous with >= 3 dims: ``|value|.sum(-1) != 0``; else ``value != 0``)."""
-    out = {}
-    for key, feature in features.items():
+    @classmethod
+    def of(cls, model: Any, key: str) -> FeatureLayout:
         processor = model.dataset.input_processors[key]
-        value = feature[value_index(model, key)]
+        schema = tuple(processor.schema())
+        if "value" not in schema:
+            raise ValueError(f"the schema of feature {key!r} has no 'value' element: {schema}")
+        return cls(key, schema, bool(processor.is_token()))
+
+    @property
+    def value_slot(self) -> int:
+        return self.schema.index("value")
+
+    def parts(self, feature: Any) -> tuple:
+        """The feature as a tuple (a bare tensor is a 1-tuple)."""
+        if isinstance(feature, torch.Tensor):
+            return (feature,)
+        if isinstance(feature, list):
+            return tuple(feature)
+        if not isinstance(feature, tuple):
+            raise TypeError(f"batch[{self.key!r}] must be a tensor or a tuple of tensors; got {type(feature).__name__}")
+        return feature
+
+    def value(self, feature: Any) -> Any:
+        return self.parts(feature)[self.value_slot]
+
+    def mask(self, feature: Any) -> torch.Tensor | None:
+        """The schema's mask, else an appended trailing element, else ``None``."""
+        parts = self.parts(feature)
+        if "mask" in self.schema:
+            return parts[self.schema.index("mask")]
+        return parts[-1] if len(parts) == len(self.schema) + 1 else None
+
+    def build_mask(self, value: torch.Tensor) -> torch.Tensor:
+        """PyHealth's appended mask: tokens ``value != 0``; continuous values with >= 3 dims
+        ``|value|.sum(-1) != 0``, else ``value != 0``; as int."""
+        if self.token or value.dim() < 3:
+            return (value != 0).int()
+        return (value.abs().sum(dim=-1) != 0).int()
+
+    def with_mask(self, feature: Any) -> tuple:
+        """The feature with PyHealth's mask appended when its schema has none."""
+        parts = self.parts(feature)
+        if "mask" in self.schema or len(parts) == len(self.schema) + 1:
+            return parts
+        value = parts[self.value_slot]
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"the value of feature {key!r} must be a tensor; got {type(value).__name__}")
-        if "mask" in tuple(processor.schema()):
-            out[key] = feature
-            continue
-        if processor.is_token() or value.dim() < 3:
-            mask = (value != 0).int()
-        else:
-            mask = (value.abs().sum(dim=-1) != 0).int()
-        out[key] = (*feature, mask)
-    return out
+            raise TypeError(f"the value of feature {self.key!r} must be a tensor; got {type(value).__name__}")
+        return (*parts, self.build_mask(value))
+
+    def replace_value(self, feature: Any, value: Any) -> tuple:
+        parts = self.parts(feature)
+        slot = self.value_slot
+        return (*parts[:slot], value, *parts[slot + 1:])
+
+    def padded_dims(self, value: torch.Tensor, mask: torch.Tensor | None) -> int:
+        """How many dims after the batch dim are positions that padding fills: every dim of a token
+        value; a continuous value's dims but its last (the numbers of one position); never more
+        than the mask describes."""
+        if mask is None or not isinstance(mask, torch.Tensor):
+            return 0
+        dims = value.dim() - 1 if self.token else value.dim() - 2
+        return max(0, min(dims, mask.dim() - 1))
 
 
-def replace_value(feature: tuple, index: int, value: torch.Tensor) -> tuple:
-    return (*feature[:index], value, *feature[index + 1:])
+def layouts(model: Any) -> dict[str, FeatureLayout]:
+    """The layout of every feature key of ``model``."""
+    return {key: FeatureLayout.of(model, key) for key in model.feature_keys}
 
 
-def expand_to_inputs(attributions: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """PyHealth's shape mapping: unsqueeze trailing dims, then expand to the raw value's shape."""
-    out = {}
-    for key, attr in attributions.items():
-        shape = shapes.get(key)
-        if shape is not None and attr.shape != shape:
-            while attr.dim() < len(shape):
-                attr = attr.unsqueeze(-1)
-            if attr.shape != shape:
-                attr = attr.expand(shape)
-        out[key] = attr
-    return out
+def _narrow_like(tensor: Any, full: torch.Size, sizes: tuple[int, ...]) -> Any:
+    """``tensor`` cut to ``sizes`` on each padded dim (1, 2, ...) where it spans the full value's size."""
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
+    for d, size in enumerate(sizes, start=1):
+        if tensor.dim() > d and tensor.shape[d] == full[d] and size < full[d]:
+            tensor = tensor.narrow(d, 0, size)
+    return tensor
+
+
+class FeatureBatch:
+    """The features of one PyHealth batch, each as a tuple under its :class:`FeatureLayout`.
+
+    Build one with :meth:`from_batch`. Entries that are not feature keys (labels, ids) are left
+    out. All per-feature knowledge of the protocol is here: the value and mask of each feature,
+    PyHealth's appended masks, selecting samples, trimming padding, putting other values in the
+    value slot, and mapping a result back to the raw inputs' shape.
+    """
+
+    def __init__(self, features: dict[str, tuple], layouts_: dict[str, FeatureLayout],
+                 raw_shapes: dict[str, torch.Size]) -> None:
+        self.features = features
+        self.layouts = layouts_
+        self.raw_shapes = raw_shapes
+
+    @classmethod
+    def from_batch(cls, model: Any, batch: Mapping[str, Any], *, device: torch.device | None = None,
+                   add_masks: bool = True) -> FeatureBatch:
+        """The feature entries of ``batch`` (in ``model.feature_keys`` order), moved to ``device``,
+        with PyHealth's masks appended when ``add_masks``. Raises on a batch with no feature key,
+        a value that is not a tensor, or features that disagree on the batch size."""
+        present = [k for k in model.feature_keys if k in batch]
+        if not present:
+            raise ValueError(f"the batch has none of the model's feature keys {list(model.feature_keys)}; "
+                             f"got keys {sorted(batch)}")
+        features, lays, shapes = {}, {}, {}
+        for key in present:
+            layout = FeatureLayout.of(model, key)
+            parts = layout.parts(batch[key])
+            if device is not None:
+                parts = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in parts)
+            value = parts[layout.value_slot] if len(parts) > layout.value_slot else None
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"the value of feature {key!r} must be a tensor; got {type(value).__name__}")
+            features[key] = layout.with_mask(parts) if add_masks else parts
+            lays[key] = layout
+            shapes[key] = value.shape
+        sizes = {s[0] if len(s) else 0 for s in shapes.values()}
+        if 0 in sizes:
+            raise ValueError("the batch is empty (batch size 0)")
+        if len(sizes) != 1:
+            raise ValueError(f"feature values disagree on the batch size: {sorted(sizes)}")
+        return cls(features, lays, shapes)
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def keys(self) -> list[str]:
+        return list(self.features)
+
+    @property
+    def size(self) -> int:
+        """Samples in the batch."""
+        return next(iter(self.raw_shapes.values()))[0]
+
+    def value(self, key: str) -> torch.Tensor:
+        return self.layouts[key].value(self.features[key])
+
+    def values(self) -> dict[str, torch.Tensor]:
+        return {k: self.value(k) for k in self.features}
+
+    def mask(self, key: str) -> torch.Tensor | None:
+        return self.layouts[key].mask(self.features[key])
+
+    def is_token(self, key: str) -> bool:
+        return self.layouts[key].token
+
+    def token_keys(self) -> set[str]:
+        return {k for k in self.features if self.layouts[k].token}
+
+    def others(self) -> dict[str, tuple]:
+        """Per key, the tuple elements other than the value (masks, times), in order."""
+        return {k: tuple(t for i, t in enumerate(f) if i != self.layouts[k].value_slot)
+                for k, f in self.features.items()}
+
+    # -- building model calls ------------------------------------------------------------
+    def call(self, values: Mapping[str, Any] | None = None, others: Mapping[str, tuple] | None = None) -> dict[str, tuple]:
+        """Model keyword arguments: each feature's tuple with ``values[key]`` in the value slot
+        (the batch's own value where not given) and ``others[key]`` (see :meth:`others`) in
+        the remaining slots (the batch's own where not given)."""
+        out = {}
+        for key, feature in self.features.items():
+            slot = self.layouts[key].value_slot
+            value = values[key] if values is not None and key in values else feature[slot]
+            rest = list(others[key]) if others is not None and key in others else \
+                [t for i, t in enumerate(feature) if i != slot]
+            rest.insert(slot, value)
+            out[key] = tuple(rest)
+        return out
+
+    # -- selecting and trimming ----------------------------------------------------------
+    def lengths(self) -> torch.Tensor:
+        """``[B, D]``: per sample, one past its last non-padding position along every padded dim of
+        every feature (from the masks; at least 1). ``D`` may be 0 (nothing is padded)."""
+        columns = []
+        for key in self.features:
+            value, mask = self.value(key), self.mask(key)
+            for d in range(1, self.layouts[key].padded_dims(value, mask) + 1):
+                present = _any_except(mask.ne(0), d)
+                n = present.shape[1]
+                position = torch.arange(1, n + 1, device=present.device)
+                columns.append((present.long() * position).amax(dim=1).clamp_min(1))
+        if not columns:
+            return torch.zeros(self.size, 0, dtype=torch.long)
+        return torch.stack(columns, dim=1).cpu()
+
+    def padded_spans(self) -> list[int]:
+        """How many columns of :meth:`lengths` each feature owns, in feature order."""
+        return [self.layouts[k].padded_dims(self.value(k), self.mask(k)) for k in self.features]
+
+    def padded_sizes(self) -> list[int]:
+        """The batch's size along every padded dim, in the order of :meth:`lengths`' columns."""
+        sizes = []
+        for key in self.features:
+            value, mask = self.value(key), self.mask(key)
+            sizes += [value.shape[d] for d in range(1, self.layouts[key].padded_dims(value, mask) + 1)]
+        return sizes
+
+    def _per_key(self, sizes: list[int]) -> dict[str, tuple[int, ...]]:
+        out, i = {}, 0
+        for key in self.features:
+            value, mask = self.value(key), self.mask(key)
+            n = self.layouts[key].padded_dims(value, mask)
+            out[key] = tuple(sizes[i:i + n])
+            i += n
+        return out
+
+    def subset(self, index: torch.Tensor, sizes: list[int] | None = None) -> FeatureBatch:
+        """The samples ``index`` (LongTensor), with every padded dim cut to ``sizes`` (in the
+        order of :meth:`lengths`' columns; ``None`` keeps the full sizes). The time, value and
+        mask of a feature are cut together."""
+        per_key = self._per_key(sizes) if sizes is not None else {k: () for k in self.features}
+        features, shapes = {}, {}
+        for key, feature in self.features.items():
+            full = self.value(key).shape
+            parts = []
+            for t in feature:
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.size:
+                    t = t.index_select(0, index.to(t.device))
+                parts.append(_narrow_like(t, full, per_key[key]))
+            features[key] = tuple(parts)
+            shapes[key] = features[key][self.layouts[key].value_slot].shape
+        return FeatureBatch(features, self.layouts, shapes)
+
+    def cut(self, key: str, tensor: torch.Tensor, index: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:
+        """A tensor that broadcasts to feature ``key``'s value (a baseline), cut like :meth:`subset`."""
+        full = self.value(key).shape
+        if tensor.dim() == len(full) and tensor.shape[0] == self.size:
+            tensor = tensor.index_select(0, index.to(tensor.device))
+        per_key = self._per_key(sizes) if sizes is not None else {k: () for k in self.features}
+        return _narrow_like(tensor, full, per_key[key])
+
+    # -- results ---------------------------------------------------------------------------
+    def expand(self, results: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PyHealth's shape mapping: where a result has fewer dims than the raw value, unsqueeze
+        trailing dims; then expand to the raw value's shape where it broadcasts."""
+        out = {}
+        for key, attr in results.items():
+            shape = self.raw_shapes.get(key)
+            if shape is not None and attr.shape != shape:
+                while attr.dim() < len(shape):
+                    attr = attr.unsqueeze(-1)
+                try:
+                    broadcasts = torch.broadcast_shapes(attr.shape, shape) == shape
+                except RuntimeError:
+                    broadcasts = False
+                if broadcasts:
+                    attr = attr.expand(shape)
+            out[key] = attr
+        return out
+
+    def place(self, parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        """Results of :meth:`subset` batches, ``[(index, {key: result}), ...]``, scattered back to
+        this batch's raw shapes: exact zeros wherever a part was trimmed (padding)."""
+        out = {}
+        for key, shape in self.raw_shapes.items():
+            first = next((p[1][key] for p in parts if key in p[1]), None)
+            if first is None:
+                continue
+            full = first.new_zeros(shape)
+            for index, result in parts:
+                part = result[key]
+                region = (index.to(full.device),) + tuple(slice(0, s) for s in part.shape[1:])
+                full[region] = part
+            out[key] = full
+        return out
+
+
+def _any_except(present: torch.Tensor, d: int) -> torch.Tensor:
+    """``present`` [B, ...] reduced with ``any`` over every dim but 0 and ``d``: [B, size of d]."""
+    moved = present.movedim(d, 1)
+    return moved.reshape(moved.shape[0], moved.shape[1], -1).any(dim=2)
+
+
+def batch_size(batch: Mapping[str, Any]) -> int:
+    """Samples in a dataloader batch: the first dim of its first tensor (or a tuple's first
+    tensor), else the length of its first list."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+        if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+            return value[0].shape[0]
+        if isinstance(value, list):
+            return len(value)
+    raise ValueError("cannot tell the batch size: the batch holds no tensor or list")
+
+
+def select_samples(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Samples ``[start, stop)`` of a whole dataloader batch: every tensor and per-sample list
+    (ids) whose first dim is the batch size, inside tuples too; anything else unchanged."""
+    size = batch_size(batch)
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            return value[start:stop]
+        if isinstance(value, (list, tuple)) and len(value) == size and not (value and isinstance(value[0], torch.Tensor)):
+            return value[start:stop]
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        return value
+    return {k: cut(v) for k, v in batch.items()}

@@ -23,6 +23,7 @@ from fastattr.core.backend import interpreter_enabled, triton_available
 from fastattr.interpret.chefer import CheferRelevance
 from fastattr.interpret.ig import IntegratedGradients
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
+from fastattr.tools.synthetic import long_tailed_lengths
 
 COLUMNS = ["workload", "method", "baseline", "device", "model", "seq_len", "steps", "batch", "layers", "heads",
            "dim", "repeats", "median_ms", "min_ms", "max_ms", "speedup_vs_baseline", "max_rel_err", "peak_mem_mb",
@@ -37,15 +38,19 @@ def pyhealth_available() -> bool:
     return True
 
 
-def build_model(length: int, batch: int, layers: int, heads: int, dim: int, device: str, use_pyhealth: bool):
-    """A Transformer over one token feature ``codes`` of ``length`` codes, and a batch for it."""
+def build_model(length: int, batch: int, layers: int, heads: int, dim: int, device: str, use_pyhealth: bool,
+                long_tail: bool = False):
+    """A Transformer over one token feature ``codes``, and a batch for it: every patient with
+    ``length`` codes, or with ``long_tail`` log-normal lengths (median ``length``, longest up to
+    8x that), padded to the batch's longest as a dataloader pads them."""
     rng = random.Random(0)
+    sizes = long_tailed_lengths(max(batch, 8), median=length, longest=8 * length) if long_tail else [length] * max(batch, 8)
     if use_pyhealth:
         from pyhealth.datasets import create_sample_dataset, get_dataloader
         from pyhealth.models import Transformer
 
         samples = [{"patient_id": f"p{i}", "visit_id": "v", "label": i % 2,
-                    "codes": [f"c{rng.randrange(500)}" for _ in range(length)]} for i in range(max(batch, 8))]
+                    "codes": [f"c{rng.randrange(500)}" for _ in range(n)]} for i, n in enumerate(sizes)]
         dataset = create_sample_dataset(samples=samples, input_schema={"codes": "sequence"},
                                         output_schema={"label": "binary"}, dataset_name="bench")
         torch.manual_seed(0)
@@ -58,7 +63,8 @@ def build_model(length: int, batch: int, layers: int, heads: int, dim: int, devi
         torch.manual_seed(0)
         spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=502)}, {"label": "binary"})
         model = TransformerClassifier(spec, num_classes=2, dim=dim, heads=heads, layers=layers)
-        codes = torch.randint(2, 502, (batch, length), generator=torch.Generator().manual_seed(0))
+        codes = torch.randint(2, 502, (batch, max(sizes[:batch])), generator=torch.Generator().manual_seed(0))
+        codes = codes * (torch.arange(codes.shape[1]) < torch.tensor(sizes[:batch])[:, None])
     return model.to(device).eval(), {"codes": codes.to(device)}
 
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastattr.core.integrated import resolve_targets
+from fastattr.core.targets import resolve_targets
+from fastattr.interpret.features import batch_size, select_samples
 
 FORMAT = "fastattr-attributions/1"
 ID_KEYS = ("patient_id", "visit_id")
@@ -45,29 +46,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _batch_size(batch: dict[str, Any]) -> int:
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-        if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
-            return value[0].shape[0]
-        if isinstance(value, list):
-            return len(value)
-    raise ValueError("cannot tell the batch size: the batch holds no tensor or list")
-
-
-def _slice(batch: dict[str, Any], start: int, stop: int, size: int) -> dict[str, Any]:
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
-            return value[start:stop]
-        if isinstance(value, (list, tuple)) and len(value) == size and not (value and isinstance(value[0], torch.Tensor)):
-            return value[start:stop]
-        if isinstance(value, tuple):
-            return tuple(cut(v) for v in value)
-        return value
-    return {k: cut(v) for k, v in batch.items()}
-
-
 def _ids(batch: dict[str, Any], size: int, index: int) -> dict[str, list[str]]:
     ids = {k: [str(v) for v in batch[k]] for k in ID_KEYS if isinstance(batch.get(k), (list, tuple))}
     if "patient_id" not in ids:
@@ -77,7 +55,7 @@ def _ids(batch: dict[str, Any], size: int, index: int) -> dict[str, list[str]]:
 
 def _attribute_with_retry(interpreter: Any, batch: dict[str, Any], index: int, kwargs: dict[str, Any]):
     """Attribute ``batch``; on CUDA out-of-memory, retry in halves down to one patient."""
-    size = _batch_size(batch)
+    size = batch_size(batch)
     try:
         return [(0, size, interpreter.attribute(**kwargs, **batch))]
     except torch.cuda.OutOfMemoryError as exc:
@@ -88,7 +66,7 @@ def _attribute_with_retry(interpreter: Any, batch: dict[str, Any], index: int, k
     half = (size + 1) // 2
     parts = []
     for start, stop in ((0, half), (half, size)):
-        sub = _attribute_with_retry(interpreter, _slice(batch, start, stop, size), index, kwargs)
+        sub = _attribute_with_retry(interpreter, select_samples(batch, start, stop), index, kwargs)
         parts += [(start + a, start + b, r) for a, b, r in sub]
     return parts
 
@@ -214,7 +192,7 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
         _write_atomic(rank_path, json.dumps({"format": FORMAT, "shards": mine}).encode())
 
     for index, batch in enumerate(dataloader):
-        size = _batch_size(batch)
+        size = batch_size(batch)
         ids = _ids(batch, size, index)
         if index in done:
             if done[index]["ids"] != ids:

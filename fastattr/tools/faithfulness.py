@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from fastattr.interpret.features import FeatureLayout
+
 PERCENTAGES = (1, 5, 10, 20, 50)
 
 
@@ -75,14 +77,19 @@ def _ablate_values(x: torch.Tensor, mask: torch.Tensor, strategy: str) -> torch.
     raise ValueError(f"ablation must be one of zero, mean, noise; got {strategy!r}")
 
 
-def ablate(inputs: dict[str, Any], masks: dict[str, torch.Tensor], strategy: str = "zero") -> dict[str, Any]:
-    """Inputs with the masked positions removed. Tuple features are ``(time, values, ...)``."""
+def ablate(inputs: dict[str, Any], masks: dict[str, torch.Tensor], strategy: str = "zero", *,
+           model: Any = None) -> dict[str, Any]:
+    """Inputs with the masked positions removed. A tuple feature's value is found by its schema,
+    so tuple features need ``model`` (for ``model.dataset.input_processors``)."""
     out = {}
     for key, x in inputs.items():
         if key not in masks or not isinstance(x, (torch.Tensor, tuple)):
             out[key] = x
         elif isinstance(x, tuple):
-            out[key] = (x[0], _ablate_values(x[1], masks[key], strategy), *x[2:]) if len(x) >= 2 else x
+            if model is None:
+                raise TypeError(f"inputs[{key!r}] is a tuple feature: ablate needs model= to find its value slot")
+            layout = FeatureLayout.of(model, key)
+            out[key] = layout.replace_value(x, _ablate_values(layout.value(x), masks[key], strategy))
         else:
             out[key] = _ablate_values(x, masks[key], strategy)
     return out
@@ -110,7 +117,7 @@ def _removal_score(model: Any, inputs: dict[str, Any], attributions: dict[str, t
             masks = top_masks(attributions, q)
             if keep:
                 masks = {k: 1 - m for k, m in masks.items()}
-            ablated = _probabilities(model, ablate(inputs, masks, ablation), kind).gather(1, target[:, None]).squeeze(1)
+            ablated = _probabilities(model, ablate(inputs, masks, ablation, model=model), kind).gather(1, target[:, None]).squeeze(1)
             total += torch.where(valid, base - ablated, torch.zeros_like(base))
     finally:
         model.train(was_training)

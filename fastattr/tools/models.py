@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastattr.interpret.features import FeatureBatch, FeatureLayout
+
 
 @dataclass(frozen=True)
 class FeatureProcessor:
@@ -35,18 +37,6 @@ class FeatureSpec:
 
     input_processors: dict[str, FeatureProcessor]
     output_schema: dict[str, str] = field(default_factory=lambda: {"label": "multiclass"})
-
-
-def _split(model: nn.Module, key: str, feature: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Value and mask of a feature (schema mask, else an appended trailing element)."""
-    if isinstance(feature, torch.Tensor):
-        feature = (feature,)
-    schema = model.dataset.input_processors[key].schema()
-    value = feature[schema.index("value")]
-    mask = feature[schema.index("mask")] if "mask" in schema else None
-    if mask is None and len(feature) == len(schema) + 1:
-        mask = feature[-1]
-    return value, mask
 
 
 class EmbeddingModel(nn.Module):
@@ -89,17 +79,10 @@ class ProtocolModel(nn.Module):
 
     def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
         """Embeds each feature's value (masks taken from the raw values), then ``forward_from_embedding``."""
-        from fastattr.interpret.features import with_masks
-
-        embedded = {}
-        features = with_masks(self, {k: batch[k] if isinstance(batch[k], tuple) else (batch[k],)
-                                     for k in self.feature_keys})
-        for key, feature in features.items():
-            slot = self.dataset.input_processors[key].schema().index("value")
-            value = self.embedding_model({key: feature[slot].to(self.device)})[key]
-            embedded[key] = (*feature[:slot], value, *feature[slot + 1:])
+        features = FeatureBatch.from_batch(self, batch, device=self.device)
+        embedded = self.embedding_model(features.values())
         labels = {k: batch[k] for k in self.label_keys if k in batch}
-        return self.forward_from_embedding(**embedded, **labels)
+        return self.forward_from_embedding(**features.call(embedded), **labels)
 
     def _outputs(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {"logit": logits, "y_prob": logits.softmax(-1) if logits.shape[1] > 1 else logits.sigmoid()}
@@ -115,10 +98,12 @@ class ProtocolModel(nn.Module):
 
     def _tokens(self, key: str, feature: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded value as ``[B, N, D]`` and its boolean mask ``[B, N]``."""
-        value, mask = _split(self, key, feature)
+        layout = FeatureLayout.of(self, key)
+        value, mask = layout.value(feature), layout.mask(feature)
         value = value.to(self.device)
-        if value.dim() == 4:  # nested visits: sum the codes of a visit
-            value = value.sum(dim=2)
+        if value.dim() == 4:  # nested visits: sum the codes of a visit (padding codes left out)
+            keep = mask.to(self.device).to(value.dtype).unsqueeze(-1) if mask is not None and mask.dim() == 3 else 1
+            value = (value * keep).sum(dim=2)
         if mask is not None:
             mask = mask.to(self.device).bool()
             if value.dim() == 2:  # one vector per sample: a single token

@@ -22,6 +22,17 @@ PAD, UNK, FIRST_CODE = 0, 1, 2
 CODE_TYPES = ("D", "P", "M")  # diagnosis, procedure, medication
 
 
+def long_tailed_lengths(count: int, median: float = 15.0, sigma: float = 1.0, longest: int = 512,
+                        seed: int = 0) -> list[int]:
+    """``count`` lengths drawn log-normal (``median``, log-space ``sigma``), clipped to [1, ``longest``]:
+    most patients short, a few long, as in real clinical cohorts."""
+    if count < 0 or median <= 0 or sigma < 0 or longest < 1:
+        raise ValueError(f"need count >= 0, median > 0, sigma >= 0, longest >= 1; got {count}, {median}, {sigma}, {longest}")
+    rng = np.random.default_rng([seed, 0x1E6])
+    raw = rng.lognormal(mean=np.log(median), sigma=sigma, size=count)
+    return np.clip(np.rint(raw), 1, longest).astype(int).tolist()
+
+
 @dataclass(frozen=True)
 class Truth:
     """What generated the labels: effects in log-odds."""

@@ -1,0 +1,163 @@
+"""Length-aware packing: groups, trimming by the feature-batch abstraction, exactness, and the guard."""
+import warnings
+
+import pytest
+import torch
+
+import fastattr
+from fastattr.core import packing
+from fastattr.interpret.features import FeatureBatch
+from fastattr.loop import step_loop_integrated_gradients
+from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
+
+from conftest import codes, rel_err
+
+
+@pytest.fixture
+def many_groups(monkeypatch):
+    """Groups cost nothing: every distinct length gets its own group, so packing is exercised."""
+    monkeypatch.setitem(packing.GROUP_COST, "cpu", 0.0)
+
+
+def test_plan_groups_covers_every_sample_once_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 60, (37, 2), generator=g)
+    for cost in (0.0, 500.0, 1e12):
+        groups = packing.plan_groups(lengths, [2], 5, cost)
+        index = torch.cat([i for i, _ in groups])
+        assert sorted(index.tolist()) == list(range(37))
+        for i, sizes in groups:
+            assert sizes == lengths[i].amax(dim=0).tolist()
+        assert [(i.tolist(), s) for i, s in groups] == [(i.tolist(), s) for i, s in packing.plan_groups(lengths, [2], 5, cost)]
+    assert len(packing.plan_groups(lengths, [2], 5, 1e12)) == 1
+    # free groups: no group pads anyone (per feature work equal within a group)
+    for i, sizes in packing.plan_groups(lengths[:, :1], [1], 5, 0.0):
+        assert bool((lengths[i, 0] == sizes[0]).all())
+
+
+def test_plan_groups_prefers_fewer_groups_when_groups_cost_more():
+    lengths = torch.tensor([[3], [4], [5], [50], [52]])
+    assert len(packing.plan_groups(lengths, [1], 10, 0.0)) == 5
+    two = packing.plan_groups(lengths, [1], 10, 200.0)
+    assert [sorted(i.tolist()) for i, _ in two] == [[0, 1, 2], [3, 4]]
+
+
+def _nested_spec(layout=("value",)):
+    return FeatureSpec({"visits": FeatureProcessor(token=True, size=30, layout=layout),
+                        "labs": FeatureProcessor(token=False, size=3)})
+
+
+def _nested_batch(g, batch=6):
+    visits = torch.zeros(batch, 5, 4, dtype=torch.long)
+    labs = torch.zeros(batch, 7, 3)
+    for b in range(batch):
+        v = int(torch.randint(1, 6, (1,), generator=g))
+        c = int(torch.randint(1, 5, (1,), generator=g))
+        visits[b, :v, :c] = torch.randint(2, 30, (v, c), generator=g)
+        t = int(torch.randint(1, 8, (1,), generator=g))
+        labs[b, :t] = torch.randn(t, 3, generator=g)
+    return visits, labs
+
+
+def test_feature_batch_trims_visits_codes_and_times_together():
+    g = torch.Generator().manual_seed(3)
+    visits, labs = _nested_batch(g)
+    times = torch.arange(5.0).expand(6, 5).clone()
+    model = TransformerClassifier(_nested_spec(("time", "value", "mask")), dim=8, heads=2, layers=1)
+    fb = FeatureBatch.from_batch(model, {"visits": (times, visits, (visits != 0).int()), "labs": labs})
+    lengths = fb.lengths()
+    assert fb.padded_spans() == [2, 1]
+    assert lengths.shape == (6, 3)
+    for b in range(6):
+        rows = (visits[b] != 0).any(1).nonzero()
+        cols = (visits[b] != 0).any(0).nonzero()
+        assert lengths[b, 0] == rows.max() + 1 and lengths[b, 1] == cols.max() + 1
+        assert lengths[b, 2] == (labs[b].abs().sum(-1) != 0).nonzero().max() + 1
+    index = torch.tensor([4, 1])
+    sizes = lengths[index].amax(0).tolist()
+    part = fb.subset(index, sizes)
+    t, v, m = part.features["visits"]
+    assert t.shape == (2, sizes[0]) and v.shape == (2, sizes[0], sizes[1]) and m.shape == v.shape
+    assert torch.equal(v, visits[index][:, :sizes[0], :sizes[1]])
+    assert part.value("labs").shape == (2, sizes[2], 3)
+    # place() scatters back with exact zeros in the trimmed region
+    placed = fb.place([(index, {"visits": v.float() + 1})])["visits"]
+    assert placed.shape == visits.shape
+    assert torch.equal(placed[index][:, :sizes[0], :sizes[1]], v.float() + 1)
+    assert placed.sum() == (v.float() + 1).sum()
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mlp"])
+def test_packed_equals_padded_and_the_oracle(kind, many_groups):
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    cls = TransformerClassifier if kind == "transformer" else MLPClassifier
+    model = cls(_nested_spec(), num_classes=3, dim=16).eval()
+    visits, labs = _nested_batch(g, batch=7)
+    data = {"visits": visits, "labs": labs}
+    ig = fastattr.IntegratedGradients(model, steps=6)
+    padded, d0 = ig.attribute(pack_lengths=False, return_convergence_delta=True, **data)
+    assert ig.last_groups == [(7, None)]
+    packed, d1 = ig.attribute(pack_lengths=True, return_convergence_delta=True, **data)
+    assert len(ig.last_groups) > 1
+    oracle = step_loop_integrated_gradients(model, steps=6, **data)
+    for key in data:
+        assert packed[key].shape == data[key].shape
+        assert rel_err(packed[key], padded[key]) <= 1e-6
+        assert rel_err(packed[key], oracle[key]) <= 1e-5
+    assert torch.all(packed["visits"][visits == 0] == 0)  # padding gets exact zeros
+    assert torch.all(packed["labs"][labs.abs().sum(-1) == 0] == 0)
+    assert torch.allclose(d1, d0, rtol=0, atol=1e-6)  # deltas are small differences of logits
+
+
+def test_packing_with_baselines_and_per_sample_targets(many_groups):
+    torch.manual_seed(0)
+    spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=40)})
+    model = TransformerClassifier(spec, num_classes=3, dim=16).eval()
+    g = torch.Generator().manual_seed(2)
+    x = codes(9, 23, 40, g)
+    targets = torch.randint(0, 3, (9,), generator=g)
+    base = {"codes": torch.zeros(23, dtype=torch.long)}  # broadcasts over the batch
+    ig = fastattr.IntegratedGradients(model, steps=5)
+    packed = ig.attribute(baseline=base, target_class_idx=targets, codes=x)["codes"]
+    assert len(ig.last_groups) > 1
+    padded = ig.attribute(baseline=base, target_class_idx=targets, pack_lengths=False, codes=x)["codes"]
+    oracle = step_loop_integrated_gradients(model, steps=5, baseline={"codes": base["codes"].expand(9, 23)},
+                                            target_class_idx=targets, codes=x)["codes"]
+    assert rel_err(packed, padded) <= 1e-6 and rel_err(packed, oracle) <= 1e-5
+
+
+class CountsPadding(MLPClassifier):
+    """Mean-pools over every position, padding included: its output depends on the padding."""
+
+    def forward_from_embedding(self, **batch):
+        pooled = [self._tokens(k, batch[k])[0].mean(1) for k in self.feature_keys]
+        return self._outputs(self.mlp(torch.cat(pooled, dim=-1)), batch)
+
+
+def test_a_model_whose_pooling_counts_padding_is_detected(many_groups):
+    torch.manual_seed(1)
+    spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=40)})
+    model = CountsPadding(spec, num_classes=2, dim=8).eval()
+    x = codes(6, 12, 40, torch.Generator().manual_seed(4))
+    ig = fastattr.IntegratedGradients(model, steps=4)
+    with pytest.warns(UserWarning, match="depends on padding"):
+        got = ig.attribute(codes=x)["codes"]
+    assert ig.last_groups == [(6, None)]
+    oracle = step_loop_integrated_gradients(model, steps=4, codes=x)["codes"]
+    assert rel_err(got, oracle) <= 1e-5
+    assert bool((got[x == 0] != 0).any())  # the padding matters to this model, and its attributions show it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the verdict is cached: no second warning
+        ig.attribute(codes=x)
+    with pytest.raises(ValueError, match="pack_lengths=True"):
+        ig.attribute(pack_lengths=True, codes=x)
+
+
+def test_pack_lengths_is_validated():
+    model = MLPClassifier(FeatureSpec({"codes": FeatureProcessor(token=True, size=40)}), dim=8)
+    with pytest.raises(ValueError, match="pack_lengths"):
+        fastattr.IntegratedGradients(model, pack_lengths="yes")
+    ig = fastattr.IntegratedGradients(model)
+    with pytest.raises(ValueError, match="pack_lengths"):
+        ig.attribute(pack_lengths=1, codes=torch.ones(2, 3, dtype=torch.long))
