@@ -40,6 +40,7 @@ def test_every_grid_fits_cuda_and_fills_an_h100(tmp_path):
     assert min(launch["blocks"] for launch in rows) >= 264
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
     done, report = run_check(tmp_path, "--arch", "90", "80")
     assert report["failures"] == [], "\n".join(report["failures"][:20])

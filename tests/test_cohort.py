@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastattr
-from fastattr.tools.cohort import CohortDataset, attribute_dataset, load_attributions
+from fastattr.tools.cohort import CohortDataset, LengthSortedBatches, attribute_dataset, load_attributions
 from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint, save_checkpoint
 from fastattr.tools.synthetic import SyntheticCohort
 
@@ -146,6 +146,7 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_over_a_long_run(tmp_path):
     cohort = SyntheticCohort(patients=1200, seed=6)
     ig = fastattr.IntegratedGradients(tiny_model(cohort), steps=2)
@@ -164,6 +165,7 @@ def test_memory_stays_flat_over_a_long_run(tmp_path):
     assert growth < 25, f"RSS grew {growth:.1f} MiB between batch 30 and batch 300"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL test uses POSIX signals")
 def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, checkpoint):
     args = ["attribute", "--size", 240, "--checkpoint", checkpoint, "--batch-size", 4, "--steps", 30, "--device", "cpu"]
@@ -184,6 +186,7 @@ def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, checkpoint):
     assert len(load_attributions(tmp_path / "killed")) == 240
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path, checkpoint):
     args = ["attribute", "--size", 50, "--checkpoint", checkpoint, "--batch-size", 6, "--steps", 4, "--device", "cpu"]
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
@@ -233,3 +236,74 @@ def test_repeated_ids_keep_every_row_and_the_store_is_a_mapping(tmp_path):
     rows = store.lookup("P3")
     assert len(rows) == 1 and torch.equal(rows[0]["attr/codes"], store[9]["attr/codes"])
     assert len(store.lookup("P2", visit_id="v0")) == 3
+
+
+class Counted:
+    """Wraps an interpreter; counts the model's forwards."""
+
+    def __init__(self, inner):
+        self.inner, self.model, self.forwards = inner, inner.model, 0
+        self.model.register_forward_hook(self._count)
+
+    def _count(self, *args):
+        self.forwards += 1
+
+    @property
+    def last_predictions(self):
+        return self.inner.last_predictions
+
+    def attribute(self, **batch):
+        return self.inner.attribute(**batch)
+
+
+@pytest.mark.parametrize("method", ["ig", "chefer"])
+def test_length_sorted_batches_keep_positions_and_results(tmp_path, method):
+    cohort = SyntheticCohort(patients=23, seed=8, lengths="lognormal", median_codes=6, longest=40)
+    model = tiny_model(cohort)
+    interp = fastattr.IntegratedGradients(model, steps=3) if method == "ig" else fastattr.CheferRelevance(model)
+    dataset = CohortDataset(cohort)
+    plain = torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=False, collate_fn=CohortDataset.collate)
+    attribute_dataset(interp, plain, tmp_path / "plain")
+    counted = Counted(interp)
+    attribute_dataset(counted, plain, tmp_path / "sorted", sort_by_length=True)
+    run_forwards, counted.forwards = counted.forwards, 0
+    for batch in LengthSortedBatches(dataset, model, batch_size=5, collate_fn=CohortDataset.collate):
+        interp.attribute(**batch)
+    assert run_forwards == counted.forwards  # the run adds no forward for the stored probabilities
+    a, b = load_attributions(tmp_path / "plain"), load_attributions(tmp_path / "sorted")
+    assert a.patient_ids == b.patient_ids == [f"P{i:08d}" for i in range(23)]
+    manifest_widths = {b[i]["attr/codes"].shape[0] for i in range(23)}
+    assert len(manifest_widths) > 1, "sorted batches are padded to different widths"
+    for i in range(23):
+        x, y = a[i]["attr/codes"], b[i]["attr/codes"]
+        n = min(len(x), len(y))
+        torch.testing.assert_close(y[:n], x[:n], rtol=1e-5, atol=1e-6)
+        assert not x[n:].any() and not y[n:].any()  # beyond the shorter width: padding, exact zeros
+        torch.testing.assert_close(a[i]["probability"], b[i]["probability"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(a[i]["target"], b[i]["target"])
+    full = b.all()["attr/codes"]
+    assert full.shape[0] == 23 and torch.equal(full[7, : len(b[7]["attr/codes"])], b[7]["attr/codes"])
+    # deterministic: resuming the sorted run finds every batch done and the same ids
+    attribute_dataset(interp, plain, tmp_path / "sorted", sort_by_length=True)
+    same_runs(tmp_path / "sorted", tmp_path / "sorted")
+
+
+def test_no_extra_forward_for_probabilities(tmp_path):
+    cohort = SyntheticCohort(patients=12, seed=2)
+    counted = Counted(fastattr.CheferRelevance(tiny_model(cohort)))
+    attribute_dataset(counted, loader(cohort, batch_size=4), tmp_path)
+    assert counted.forwards == 3  # one per batch: Chefer's own
+
+
+def test_length_sorted_batches_by_tokens():
+    cohort = SyntheticCohort(patients=40, seed=9, lengths="lognormal", median_codes=8, longest=60)
+    model = tiny_model(cohort)
+    batches = LengthSortedBatches(CohortDataset(cohort), model, batch_tokens=64, collate_fn=CohortDataset.collate)
+    assert sorted(i for p in batches.positions for i in p) == list(range(40))
+    for members, batch in zip(batches.positions, batches):
+        assert batch["codes"].shape[0] == len(members)
+        assert len(members) == 1 or batch["codes"].numel() <= 64 + 3 * (2 + 4)  # distractors/pairs may add codes
+    with pytest.raises(ValueError, match="exactly one of batch_size"):
+        LengthSortedBatches(CohortDataset(cohort), model)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        LengthSortedBatches(CohortDataset(cohort), model, batch_tokens=0)

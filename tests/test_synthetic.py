@@ -65,7 +65,19 @@ def test_distractors_follow_their_planted_code():
         assert has[with_planted].float().mean() > has[~with_planted].float().mean() + 0.4
 
 
-@pytest.mark.parametrize("kwargs", [dict(patients=0), dict(vocab=10), dict(visits=(3, 2)), dict(planted=60)])
-def test_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(patients=0), "patients must be >= 1"), (dict(vocab=10), "need vocab >= 40"),
+    (dict(visits=(3, 2)), r"visits must be \(min, max\)"), (dict(planted=60), "2 \\* planted"),
+    (dict(lengths="zipf"), "lengths must be"), (dict(lengths="lognormal", median_codes=0), "median_codes > 0"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         SyntheticCohort(**kwargs)
+
+
+def test_lognormal_lengths_are_long_tailed_and_seeded():
+    cohort = SyntheticCohort(patients=400, seed=2, lengths="lognormal", median_codes=15, longest=300)
+    n = (cohort.batch(range(400), pad_to_longest=True)["codes"] != 0).sum(1).float()
+    assert 11 <= n.median() <= 21 and n.max() >= 6 * n.median()  # most short, a long tail
+    assert torch.equal(cohort.batch(range(5))["codes"], SyntheticCohort(patients=400, seed=2, lengths="lognormal",
+                                                                        median_codes=15, longest=300).batch(range(5))["codes"])

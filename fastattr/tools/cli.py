@@ -25,7 +25,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     attribute.add_argument("--method", choices=["ig", "chefer"], default="ig")
     attribute.add_argument("--out", required=True, help="output folder (shards and manifest.json)")
     attribute.add_argument("--seed", type=int, default=None, help="cohort seed (default: the model's training cohort)")
-    attribute.add_argument("--batch-size", type=int, default=64)
+    attribute.add_argument("--batch-size", type=int, default=64, help="patients per batch")
+    attribute.add_argument("--sort-by-length", action="store_true",
+                           help="batch patients of similar length together, each batch padded to its own longest")
+    attribute.add_argument("--batch-tokens", type=int, default=None,
+                           help="with --sort-by-length: padded codes per batch instead of --batch-size patients")
     attribute.add_argument("--steps", type=int, default=50, help="IG steps")
     attribute.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     attribute.add_argument("--no-resume", action="store_true", help="refuse to continue a run found in --out")
@@ -52,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "attribute":
         if args.size < 1 or args.batch_size < 1 or args.steps < 1:
             parser.error("--size, --batch-size and --steps must be >= 1")
+        if args.batch_tokens is not None and (args.batch_tokens < 1 or not args.sort_by_length):
+            parser.error("--batch-tokens must be >= 1 and needs --sort-by-length")
         run_attribute(args)
     if args.command == "demo":
         from fastattr.tools import demo as demo_module
@@ -79,7 +85,7 @@ def run_attribute(args: argparse.Namespace) -> None:
     import torch
 
     from fastattr.interpret.chefer import CheferRelevance
-    from fastattr.tools.cohort import CohortDataset, attribute_dataset
+    from fastattr.tools.cohort import CohortDataset, LengthSortedBatches, attribute_dataset
     from fastattr.interpret.ig import IntegratedGradients
     from fastattr.tools.models import load_checkpoint
     from fastattr.tools.synthetic import SyntheticCohort
@@ -95,7 +101,13 @@ def run_attribute(args: argparse.Namespace) -> None:
     if len(cohort.names) != model.dataset.input_processors["codes"].size:
         raise SystemExit(f"the checkpoint's vocabulary ({model.dataset.input_processors['codes'].size} ids) does not "
                          f"match the cohort's ({len(cohort.names)})")
-    loader = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=args.batch_size, shuffle=False)
+    dataset = CohortDataset(cohort)
+    if args.sort_by_length:
+        loader = LengthSortedBatches(dataset, model, batch_size=None if args.batch_tokens else args.batch_size,
+                                     batch_tokens=args.batch_tokens, collate_fn=CohortDataset.collate)
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                             collate_fn=CohortDataset.collate)
     if args.method == "ig":
         interpreter, kwargs = IntegratedGradients(model, steps=args.steps), {}
     else:
@@ -104,10 +116,12 @@ def run_attribute(args: argparse.Namespace) -> None:
 
 
 class _DeviceLoader:
-    """A dataloader whose tensors are moved to ``device``; keeps ``len`` and ``dataset``."""
+    """A dataloader whose tensors are moved to ``device``; keeps ``len``, ``dataset`` and the
+    dataset ``positions`` of length-sorted batches."""
 
     def __init__(self, loader, device):
         self.loader, self.device, self.dataset = loader, device, loader.dataset
+        self.positions = getattr(loader, "positions", None)
 
     def __len__(self) -> int:
         return len(self.loader)

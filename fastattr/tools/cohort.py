@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from fastattr.core.targets import resolve_targets
-from fastattr.interpret.features import batch_size, select_samples
+from fastattr.interpret.features import FeatureLayout, batch_size, select_samples
 
 FORMAT = "fastattr-attributions/1"
 ID_KEYS = ("patient_id", "visit_id")
@@ -54,10 +57,13 @@ def _ids(batch: dict[str, Any], size: int, index: int) -> dict[str, list[str]]:
 
 
 def _attribute_with_retry(interpreter: Any, batch: dict[str, Any], index: int, kwargs: dict[str, Any]):
-    """Attribute ``batch``; on CUDA out-of-memory, retry in halves down to one patient."""
+    """Attribute ``batch``; on CUDA out-of-memory, retry in halves down to one patient. Returns
+    ``[(start, stop, result, predictions or None), ...]``; the predictions are the interpreter's
+    own (``last_predictions``), so the model runs no extra forward for them."""
     size = batch_size(batch)
     try:
-        return [(0, size, interpreter.attribute(**kwargs, **batch))]
+        result = interpreter.attribute(**kwargs, **batch)
+        return [(0, size, result, getattr(interpreter, "last_predictions", None))]
     except torch.cuda.OutOfMemoryError as exc:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -67,21 +73,25 @@ def _attribute_with_retry(interpreter: Any, batch: dict[str, Any], index: int, k
     parts = []
     for start, stop in ((0, half), (half, size)):
         sub = _attribute_with_retry(interpreter, select_samples(batch, start, stop), index, kwargs)
-        parts += [(start + a, start + b, r) for a, b, r in sub]
+        parts += [(start + a, start + b, r, p) for a, b, r, p in sub]
     return parts
 
 
-def _concat(parts: list[tuple[int, int, Any]]) -> Any:
-    if len(parts) == 1:
-        return parts[0][2]
-    first = parts[0][2]
-    if isinstance(first, tuple):  # (attributions, convergence delta)
-        return ({k: torch.cat([p[2][0][k] for p in parts]) for k in first[0]}, torch.cat([p[2][1] for p in parts]))
-    return {k: torch.cat([p[2][k] for p in parts]) for k in first}
+def _concat(parts: list[tuple]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, Any]:
+    """``(attributions, convergence delta or None, (probabilities, targets) or None)`` of the parts."""
+    results = [p[2] for p in parts]
+    pairs = [r if isinstance(r, tuple) else (r, None) for r in results]
+    attributions = {k: torch.cat([a[k] for a, _ in pairs]) for k in pairs[0][0]}
+    delta = torch.cat([d for _, d in pairs]) if pairs[0][1] is not None else None
+    preds = [p[3] for p in parts]
+    predictions = None if any(p is None for p in preds) else \
+        (torch.cat([p[0] for p in preds]), torch.cat([p[1] for p in preds]))
+    return attributions, delta, predictions
 
 
 def _predictions(model: Any, batch: dict[str, Any], target: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted probabilities ``[B, C]`` and the class each patient is explained for."""
+    """Predicted probabilities ``[B, C]`` and the class each patient is explained for, for an
+    interpreter that does not report its own (one extra forward)."""
     with torch.no_grad():
         out = model(**{k: v for k, v in batch.items() if k in model.feature_keys})
     logits = out["logit"].reshape(out["logit"].shape[0], -1)
@@ -92,8 +102,6 @@ def _predictions(model: Any, batch: dict[str, Any], target: Any) -> tuple[torch.
 
 def _distributed() -> tuple[int, int, bool]:
     """(rank, world size, whether this call started the process group, as it does under torchrun)."""
-    import torch.distributed as dist
-
     if not dist.is_available():
         return 0, 1, False
     started = False
@@ -106,8 +114,6 @@ def _distributed() -> tuple[int, int, bool]:
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -138,23 +144,143 @@ def _verified(out: Path, shards: dict[str, dict], repair: bool) -> dict[str, dic
     return good
 
 
+class ShardStore:
+    """The writing side of a run folder: checksummed safetensors shards, one per batch, and the
+    manifests that list them (one per rank while running, merged by rank 0 at the end)."""
+
+    def __init__(self, out: Path, rank: int, world: int) -> None:
+        self.out, self.rank, self.world = out, rank, world
+        self.manifest_path = out / "manifest.json"
+        self.rank_path = out / f"manifest.rank{rank}.json"
+        self.shards: dict[str, dict] = {}
+        self.mine: dict[str, dict] = {}
+
+    def recover(self, resume: bool) -> dict[int, dict]:
+        """The finished shards of an earlier (possibly interrupted, possibly distributed) run,
+        verified by checksum (corrupt ones dropped to be redone); returns them by batch index."""
+        existing = _read_manifest(self.manifest_path)
+        if existing is not None and not resume:
+            raise FileExistsError(f"{self.out} already holds an attribution run; pass resume=True to continue it")
+        shards = dict(existing["shards"]) if existing else {}
+        for leftover in self.out.glob("manifest.rank*.json"):  # ranks of an interrupted distributed run
+            part = _read_manifest(leftover)
+            if part:
+                shards.update(part["shards"])
+        self.shards = _verified(self.out, shards, repair=True)
+        self.mine = {n: e for n, e in self.shards.items() if e["batch"] % self.world == self.rank}
+        return {entry["batch"]: entry for entry in self.shards.values()}
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor], ids: dict[str, list[str]],
+              positions: list[int]) -> None:
+        """One batch's shard, then this rank's manifest naming it (a shard exists only once named)."""
+        name = f"shard-{index:08d}.safetensors"
+        _write_atomic(self.out / name, save(tensors, metadata={"ids": json.dumps(ids), "batch": str(index)}))
+        self.mine[name] = {"file": name, "batch": index, "patients": len(positions), "ids": ids,
+                           "positions": positions, "sha256": _sha256(self.out / name)}
+        self.save_rank_manifest()
+
+    def save_rank_manifest(self) -> None:
+        _write_atomic(self.rank_path, json.dumps({"format": FORMAT, "shards": self.mine}).encode())
+
+    def merge(self) -> None:
+        """Rank 0: one manifest of every shard, rank manifests and never-listed shards removed."""
+        merged = dict(self.shards)
+        for part_path in sorted(self.out.glob("manifest.rank*.json")):
+            merged.update(_read_manifest(part_path)["shards"])
+        merged = dict(sorted(merged.items(), key=lambda item: item[1]["batch"]))
+        _write_atomic(self.manifest_path, json.dumps({"format": FORMAT, "complete": True,
+                                                      "patients": sum(e["patients"] for e in merged.values()),
+                                                      "shards": merged}, indent=1).encode())
+        for part_path in self.out.glob("manifest.rank*.json"):
+            part_path.unlink()
+        for stray in self.out.glob("shard-*.safetensors*"):  # written by a killed run, never listed
+            if stray.name not in merged:
+                stray.unlink()
+
+
+def _sample_length(model: Any, sample: Mapping[str, Any]) -> int:
+    """Positions of one sample over the model's features: non-padding entries of integer values,
+    the first dim of other tensors, leaves of nested lists."""
+    total = 0
+    for key in getattr(model, "feature_keys", []):
+        if key not in sample:
+            continue
+        feature = sample[key]
+        value = FeatureLayout.of(model, key).value(feature) if isinstance(feature, tuple) else feature
+        if isinstance(value, torch.Tensor):
+            total += int((value != 0).sum()) if not value.is_floating_point() else (value.shape[0] if value.dim() else 1)
+        elif isinstance(value, (list, tuple)):
+            total += sum(len(v) if isinstance(v, (list, tuple)) else 1 for v in value)
+        else:
+            total += 1
+    return max(total, 1)
+
+
+class LengthSortedBatches:
+    """Batches of a map-style dataset grouped by length, so each is padded only to its own longest.
+
+    Samples are sorted by their length over the model's features (ties by position, so the
+    order is the same on every run and rank) and cut into batches of ``batch_size`` samples or,
+    with ``batch_tokens``, of at most that many padded positions (samples x the batch's longest).
+    Iterating yields collated batches; ``positions[i]`` are batch ``i``'s dataset positions.
+    """
+
+    def __init__(self, dataset: Any, model: Any, *, batch_size: int | None = None, batch_tokens: int | None = None,
+                 collate_fn: Any = None) -> None:
+        if (batch_size is None) == (batch_tokens is None):
+            raise ValueError("give exactly one of batch_size (samples per batch) and batch_tokens (padded positions "
+                             "per batch)")
+        for name, value in (("batch_size", batch_size), ("batch_tokens", batch_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        self.dataset = dataset
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+        lengths = [_sample_length(model, dataset[i]) for i in range(len(dataset))]
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        self.positions: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            longest = lengths[i]  # ascending: the newest sample is the batch's longest
+            full = len(current) >= batch_size if batch_size is not None else \
+                bool(current) and (len(current) + 1) * longest > batch_tokens
+            if full:
+                self.positions.append(current)
+                current = []
+            current.append(i)
+        if current:
+            self.positions.append(current)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for members in self.positions:
+            yield self.collate_fn([self.dataset[i] for i in members])
+
+
 def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], out: str | Path, *,
                       save_probabilities: bool = True, resume: bool = True, progress: bool | None = None,
+                      sort_by_length: bool = False, batch_tokens: int | None = None,
                       **attribute_kwargs: Any) -> Path:
     """Attribute every batch of ``dataloader`` with ``interpreter`` and stream the results to ``out``.
 
     Args:
         interpreter: a fastattr interpreter (``IntegratedGradients``, ``CheferRelevance``) or any
             object with ``attribute(**kwargs, **batch)`` and ``model``.
-        dataloader: batches as dicts (a PyHealth dataloader, or ``fastattr.tools.cohort.CohortDataset``
-            through a ``DataLoader``). Its order must be the same on every run and rank
-            (``shuffle=False``); ids come from ``patient_id`` / ``visit_id`` when present.
+        dataloader: batches as dicts (a PyHealth dataloader, ``fastattr.tools.cohort.CohortDataset``
+            through a ``DataLoader``, or :class:`LengthSortedBatches`). Its order must be the same
+            on every run and rank (``shuffle=False``); ids come from ``patient_id`` / ``visit_id``.
         out: a folder; created if needed.
         save_probabilities: also store the model's predicted probabilities and the class each
-            patient was explained for (``target``), from one extra forward per batch.
+            patient was explained for (``target``), as the interpreter's own forward gave them.
         resume: continue a run found in ``out`` (verifying its shards by checksum and redoing any
             corrupt one); ``False`` refuses to touch a folder that already holds a run.
         progress: progress bar with patients/s and ETA (``None``: only on a terminal).
+        sort_by_length: rebatch ``dataloader.dataset`` (through its ``collate_fn``) as
+            :class:`LengthSortedBatches` of ``dataloader.batch_size`` samples, or of
+            ``batch_tokens`` padded positions, so each batch is padded only to its own longest.
+            Results keep their dataset positions in the store.
+        batch_tokens: with ``sort_by_length``, the padded positions per batch instead of a count.
         **attribute_kwargs: passed to ``interpreter.attribute`` (``steps``, ``target_class_idx``,
             ``return_convergence_delta``...). With ``return_convergence_delta`` the delta is stored.
 
@@ -163,36 +289,34 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
     results are identical; every rank writes its own shards and rank 0 merges the manifest.
     A batch that runs out of CUDA memory is retried in halves before failing.
     """
+    model = getattr(interpreter, "model", None)
+    if sort_by_length and not isinstance(dataloader, LengthSortedBatches):
+        dataset = getattr(dataloader, "dataset", None)
+        if dataset is None or model is None:
+            raise ValueError("sort_by_length needs a DataLoader over a map-style dataset (dataloader.dataset) and "
+                             "an interpreter with .model")
+        dataloader = LengthSortedBatches(dataset, model, batch_size=None if batch_tokens else dataloader.batch_size,
+                                         batch_tokens=batch_tokens, collate_fn=getattr(dataloader, "collate_fn", None))
+    elif batch_tokens is not None:
+        raise ValueError("batch_tokens applies only with sort_by_length=True")
     out = Path(out)
     rank, world, started = _distributed()
     out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
-    rank_path = out / f"manifest.rank{rank}.json"
-    existing = _read_manifest(manifest_path)
-    if existing is not None and not resume:
-        raise FileExistsError(f"{out} already holds an attribution run; pass resume=True to continue it")
-    shards: dict[str, dict] = dict(existing["shards"]) if existing else {}
-    for leftover in out.glob("manifest.rank*.json"):  # ranks of an interrupted distributed run
-        part = _read_manifest(leftover)
-        if part:
-            shards.update(part["shards"])
-    shards = _verified(out, shards, repair=True)
+    store = ShardStore(out, rank, world)
+    done = store.recover(resume)
     _barrier()  # every rank has read the previous state before any rank writes
-    done = {entry["batch"]: entry for entry in shards.values()}
-    mine = {name: entry for name, entry in shards.items() if entry["batch"] % world == rank}
-    model = getattr(interpreter, "model", None)
     try:
         total_patients = len(dataloader.dataset)  # type: ignore[attr-defined]
     except (AttributeError, TypeError):
         total_patients = None
     bar = tqdm(total=total_patients, unit="patient", desc=f"attributing (rank {rank}/{world})" if world > 1 else
                "attributing", disable=None if progress is None else not progress, smoothing=0.1)
-
-    def save_rank_manifest() -> None:
-        _write_atomic(rank_path, json.dumps({"format": FORMAT, "shards": mine}).encode())
-
+    given = getattr(dataloader, "positions", None)  # LengthSortedBatches: dataset positions per batch
+    seen = 0
     for index, batch in enumerate(dataloader):
         size = batch_size(batch)
+        positions = list(given[index]) if given is not None else list(range(seen, seen + size))
+        seen += size
         ids = _ids(batch, size, index)
         if index in done:
             if done[index]["ids"] != ids:
@@ -203,41 +327,25 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
         if index % world != rank:
             bar.update(size)
             continue
-        result = _concat(_attribute_with_retry(interpreter, batch, index, attribute_kwargs))
-        attributions, delta = result if isinstance(result, tuple) else (result, None)
+        attributions, delta, predictions = _concat(_attribute_with_retry(interpreter, batch, index, attribute_kwargs))
         tensors = {f"attr/{k}": v.detach().contiguous().cpu() for k, v in attributions.items()}
         if delta is not None:
             tensors["convergence_delta"] = delta.detach().contiguous().cpu()
         if save_probabilities and model is not None:
-            prob, targets = _predictions(model, batch, attribute_kwargs.get("target_class_idx"))
-            tensors["probability"] = prob.cpu().contiguous()
-            tensors["target"] = targets.cpu().contiguous()
-        from safetensors.torch import save
-
-        name = f"shard-{index:08d}.safetensors"
-        _write_atomic(out / name, save(tensors, metadata={"ids": json.dumps(ids), "batch": str(index)}))
-        mine[name] = {"file": name, "batch": index, "patients": size, "ids": ids, "sha256": _sha256(out / name)}
-        save_rank_manifest()
+            if predictions is None:
+                predictions = _predictions(model, batch, attribute_kwargs.get("target_class_idx"))
+            tensors["probability"] = predictions[0].cpu().contiguous()
+            tensors["target"] = predictions[1].cpu().contiguous()
+        store.write(index, tensors, ids, positions)
         bar.update(size)
     bar.close()
-    save_rank_manifest()
+    store.save_rank_manifest()
     _barrier()
     if rank == 0:
-        merged = dict(shards)
-        for part_path in sorted(out.glob("manifest.rank*.json")):
-            merged.update(_read_manifest(part_path)["shards"])
-        merged = dict(sorted(merged.items(), key=lambda item: item[1]["batch"]))
-        _write_atomic(manifest_path, json.dumps({"format": FORMAT, "complete": True,
-                                                 "patients": sum(e["patients"] for e in merged.values()),
-                                                 "shards": merged}, indent=1).encode())
-        for part_path in out.glob("manifest.rank*.json"):
-            part_path.unlink()
-        for stray in out.glob("shard-*.safetensors*"):  # written by a killed run, never listed
-            if stray.name not in merged:
-                stray.unlink()
+        store.merge()
     _barrier()
     if started:
-        torch.distributed.destroy_process_group()
+        dist.destroy_process_group()
     return out
 
 
@@ -267,14 +375,21 @@ class Attributions(Mapping[int, dict[str, torch.Tensor]]):
         self.complete = bool(manifest.get("complete"))
         self.shards = dict(sorted(manifest["shards"].items(), key=lambda item: item[1]["batch"]))
         self._checked: set[str] = set()
-        self._rows: list[_Location] = []
-        self.patient_ids: list[str] = []
-        self.visit_ids: list[str | None] = []
+        located: dict[int, tuple[_Location, str, str | None]] = {}
+        count = 0
         for name, entry in self.shards.items():
             ids = entry["ids"]
-            self._rows += [_Location(name, row) for row in range(entry["patients"])]
-            self.patient_ids += ids["patient_id"]
-            self.visit_ids += ids.get("visit_id", [None] * entry["patients"])
+            visits = ids.get("visit_id", [None] * entry["patients"])
+            positions = entry.get("positions") or list(range(count, count + entry["patients"]))
+            for row, position in enumerate(positions):
+                located[position] = (_Location(name, row), ids["patient_id"][row], visits[row])
+            count += entry["patients"]
+        if sorted(located) != list(range(len(located))):
+            raise ValueError(f"{self.out}/manifest.json does not give every sample one position 0..{len(located) - 1}")
+        ordered = [located[i] for i in range(len(located))]
+        self._rows = [loc for loc, _, _ in ordered]
+        self.patient_ids: list[str] = [pid for _, pid, _ in ordered]
+        self.visit_ids: list[str | None] = [vid for _, _, vid in ordered]
         self._by_id: dict[str, list[int]] = {}
         for position, pid in enumerate(self.patient_ids):
             self._by_id.setdefault(pid, []).append(position)
@@ -304,8 +419,6 @@ class Attributions(Mapping[int, dict[str, torch.Tensor]]):
         return [self[i] for i in found]
 
     def _open(self, name: str):
-        from safetensors import safe_open
-
         if name not in self._checked:
             _verified(self.out, {name: self.shards[name]}, repair=False)
             self._checked.add(name)
@@ -327,9 +440,25 @@ class Attributions(Mapping[int, dict[str, torch.Tensor]]):
                 yield {k: f.get_tensor(k) for k in f.keys()}
 
     def all(self) -> dict[str, torch.Tensor]:
-        """Every shard concatenated (same-width attributions; padded widths must match)."""
+        """Every sample's tensors stacked in position order; shards padded to different widths
+        (length-sorted runs) are zero-padded to the widest, as a dataloader pads a batch."""
         parts = list(self.batches())
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        if not parts:
+            return {}
+        order = torch.tensor([0] * len(self), dtype=torch.long)
+        row = 0
+        for name, entry in self.shards.items():
+            positions = entry.get("positions") or list(range(row, row + entry["patients"]))
+            order[torch.tensor(positions)] = torch.arange(row, row + entry["patients"])
+            row += entry["patients"]
+        out = {}
+        for key in parts[0]:
+            tensors = [p[key] for p in parts]
+            widest = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+            padded = [torch.nn.functional.pad(t, [x for d in reversed(range(1, t.dim()))
+                                                  for x in (0, widest[d - 1] - t.shape[d])]) for t in tensors]
+            out[key] = torch.cat(padded).index_select(0, order)
+        return out
 
 
 def load_attributions(out: str | Path) -> Attributions:
@@ -338,7 +467,11 @@ def load_attributions(out: str | Path) -> Attributions:
 
 
 class CohortDataset(torch.utils.data.Dataset):
-    """A :class:`fastattr.tools.synthetic.SyntheticCohort` as a map-style dataset of patient dicts."""
+    """A :class:`fastattr.tools.synthetic.SyntheticCohort` as a map-style dataset of patient dicts.
+
+    Items hold the codes padded to the cohort's ``max_codes`` (so the default collate works);
+    pass ``collate_fn=CohortDataset.collate`` to pad each batch only to its own longest patient.
+    """
 
     def __init__(self, cohort: Any) -> None:
         self.cohort = cohort
@@ -349,3 +482,12 @@ class CohortDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.cohort.batch([index])
         return {"patient_id": f"P{index:08d}", "codes": row["codes"][0], "label": row["label"][0]}
+
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack items, then cut the codes after the batch's last non-padding column."""
+        batch = torch.utils.data.default_collate(items)
+        codes = batch["codes"]
+        used = (codes != 0).any(dim=0).nonzero()
+        batch["codes"] = codes[:, : int(used.max()) + 1 if len(used) else 1]
+        return batch

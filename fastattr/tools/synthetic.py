@@ -66,6 +66,11 @@ class SyntheticCohort:
         pairs: number of planted pairs (log-odds 2.0 to 3.0 when both codes are present).
         zipf: exponent of the code frequency.
         seed: the cohort's seed.
+        lengths: ``"uniform"`` (visits and codes per visit drawn uniformly from their ranges) or
+            ``"lognormal"``: each patient's number of codes drawn log-normal with median
+            ``median_codes`` and log-space spread ``sigma``, capped at ``longest``, as real
+            cohorts are long-tailed (most patients short, a few with hundreds of codes); visits
+            of ``codes_per_visit`` codes are added until the patient has that many.
     """
 
     patients: int = 2000
@@ -76,6 +81,10 @@ class SyntheticCohort:
     pairs: int = 2
     zipf: float = 1.1
     seed: int = 0
+    lengths: str = "uniform"
+    median_codes: float = 15.0
+    sigma: float = 1.0
+    longest: int = 512
     truth: Truth = field(init=False)
     names: list[str] = field(init=False)
 
@@ -89,6 +98,11 @@ class SyntheticCohort:
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name} must be (min, max) with 1 <= min <= max; got {(lo, hi)}")
+        if self.lengths not in ("uniform", "lognormal"):
+            raise ValueError(f"lengths must be 'uniform' or 'lognormal'; got {self.lengths!r}")
+        if self.median_codes <= 0 or self.sigma < 0 or self.longest < 1:
+            raise ValueError(f"need median_codes > 0, sigma >= 0 and longest >= 1; got {self.median_codes}, "
+                             f"{self.sigma}, {self.longest}")
         total = 3 * self.vocab
         self.names = ["<pad>", "<unk>"] + [f"{CODE_TYPES[i // self.vocab]}{i % self.vocab:03d}" for i in range(total)]
         ranks = np.arange(1, self.vocab + 1, dtype=np.float64)
@@ -118,11 +132,18 @@ class SyntheticCohort:
         if not 0 <= index < self.patients:
             raise IndexError(f"patient {index} is outside a cohort of {self.patients}")
         rng = np.random.default_rng([self.seed, index])
-        n_visits = int(rng.integers(self.visits[0], self.visits[1] + 1))
         visits = []
-        for _ in range(n_visits):
-            n_codes = int(rng.integers(self.codes_per_visit[0], self.codes_per_visit[1] + 1))
-            visits.append((rng.choice(self._freq.size, size=n_codes, p=self._freq) + FIRST_CODE).tolist())
+        if self.lengths == "lognormal":
+            wanted = int(np.clip(np.rint(rng.lognormal(np.log(self.median_codes), self.sigma)), 1, self.longest))
+            while sum(map(len, visits)) < wanted:
+                n_codes = int(rng.integers(self.codes_per_visit[0], self.codes_per_visit[1] + 1))
+                n_codes = min(n_codes, wanted - sum(map(len, visits)))
+                visits.append((rng.choice(self._freq.size, size=n_codes, p=self._freq) + FIRST_CODE).tolist())
+        else:
+            for _ in range(int(rng.integers(self.visits[0], self.visits[1] + 1))):
+                n_codes = int(rng.integers(self.codes_per_visit[0], self.codes_per_visit[1] + 1))
+                visits.append((rng.choice(self._freq.size, size=n_codes, p=self._freq) + FIRST_CODE).tolist())
+        n_visits = len(visits)
         for a, b in self.truth.pairs:
             if rng.random() < self._pair_rate:
                 visits[int(rng.integers(n_visits))] += [a, b]
@@ -137,15 +158,19 @@ class SyntheticCohort:
     @property
     def max_codes(self) -> int:
         """Length of the flat code sequence every batch is padded to."""
-        return self.visits[1] * self.codes_per_visit[1] + 2 * self.pairs + len(self.truth.distractors)
+        most = self.longest if self.lengths == "lognormal" else self.visits[1] * self.codes_per_visit[1]
+        return most + 2 * self.pairs + len(self.truth.distractors)
 
-    def batch(self, indices) -> dict[str, torch.Tensor]:
-        """``{"codes": LongTensor [B, max_codes] (visits concatenated, 0-padded), "label": [B]}``."""
+    def batch(self, indices, pad_to_longest: bool = False) -> dict[str, torch.Tensor]:
+        """``{"codes": LongTensor [B, max_codes] (visits concatenated, 0-padded), "label": [B]}``;
+        with ``pad_to_longest`` the codes are padded only to the batch's longest patient."""
         indices = list(indices)
-        codes = torch.zeros(len(indices), self.max_codes, dtype=torch.long)
-        labels = torch.zeros(len(indices), dtype=torch.long)
+        rows, labels = [], torch.zeros(len(indices), dtype=torch.long)
         for row, index in enumerate(indices):
             visits, labels[row] = self.patient(int(index))
-            flat = [c for v in visits for c in v][: self.max_codes]
-            codes[row, : len(flat)] = torch.tensor(flat)
+            rows.append([c for v in visits for c in v][: self.max_codes])
+        width = max(map(len, rows), default=0) if pad_to_longest else self.max_codes
+        codes = torch.zeros(len(indices), max(width, 1), dtype=torch.long)
+        for row, flat in enumerate(rows):
+            codes[row, : len(flat)] = torch.tensor(flat, dtype=torch.long)
         return {"codes": codes, "label": labels}
