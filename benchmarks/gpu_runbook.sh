@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_runbook.sh tests     # install check + the GPU test tier (pytest -m gpu)
 #   bash benchmarks/gpu_runbook.sh kernels   # kernels alone: do_bench, GB/s vs copy, TFLOP/s vs cuBLAS
 #   bash benchmarks/gpu_runbook.sh e2e       # IG and Chefer end to end vs the step loop, Captum, floor
+#   bash benchmarks/gpu_runbook.sh longtail  # long-tailed lengths: packed vs padded IG, sorted cohorts
 # Several parts may be named in one call. Logs go to $OUT (or ./gpu-results). The device image has
 # torch, Triton, pytest, safetensors, tqdm and matplotlib but no package registry: Captum travels
 # as a wheel in .whl/ (see README, "Benchmarks"); PyHealth's imports are too large to carry, so the
@@ -44,6 +45,12 @@ for part in "$@"; do
             --full --repeats 20
         done
       } 2>&1 | tee "$out/e2e.log" ;;
-    *) echo "unknown part $part (tests, kernels, e2e)"; exit 2 ;;
+    longtail)
+      {
+        python3 -m benchmarks.long_tail batch --device cuda --dim 128 --repeats 20
+        python3 -m benchmarks.long_tail batch --device cuda --dim 64 --repeats 20
+        python3 -m benchmarks.long_tail cohort --device cuda --dim 128 --repeats 5
+      } 2>&1 | tee "$out/longtail.log" ;;
+    *) echo "unknown part $part (tests, kernels, e2e, longtail)"; exit 2 ;;
   esac
 done

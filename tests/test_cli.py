@@ -47,6 +47,11 @@ def test_bench_quick_csv_has_every_column_for_every_method(tmp_path):
     assert ig_methods == expected
     assert {r["method"] for r in rows if r["workload"] == "chefer"} == \
         {"fastattr[torch]", "pyhealth" if bench.pyhealth_available() else "full-R-loop"}
+    tail = [r for r in rows if r["workload"] == "integrated_gradients long-tailed"]
+    assert {r["method"] for r in tail} == expected and {r["batch"] for r in tail} == {"8"}
+    assert int(tail[0]["seq_len"]) > 8  # padded to the longest of a long-tailed batch (median 8)
+    assert {r["workload"] for r in rows} == {"integrated_gradients", "chefer", "integrated_gradients long-tailed",
+                                             "chefer long-tailed"}
     for row in rows:
         assert list(row) == bench.COLUMNS
         for column in ("median_ms", "min_ms", "max_ms", "speedup_vs_baseline", "max_rel_err"):

@@ -110,3 +110,23 @@ def test_end_to_end_on_gpu():
     got = chefer.attribute(backend="triton", **batch)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_length_packing_on_cuda_equals_padded_and_oracle(monkeypatch):
+    from fastattr.core import packing
+    from fastattr.loop import step_loop_integrated_gradients
+    from conftest import codes, rel_err
+
+    monkeypatch.setitem(packing.GROUP_COST, "cuda", 0.0)  # every length its own group
+    model, _ = own_model("transformer", seed=3)
+    model = model.cuda()
+    x = codes(9, 37, 40, torch.Generator().manual_seed(1)).cuda()
+    labs = torch.randn(9, 3, 5, device="cuda")
+    ig = fastattr.IntegratedGradients(model, steps=8)
+    packed = ig.attribute(codes=x, labs=labs)
+    assert len(ig.last_groups) > 1
+    padded = ig.attribute(codes=x, labs=labs, pack_lengths=False)
+    oracle = step_loop_integrated_gradients(model, steps=8, codes=x, labs=labs)
+    for k in packed:
+        assert rel_err(packed[k], padded[k]) <= 1e-5 and rel_err(packed[k], oracle[k]) <= 1e-5
+    assert bool((packed["codes"][x == 0] == 0).all())

@@ -17,8 +17,11 @@ import torch
 # Transformer, 32 long-tailed patients, 51 path points (benchmarks/RESULTS.md, "Length-aware
 # packing"): costs from 1,600 to 6,500 row-positions ran within 4% of one another (5.0-5.1x
 # PyHealth), 400 was 17% slower (more, smaller groups).
-# On CUDA, where small clinical models are launch-bound, a group's forwards cost far more.
-GROUP_COST = {"cpu": 3000.0, "cuda": 400000.0}
+# On CUDA, where small clinical models are launch-bound, a group's forwards cost far more: on an
+# H100 (same batch, dims 64 and 128) costs of 30,000-100,000 split it in two groups, 1.2-1.8x
+# faster than the padded batch with a fifth of its memory; 10,000 (three groups) and 400,000
+# (one) were slower.
+GROUP_COST = {"cpu": 3000.0, "cuda": 50000.0}
 # Most candidate group boundaries considered (quantiles of the sorted order past this many samples).
 MAX_CUTS = 128
 

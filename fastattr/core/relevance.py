@@ -56,9 +56,21 @@ def chefer_relevance(layers: Sequence[Layer], rows: torch.Tensor | None = None, 
         float32 relevance (float64 when the maps are float64), detached.
     """
     batch, tokens = check_layers(layers)
-    device = layers[0][0].device
-    use = resolve_backend(backend, device)
-    dtype = torch.float64 if layers[0][0].dtype == torch.float64 else torch.float32
+    use = resolve_backend(backend, layers[0][0].device)
+    if rows is not None:
+        if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int32, torch.int64) or rows.shape != (batch,):
+            raise ValueError(f"rows must be a LongTensor of shape [{batch}] (one row per sample); got {rows!r}")
+        if bool(((rows < 0) | (rows >= tokens)).any()):
+            raise ValueError(f"rows must lie in [0, {tokens}); got {rows.tolist()}")
+    return propagate(layers, rows, use)
+
+
+def propagate(layers: Sequence[Layer], rows: torch.Tensor | None, use: str) -> torch.Tensor:
+    """:func:`chefer_relevance` on validated layers and rows with a resolved backend (``"torch"``
+    or ``"triton"``): the core, which trusts its arguments."""
+    attn0 = layers[0][0]
+    batch, tokens, device = attn0.shape[0], attn0.shape[-1], attn0.device
+    dtype = torch.float64 if attn0.dtype == torch.float64 else torch.float32
     if use == "triton" and dtype == torch.float64:
         use = "torch"  # the kernels accumulate in float32; float64 maps keep their precision
     with torch.no_grad():
@@ -68,10 +80,6 @@ def chefer_relevance(layers: Sequence[Layer], rows: torch.Tensor | None = None, 
             for attn, grad in layers:
                 R = step(R, attn.detach(), grad.detach())
             return R
-        if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int32, torch.int64) or rows.shape != (batch,):
-            raise ValueError(f"rows must be a LongTensor of shape [{batch}] (one row per sample); got {rows!r}")
-        if bool(((rows < 0) | (rows >= tokens)).any()):
-            raise ValueError(f"rows must lie in [0, {tokens}); got {rows.tolist()}")
         v = torch.nn.functional.one_hot(rows.to(device).long(), tokens).to(dtype)
         step = ops.row_step_triton if use == "triton" else ops.row_step_torch
         for attn, grad in reversed(layers):

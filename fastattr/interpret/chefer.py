@@ -5,10 +5,10 @@ from typing import Any
 
 import torch
 
-from fastattr.core.backend import check_backend_name
+from fastattr.core.backend import check_backend_name, resolve_backend
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.features import FeatureBatch, require_feature_protocol, require_methods
-from fastattr.core.relevance import check_layers, chefer_relevance
+from fastattr.core.relevance import chefer_relevance, check_layers, propagate
 
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
 
@@ -193,18 +193,19 @@ class CheferRelevance:
                                      "this backward did not reach it")
         tokens = {key: check_layers(pairs, f"attention layers of {key!r}")[1] for key, pairs in layers.items()}
         device = next(iter(layers.values()))[0][0].device
+        use = resolve_backend(backend, device)
 
         stated = getattr(model, "get_relevance_rows", None)
         if callable(stated):
             rows = stated(**data)
-            result = {k: chefer_relevance(layers[k], rows[k].to(device), backend=backend) for k in layers}
+            result = {k: chefer_relevance(layers[k], rows[k].to(device), backend=use) for k in layers}
         else:
             picks = detect_row_picks(model, tokens, batch, data, device)
             if picks is not None:
-                result = {k: chefer_relevance(layers[k], rows, backend=backend).gather(1, cols)
+                result = {k: propagate(layers[k], rows, use).gather(1, cols)
                           for k, (rows, cols) in picks.items()}
             else:
-                full = {k: chefer_relevance(layers[k], backend=backend) for k in layers}
+                full = {k: propagate(layers[k], None, use) for k in layers}
                 result = model.get_relevance_tensor(full, **data)
         del layers
         return features.expand(result)

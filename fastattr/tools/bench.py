@@ -132,12 +132,15 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: st
 
 
 def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim: int, device: str,
-               repeats: int, use_pyhealth: bool, use_captum: bool) -> list[dict[str, Any]]:
-    """All methods of both workloads on one model and batch; rows ready for the CSV."""
-    model, data = build_model(length, batch, layers, heads, dim, device, use_pyhealth)
+               repeats: int, use_pyhealth: bool, use_captum: bool, long_tail: bool = False) -> list[dict[str, Any]]:
+    """All methods of both workloads on one model and batch; rows ready for the CSV. With
+    ``long_tail`` the patients have log-normal lengths (median ``length``) padded to the batch's
+    longest (``seq_len`` then reports that padded length) and the workloads are named so."""
+    model, data = build_model(length, batch, layers, heads, dim, device, use_pyhealth, long_tail=long_tail)
+    suffix = " long-tailed" if long_tail else ""
     common = {"device": device, "model": "pyhealth.Transformer" if use_pyhealth else "fastattr.TransformerClassifier",
-              "seq_len": length, "steps": steps, "batch": batch, "layers": layers, "heads": heads, "dim": dim,
-              "repeats": repeats, "torch": torch.__version__}
+              "seq_len": data["codes"].shape[1], "steps": steps, "batch": batch, "layers": layers, "heads": heads,
+              "dim": dim, "repeats": repeats, "torch": torch.__version__}
     rows = []
 
     ig = IntegratedGradients(model, steps=steps)
@@ -170,7 +173,7 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
             raise AssertionError(f"IG: {name} differs from {'the trapezoid rule' if name == 'captum' else ig_base_name} "
                                  f"by {err:.2e} (relative); refusing to time methods that disagree")
     stats = time_interleaved(fns, repeats, device)
-    rows += [{**common, "workload": "integrated_gradients", "method": name, "baseline": ig_base_name,
+    rows += [{**common, "workload": "integrated_gradients" + suffix, "method": name, "baseline": ig_base_name,
               "speedup_vs_baseline": stats[ig_base_name]["median_ms"] / s["median_ms"],
               "max_rel_err": errors[name], **s} for name, s in stats.items()]
 
@@ -185,7 +188,7 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
         if errors[name] > 1e-4:
             raise AssertionError(f"Chefer: {name} differs from {ch_base_name} by {errors[name]:.2e}")
     stats = time_interleaved(fns, repeats, device)
-    rows += [{**common, "workload": "chefer", "method": name, "baseline": ch_base_name,
+    rows += [{**common, "workload": "chefer" + suffix, "method": name, "baseline": ch_base_name,
               "speedup_vs_baseline": stats[ch_base_name]["median_ms"] / s["median_ms"],
               "max_rel_err": errors[name], **s} for name, s in stats.items()]
     model.zero_grad(set_to_none=True)
@@ -200,6 +203,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    rows = [r for r in rows if not r["workload"].endswith("long-tailed")]  # one batch each: a table, not a curve
     workloads = sorted({r["workload"] for r in rows})
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
     for ax, workload in zip(axes[0], workloads):
@@ -222,8 +226,10 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> bool:
 def run(quick: bool = False, device: str | None = None, out: str | Path = "fastattr-bench",
         lengths: list[int] | None = None, steps: int | None = None, batch: int | None = None,
         layers: int | None = None, heads: int | None = None, dim: int | None = None,
-        repeats: int | None = None) -> list[dict[str, Any]]:
-    """Run the sweep over sequence lengths, print the table, write ``bench.csv`` and ``bench.png``."""
+        repeats: int | None = None, long_tail: bool = True) -> list[dict[str, Any]]:
+    """Run the sweep over sequence lengths, then (``long_tail``) the long-tailed workload (a batch
+    of 32 patients, log-normal lengths with median 15 codes, padded to the longest); print the
+    table, write ``bench.csv`` and ``bench.png``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lengths = lengths or ([16, 32] if quick else [32, 64, 128, 256])
     steps = steps or (8 if quick else 50)
@@ -239,6 +245,9 @@ def run(quick: bool = False, device: str | None = None, out: str | Path = "fasta
     rows = []
     for length in lengths:
         rows += bench_case(length, steps, batch, layers, heads, dim, device, repeats, use_pyhealth, use_captum)
+    if long_tail:  # what users have: long-tailed lengths, padded to each batch's longest
+        rows += bench_case(8 if quick else 15, steps, 8 if quick else 32, layers, heads, dim, device, repeats,
+                           use_pyhealth, use_captum, long_tail=True)
     print("| workload | seq_len | method | median ms | min-max ms | speedup | peak MiB | rel. err |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

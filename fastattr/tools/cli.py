@@ -38,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     bench.add_argument("--out", default="fastattr-bench", help="folder for bench.csv and bench.png")
     bench.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths to sweep")
+    bench.add_argument("--no-long-tail", action="store_true",
+                       help="skip the long-tailed workload (32 patients, log-normal lengths, padded to the longest)")
     for name, help_text in (("steps", "IG steps"), ("batch", "batch size"), ("layers", "Transformer layers"),
                             ("heads", "attention heads"), ("dim", "embedding dim"), ("repeats", "timed repeats")):
         bench.add_argument(f"--{name}", type=int, default=None, help=help_text)
@@ -52,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lengths and min(args.lengths) < 1:
             parser.error("--lengths must all be >= 1")
         bench_module.run(quick=args.quick, device=args.device, out=args.out, lengths=args.lengths, steps=args.steps,
-                         batch=args.batch, layers=args.layers, heads=args.heads, dim=args.dim, repeats=args.repeats)
+                         batch=args.batch, layers=args.layers, heads=args.heads, dim=args.dim, repeats=args.repeats,
+                         long_tail=not args.no_long_tail)
     if args.command == "attribute":
         if args.size < 1 or args.batch_size < 1 or args.steps < 1:
             parser.error("--size, --batch-size and --steps must be >= 1")

@@ -1,0 +1,64 @@
+"""Mutation check: applies hand-written protocol bugs one at a time to a scratch worktree of HEAD
+and runs the default tier (``-m "not slow"``) against each; every mutation must make it fail.
+
+    python tests/mutation_check.py      # about 8 minutes on 2 cores
+
+Each bug is what a plausible edit could do: the token mask becomes all ones, the continuous mask
+is dropped, the embedding dim is not summed, the UNK baseline becomes padding, the target argmax
+is taken from a path point instead of the input, Chefer's R (or its row vector) starts at zeros.
+"""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+repo = pathlib.Path(__file__).resolve().parent.parent
+scratch = tempfile.mkdtemp(prefix="fastattr-mutants-")
+root = pathlib.Path(scratch) / "tree"
+subprocess.run(["git", "worktree", "add", "-q", "--detach", str(root), "HEAD"], cwd=repo, check=True)
+M = [
+ ("token mask all-ones", "fastattr/interpret/features.py",
+  "        if self.token or value.dim() < 3:\n            return (value != 0).int()",
+  "        if self.token:\n            return torch.ones_like(value).int()\n        if value.dim() < 3:\n            return (value != 0).int()"),
+ ("continuous mask dropped", "fastattr/interpret/features.py",
+  '        if "mask" in self.schema or len(parts) == len(self.schema) + 1:',
+  '        if "mask" in self.schema or len(parts) == len(self.schema) + 1 or not self.token:'),
+ ("no sum over the embedding dim", "fastattr/interpret/ig.py",
+  "        return {k for k in self._embedded(part, embed) if part.value(k).dim() >= 2}",
+  "        return set()"),
+ ("UNK baseline replaced by padding", "fastattr/interpret/ig.py",
+  "torch.ones_like(v) if k in tokens else", "torch.zeros_like(v) if k in tokens else"),
+ ("target argmax taken from the path (baseline point) instead of the input", "fastattr/interpret/ig.py",
+  "        targets = resolve_targets(target_class_idx, logits, features.size, logits.shape[1], device)",
+  "        with torch.no_grad():\n            _b = self._baselines(baseline, features)\n            _l = model.forward(**features.call(_b))['logit']\n        targets = resolve_targets(target_class_idx, _l.reshape(features.size, -1), features.size, logits.shape[1], device)"),
+ ("Chefer R started at zeros", "fastattr/core/relevance.py",
+  "            R = torch.eye(tokens, dtype=dtype, device=device).expand(batch, tokens, tokens).contiguous()",
+  "            R = torch.zeros(batch, tokens, tokens, dtype=dtype, device=device)"),
+ ("Chefer row vector started at zeros", "fastattr/core/relevance.py",
+  "        v = torch.nn.functional.one_hot(rows.to(device).long(), tokens).to(dtype)",
+  "        v = torch.zeros(batch, tokens, dtype=dtype, device=device)"),
+]
+survivors = []
+for name, path, old, new in M:
+    f = root / path
+    src = f.read_text()
+    assert src.count(old) == 1, (name, src.count(old))
+    f.write_text(src.replace(old, new))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "tests"],
+                       cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    f.write_text(src)
+    failed = sorted(set(re.findall(r"^FAILED (\S+)", r.stdout, re.M)))
+    summary = r.stdout.strip().splitlines()[-1]
+    print(f"## {name}  ({path})\n{summary}\nfailing: {len(failed)}")
+    for t in failed[:12]:
+        print("  ", t)
+    if len(failed) > 12:
+        print(f"   ... and {len(failed) - 12} more")
+    sys.stdout.flush()
+    if not failed:
+        survivors.append(name)
+subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=repo, check=True)
+print("every mutation was caught" if not survivors else f"SURVIVED: {survivors}")
+sys.exit(1 if survivors else 0)
