@@ -25,12 +25,17 @@ CPU_MAX_POINTS = 16
 # PyHealth's 2-layer Transformer: the fastest chunks held ~50-80 MiB of activations for 40, 128
 # and 256 codes alike (16, 4 and 2 path points of the batch).
 CPU_CHUNK_BYTES = 64 << 20
+# A whole path whose interpolated inputs hold at most this many elements runs as one chunk on the
+# CPU, without the probe: the probe's extra forward costs more there than any chunk size saves
+# (the chunk sweep in benchmarks/RESULTS.md: 1.3x-1.5x slower with the probe at batch 1).
+CPU_SMALL_PATH = 1 << 17
 
 
 class ChunkSizer:
     """Rows (sample x path point) per forward.
 
-    Fixed when the caller gives ``internal_batch_size``. On CUDA every row runs in one forward
+    Fixed when the caller gives ``internal_batch_size``, and all rows at once on the CPU for a
+    small path (``CPU_SMALL_PATH`` interpolated elements in all). On CUDA every row runs in one forward
     (small clinical models are launch-bound there: fewer, larger batches are faster), and a chunk
     that runs out of memory is retried in halves (:meth:`shrink`); the size that fit is kept for
     the rest. On the CPU one path point of the batch runs first as a probe that counts the bytes
@@ -40,9 +45,12 @@ class ChunkSizer:
     Results do not depend on the sizes.
     """
 
-    def __init__(self, requested: int | None, batch: int, points: int, device: torch.device) -> None:
+    def __init__(self, requested: int | None, batch: int, points: int, device: torch.device,
+                 row_elements: int = 0) -> None:
         self.batch = batch
         self.mode = "fixed" if requested is not None else ("cuda" if device.type == "cuda" else "cpu")
+        if self.mode == "cpu" and batch * points * row_elements <= CPU_SMALL_PATH:
+            self.mode, requested = "fixed", batch * points
         self.rows = requested if requested is not None else (batch * points if self.mode == "cuda" else batch)
         self.max_rows = batch * min(points, CPU_MAX_POINTS)
         self._saved: dict[int, int] = {}
@@ -228,7 +236,8 @@ class _ChunkRunner:
         self.accs = {k: torch.zeros(x.shape, dtype=acc_dtype[k], device=self.device) for k, x in xs.items()}
         self.need_fx = need_fx
         self.fx: torch.Tensor | None = None
-        self.sizer = ChunkSizer(options.internal_batch_size, self.batch, len(options.alphas), self.device)
+        self.sizer = ChunkSizer(options.internal_batch_size, self.batch, len(options.alphas), self.device,
+                                row_elements=sum(x[0].numel() for x in xs.values()))
 
     def _chunk(self, start: int, rows: int, endpoint_rows: int, target: Any, targets: torch.Tensor | None):
         alphas, batch, device = self.options.alphas, self.batch, self.device
