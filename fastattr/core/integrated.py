@@ -23,7 +23,9 @@ RowsForward = Callable[[dict[str, torch.Tensor], dict[str, Any]], torch.Tensor]
 CPU_MAX_POINTS = 16
 # Bytes of saved activations one CPU chunk may hold. Measured on the 2-core reference CPU with
 # PyHealth's 2-layer Transformer: the fastest chunks held ~50-80 MiB of activations for 40, 128
-# and 256 codes alike (16, 4 and 2 path points of the batch).
+# and 256 codes alike (16, 4 and 2 path points of the batch). The chunk sweep in
+# benchmarks/RESULTS.md (lengths 8-512, batches 1-64, dims 32-256) keeps it: 32 MiB (the L3) was
+# better only at 512 codes with dim 32 and up to 1.25x worse at short lengths with batch 8.
 CPU_CHUNK_BYTES = 64 << 20
 # A whole path whose interpolated inputs hold at most this many elements runs as one chunk on the
 # CPU, without the probe: the probe's extra forward costs more there than any chunk size saves

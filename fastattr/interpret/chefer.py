@@ -7,7 +7,7 @@ import torch
 
 from fastattr.core.backend import check_backend_name, resolve_backend
 from fastattr.core.targets import resolve_targets
-from fastattr.interpret.features import FeatureBatch, require_feature_protocol, require_methods
+from fastattr.interpret.features import FeatureBatch, model_device, require_feature_protocol, require_methods
 from fastattr.core.relevance import chefer_relevance, check_layers, propagate
 
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
@@ -154,8 +154,7 @@ class CheferRelevance:
             **data: a dataloader batch, passed to the model as it is.
         """
         model = self.model
-        check_backend_name(backend)
-        backend = backend if backend is not None else self.backend
+        use = resolve_backend(backend if backend is not None else self.backend, model_device(model))
         features = FeatureBatch.from_batch(model, data, add_masks=False)
         sinks: list[torch.Tensor] = []
         embed = getattr(model, "get_embedding_model", None)
@@ -193,7 +192,6 @@ class CheferRelevance:
                                      "this backward did not reach it")
         tokens = {key: check_layers(pairs, f"attention layers of {key!r}")[1] for key, pairs in layers.items()}
         device = next(iter(layers.values()))[0][0].device
-        use = resolve_backend(backend, device)
 
         stated = getattr(model, "get_relevance_rows", None)
         if callable(stated):

@@ -118,7 +118,6 @@ class IntegratedGradients:
         device = model_device(model)
         pack = self.pack_lengths if pack_lengths is None else pack_lengths
         _check_pack(pack)
-        check_backend_name(backend)
         options = resolve_options(steps=self.steps if steps is None else steps, method=method,
                                   internal_batch_size=internal_batch_size,
                                   backend=backend if backend is not None else self.backend, device=device,
