@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Any
 
 import torch
@@ -176,10 +175,9 @@ class IntegratedGradients:
     def _endpoints(self, part: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any):
         """Input and baseline per key in the space the path runs in (token features embedded)."""
         values = part.values()
-        xs = {k: v if v.is_floating_point() else v.float() for k, v in values.items()}
-        bs = {k: baselines[k].to(xs[k].dtype) if not (k in self._embedded(part, embed)) else baselines[k]
-              for k in values}
         tokens = self._embedded(part, embed)
+        xs = {k: v if v.is_floating_point() else v.float() for k, v in values.items()}
+        bs = {k: baselines[k] if k in tokens else baselines[k].to(xs[k].dtype) for k in values}
         if tokens:
             with torch.no_grad():
                 xs.update({k: v for k, v in embed({k: values[k] for k in tokens}).items() if k in tokens})
