@@ -160,10 +160,8 @@ def run_cohort(args) -> None:
                 return items[i]
 
         def sorted_batches():
-            batches = LengthSortedBatches(Dataset(), model, batch_size=args.batch,
-                                          collate_fn=lambda xs: to_device(collate(xs), args.device))
-            batches.dataset = Dataset()
-            return batches
+            return LengthSortedBatches(Dataset(), model, batch_size=args.batch,
+                                       collate_fn=lambda xs: to_device(collate(xs), args.device))
 
         def whole_job(batches, folder):
             attribute_dataset(ours, batches, folder, resume=False, progress=False)

@@ -367,7 +367,7 @@ def integrated_gradients(
         and the convergence delta ``[batch]`` when asked. Only input gradients are taken: no
         parameter's ``.grad`` is touched.
     """
-    batch = _validate_batch(inputs)
+    _validate_batch(inputs)
     keys = list(inputs)
     unknown = set(sum_last_dim) - set(keys)
     if unknown:
@@ -383,7 +383,6 @@ def integrated_gradients(
     result = run_integrated_gradients(lambda points, rows: forward({**points, **rows}), xs,
                                       _expand_baselines(xs, baselines), options, target=target, extra=extra,
                                       sum_last_dim=sum_last_dim)
-    del batch
     if return_convergence_delta:
         return result.attributions, result.delta
     return result.attributions

@@ -200,9 +200,6 @@ class FeatureBatch:
     def mask(self, key: str) -> torch.Tensor | None:
         return self.layouts[key].mask(self.features[key])
 
-    def is_token(self, key: str) -> bool:
-        return self.layouts[key].token
-
     def token_keys(self) -> set[str]:
         return {k for k in self.features if self.layouts[k].token}
 
@@ -231,9 +228,9 @@ class FeatureBatch:
         """``[B, D]``: per sample, one past its last non-padding position along every padded dim of
         every feature (from the masks; at least 1). ``D`` may be 0 (nothing is padded)."""
         columns = []
-        for key in self.features:
-            value, mask = self.value(key), self.mask(key)
-            for d in range(1, self.layouts[key].padded_dims(value, mask) + 1):
+        for key, span in zip(self.features, self.padded_spans()):
+            mask = self.mask(key)
+            for d in range(1, span + 1):
                 present = _any_except(mask.ne(0), d)
                 n = present.shape[1]
                 position = torch.arange(1, n + 1, device=present.device)
@@ -248,19 +245,14 @@ class FeatureBatch:
 
     def padded_sizes(self) -> list[int]:
         """The batch's size along every padded dim, in the order of :meth:`lengths`' columns."""
-        sizes = []
-        for key in self.features:
-            value, mask = self.value(key), self.mask(key)
-            sizes += [value.shape[d] for d in range(1, self.layouts[key].padded_dims(value, mask) + 1)]
-        return sizes
+        return [self.value(k).shape[d] for k, span in zip(self.features, self.padded_spans())
+                for d in range(1, span + 1)]
 
     def _per_key(self, sizes: list[int]) -> dict[str, tuple[int, ...]]:
         out, i = {}, 0
-        for key in self.features:
-            value, mask = self.value(key), self.mask(key)
-            n = self.layouts[key].padded_dims(value, mask)
-            out[key] = tuple(sizes[i:i + n])
-            i += n
+        for key, span in zip(self.features, self.padded_spans()):
+            out[key] = tuple(sizes[i:i + span])
+            i += span
         return out
 
     def subset(self, index: torch.Tensor, sizes: list[int] | None = None) -> FeatureBatch:

@@ -13,15 +13,14 @@ from fastattr.core.quadrature import quadrature
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.features import FeatureBatch, model_device, require_feature_protocol, require_methods
 
-PACK_CHOICES = ("auto", True, False)
 # Logits of a trimmed group may differ from the padded batch's by float rounding only (other
 # shapes, other summation order); a model whose output depends on padding differs far more.
 PACK_RTOL = 1e-4
 
 
 def _check_pack(pack_lengths: Any) -> None:
-    if not any(pack_lengths is choice or pack_lengths == choice and isinstance(pack_lengths, str)
-               for choice in PACK_CHOICES):
+    if not (pack_lengths is True or pack_lengths is False or
+            (isinstance(pack_lengths, str) and pack_lengths == "auto")):
         raise ValueError(f"pack_lengths must be 'auto', True or False; got {pack_lengths!r}")
 
 
