@@ -281,6 +281,20 @@ class FeatureBatch:
         return _narrow_like(tensor, full, per_key[key])
 
     # -- results ---------------------------------------------------------------------------
+    def keep(self, key: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """A bool tensor of ``shape`` (a result in feature ``key``'s raw value shape): ``False`` at
+        padding, i.e. where the mask is 0 along the feature's padded dims (every dim of a token
+        value, a continuous value's dims but its last); all ``True`` when nothing is padded."""
+        value, mask = self.value(key), self.mask(key)
+        span = self.layouts[key].padded_dims(value, mask)
+        if span == 0:
+            return torch.ones(shape, dtype=torch.bool)
+        present = mask.ne(0).reshape(*mask.shape[: span + 1], -1).any(-1) if mask.dim() > span + 1 else mask.ne(0)
+        present = present.cpu()
+        while present.dim() < len(shape):
+            present = present.unsqueeze(-1)
+        return present.expand(shape).contiguous()
+
     def expand(self, results: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """PyHealth's shape mapping: where a result has fewer dims than the raw value, unsqueeze
         trailing dims; then expand to the raw value's shape where it broadcasts."""

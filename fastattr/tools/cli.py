@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 
@@ -33,6 +34,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     attribute.add_argument("--steps", type=int, default=50, help="IG steps")
     attribute.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     attribute.add_argument("--no-resume", action="store_true", help="refuse to continue a run found in --out")
+    export = sub.add_parser("export", help="write a run's attributions as one long table (a row per sample, feature "
+                            "and position, codes decoded), streamed to parquet or CSV")
+    export.add_argument("run", help="a run folder written by fastattr attribute / attribute_dataset")
+    export.add_argument("--format", choices=["parquet", "csv"], default=None,
+                        help="default: from --output's suffix, else parquet")
+    export.add_argument("--output", default=None, help="file to write (default: RUN/attributions.<format>)")
+    summarize = sub.add_parser("summarize", help="per-code statistics over a whole run, in one pass over its shards")
+    summarize.add_argument("run", help="a run folder")
+    summarize.add_argument("--by-class", action="store_true", help="one row per code and class")
+    summarize.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
+    summarize.add_argument("--output", default=None, help="also write the whole table (.csv or .parquet)")
+    report = sub.add_parser("report", help="a self-contained HTML report of one run, or of two runs of one cohort "
+                            "(IG and Chefer) with their agreement")
+    report.add_argument("runs", nargs="+", help="one or two run folders")
+    report.add_argument("--output", default=None, help="HTML file (default: report.html in the first run's folder)")
+    report.add_argument("--top", type=int, default=20, help="codes in the top lists (default 20)")
+    report.add_argument("--patients", type=int, default=6, help="heat maps of the highest-probability samples")
     bench = sub.add_parser("bench", help="time fastattr against PyHealth and Captum on this machine")
     bench.add_argument("--quick", action="store_true", help="a small sweep (CI, tests)")
     bench.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
@@ -56,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_module.run(quick=args.quick, device=args.device, out=args.out, lengths=args.lengths, steps=args.steps,
                          batch=args.batch, layers=args.layers, heads=args.heads, dim=args.dim, repeats=args.repeats,
                          long_tail=not args.no_long_tail)
+    if args.command in ("export", "summarize", "report"):
+        return run_tables(parser, args)
     if args.command == "attribute":
         if args.size < 1 or args.batch_size < 1 or args.steps < 1:
             parser.error("--size, --batch-size and --steps must be >= 1")
@@ -82,13 +102,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run_tables(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``fastattr export | summarize | report``: errors about the run folder end the command with
+    their message, not a traceback."""
+    from pathlib import Path
+
+    from fastattr.tools import report, tables
+
+    if args.command == "report" and len(args.runs) > 2:
+        parser.error("report takes one run folder, or two to compare")
+    for name in ("top", "patients"):
+        if getattr(args, name, 1) < (0 if name == "patients" else 1):
+            parser.error(f"--{name} must be >= {0 if name == 'patients' else 1}")
+    try:
+        if args.command == "export":
+            output = args.output or Path(args.run) / f"attributions.{args.format or 'parquet'}"
+            path = tables.export(args.run, output, format=args.format)
+            print(f"wrote {path}")
+        elif args.command == "summarize":
+            frame = tables.summarize(args.run, by_class=args.by_class)
+            import pandas as pd
+
+            with pd.option_context("display.width", 160, "display.max_columns", 20):
+                print(f"{frame.attrs['samples']} samples; class = {frame.attrs['class_rule']}")
+                print(frame.head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            if args.output:
+                output = Path(args.output)
+                frame.to_parquet(output) if output.suffix == ".parquet" else frame.to_csv(output, index=False)
+                print(f"wrote {output}")
+        else:
+            path = report.write_report(args.runs, args.output, top=args.top, patients=args.patients)
+            print(f"wrote {path}")
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"fastattr {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_attribute(args: argparse.Namespace) -> None:
     import os
 
     import torch
 
     from fastattr.interpret.chefer import CheferRelevance
-    from fastattr.tools.cohort import CohortDataset, LengthSortedBatches, attribute_dataset
+    from fastattr.tools.cohort import CohortDataset, DeviceLoader, LengthSortedBatches, attribute_dataset
     from fastattr.interpret.ig import IntegratedGradients
     from fastattr.tools.models import load_checkpoint
     from fastattr.tools.synthetic import SyntheticCohort
@@ -115,23 +172,8 @@ def run_attribute(args: argparse.Namespace) -> None:
         interpreter, kwargs = IntegratedGradients(model, steps=args.steps), {}
     else:
         interpreter, kwargs = CheferRelevance(model), {}
-    attribute_dataset(interpreter, _DeviceLoader(loader, device), args.out, resume=not args.no_resume, **kwargs)
-
-
-class _DeviceLoader:
-    """A dataloader whose tensors are moved to ``device``; keeps ``len``, ``dataset`` and the
-    dataset ``positions`` of length-sorted batches."""
-
-    def __init__(self, loader, device):
-        self.loader, self.device, self.dataset = loader, device, loader.dataset
-        self.positions = getattr(loader, "positions", None)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            yield {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    attribute_dataset(interpreter, DeviceLoader(loader, device), args.out, resume=not args.no_resume,
+                      vocab={"codes": cohort.names}, annotations=cohort.annotations(), **kwargs)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,11 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from fastattr.core.targets import resolve_targets
-from fastattr.interpret.features import FeatureLayout, batch_size, select_samples
+from fastattr.interpret.features import FeatureBatch, FeatureLayout, batch_size, select_samples
 
 FORMAT = "fastattr-attributions/1"
+RUN_FORMAT = "fastattr-run/1"
+RUN_INFO = "run.json"
 ID_KEYS = ("patient_id", "visit_id")
 
 
@@ -89,6 +91,23 @@ def _concat(parts: list[tuple]) -> tuple[dict[str, torch.Tensor], torch.Tensor |
     return attributions, delta, predictions
 
 
+def _inputs(model: Any, batch: dict[str, Any], attributions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a table needs beside each attribution: the token ids (``input/<key>``, token features)
+    and a bool tensor of the attribution's shape that is ``False`` at padding (``keep/<key>``)."""
+    features = FeatureBatch.from_batch(model, batch)
+    out = {}
+    for key, attr in attributions.items():
+        if key not in features.keys:
+            continue
+        if features.layouts[key].token and features.value(key).shape == attr.shape:
+            out[f"input/{key}"] = features.value(key).detach().cpu().contiguous()
+        try:
+            out[f"keep/{key}"] = features.keep(key, attr.shape)
+        except RuntimeError:  # a result that does not broadcast with the mask: every entry is kept
+            pass
+    return out
+
+
 def _predictions(model: Any, batch: dict[str, Any], target: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted probabilities ``[B, C]`` and the class each patient is explained for, for an
     interpreter that does not report its own (one extra forward)."""
@@ -142,6 +161,68 @@ def _verified(out: Path, shards: dict[str, dict], repair: bool) -> dict[str, dic
         else:
             raise ValueError(f"shard {path} is missing, truncated or corrupt: its SHA-256 does not match the manifest")
     return good
+
+
+def _names(key: str, vocab: Any) -> list[str | None]:
+    """A vocabulary as names by id: a ``{code: id}`` mapping (PyHealth's ``code_vocab``) inverted,
+    or a sequence of names already indexed by id."""
+    if isinstance(vocab, Mapping):
+        ids = list(vocab.values())
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"vocab[{key!r}] must map codes to integer ids >= 0")
+        names: list[str | None] = [None] * (max(ids, default=-1) + 1)
+        for code, i in vocab.items():
+            names[i] = str(code)
+        return names
+    if isinstance(vocab, (list, tuple)):
+        return [None if n is None else str(n) for n in vocab]
+    raise TypeError(f"vocab[{key!r}] must be a {{code: id}} mapping or a list of names by id; got {type(vocab).__name__}")
+
+
+def _json_safe(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+
+
+def run_info(interpreter: Any, model: Any, vocab: Mapping[str, Any] | None = None,
+             annotations: Mapping[str, Mapping[str, str]] | None = None,
+             attribute_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a run folder says about itself (``run.json``): the method, the model, and per feature
+    whether it is a token feature and its vocabulary (names by id: ``vocab[key]`` when given,
+    else the processor's ``code_vocab`` inverted, else ``None``: codes are then shown as ids),
+    plus ``annotations`` (``{feature: {code name: label}}``, e.g. planted codes) for reports."""
+    vocab = dict(vocab or {})
+    features = {}
+    for key in getattr(model, "feature_keys", []):
+        processor = model.dataset.input_processors[key]
+        given = vocab.pop(key, None)
+        if given is None:
+            given = getattr(processor, "code_vocab", None)
+        features[key] = {"token": bool(processor.is_token()), "vocab": None if given is None else _names(key, given)}
+    if vocab:
+        raise ValueError(f"vocab names features the model does not have: {sorted(vocab)}; its features are "
+                         f"{list(features)}")
+    for key, marks in (annotations or {}).items():
+        if key not in features or not isinstance(marks, Mapping):
+            raise ValueError(f"annotations[{key!r}] must be a {{code name: label}} mapping for one of the model's "
+                             f"features {list(features)}")
+    return {"format": RUN_FORMAT, "method": type(interpreter).__name__, "model": type(model).__name__,
+            "features": features,
+            "annotations": {k: {str(c): str(v) for c, v in m.items()} for k, m in (annotations or {}).items()},
+            "options": {k: _json_safe(v) for k, v in (attribute_kwargs or {}).items()}}
+
+
+def _write_run_info(out: Path, info: dict[str, Any], resume: bool) -> None:
+    """Write ``run.json``, or check a resumed run was made with the same features and vocabulary."""
+    path = out / RUN_INFO
+    if path.exists() and resume:
+        old = json.loads(path.read_text())
+        known = {"IntegratedGradients", "CheferRelevance"}  # a wrapper of one (a test's counter) is not another method
+        parts = ("method", "features") if {old.get("method"), info["method"]} <= known else ("features",)
+        for part in parts:
+            if old.get(part) != info[part]:
+                raise ValueError(f"{out} holds a run made with another {part} than this one ({RUN_INFO} differs); "
+                                 "resume it with the same interpreter, model and vocab, or use another folder")
+    _write_atomic(path, json.dumps(info, indent=1).encode())
 
 
 class ShardStore:
@@ -258,9 +339,27 @@ class LengthSortedBatches:
             yield self.collate_fn([self.dataset[i] for i in members])
 
 
+class DeviceLoader:
+    """A dataloader whose tensors are moved to ``device`` as they are yielded; keeps ``len``,
+    ``dataset`` and the dataset ``positions`` of :class:`LengthSortedBatches`."""
+
+    def __init__(self, loader: Any, device: str | torch.device) -> None:
+        self.loader, self.device, self.dataset = loader, device, getattr(loader, "dataset", None)
+        self.positions = getattr(loader, "positions", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
 def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], out: str | Path, *,
                       save_probabilities: bool = True, resume: bool = True, progress: bool | None = None,
                       sort_by_length: bool = False, batch_tokens: int | None = None,
+                      vocab: Mapping[str, Any] | None = None,
+                      annotations: Mapping[str, Mapping[str, str]] | None = None,
                       **attribute_kwargs: Any) -> Path:
     """Attribute every batch of ``dataloader`` with ``interpreter`` and stream the results to ``out``.
 
@@ -281,6 +380,13 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
             ``batch_tokens`` padded positions, so each batch is padded only to its own longest.
             Results keep their dataset positions in the store.
         batch_tokens: with ``sort_by_length``, the padded positions per batch instead of a count.
+        vocab: ``{feature: {code: id} or [name by id]}`` to decode codes in tables and reports;
+            by default each processor's ``code_vocab`` (PyHealth's), else codes are shown as ids.
+            Stored in the run's ``run.json`` with the method and model, so the folder is
+            self-describing. Each shard also stores the token ids (``input/<key>``) and where
+            the padding is (``keep/<key>``) beside the attributions.
+        annotations: ``{feature: {code name: label}}`` marked in reports (e.g. known risk
+            factors; the synthetic cohort's planted codes and distractors).
         **attribute_kwargs: passed to ``interpreter.attribute`` (``steps``, ``target_class_idx``,
             ``return_convergence_delta``...). With ``return_convergence_delta`` the delta is stored.
 
@@ -304,6 +410,8 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
     out.mkdir(parents=True, exist_ok=True)
     store = ShardStore(out, rank, world)
     done = store.recover(resume)
+    if rank == 0 and model is not None:
+        _write_run_info(out, run_info(interpreter, model, vocab, annotations, attribute_kwargs), resume)
     _barrier()  # every rank has read the previous state before any rank writes
     try:
         total_patients = len(dataloader.dataset)  # type: ignore[attr-defined]
@@ -331,6 +439,8 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
         tensors = {f"attr/{k}": v.detach().contiguous().cpu() for k, v in attributions.items()}
         if delta is not None:
             tensors["convergence_delta"] = delta.detach().contiguous().cpu()
+        if model is not None and hasattr(model, "feature_keys"):
+            tensors.update(_inputs(model, batch, attributions))
         if save_probabilities and model is not None:
             if predictions is None:
                 predictions = _predictions(model, batch, attribute_kwargs.get("target_class_idx"))
@@ -369,10 +479,20 @@ class Attributions(Mapping[int, dict[str, torch.Tensor]]):
 
     def __init__(self, out: str | Path) -> None:
         self.out = Path(out)
+        if not self.out.is_dir():
+            raise FileNotFoundError(f"{self.out} is not a folder: give the output folder of a fastattr attribution run")
         manifest = _read_manifest(self.out / "manifest.json")
         if manifest is None:
-            raise FileNotFoundError(f"{self.out} holds no manifest.json: not a finished attribution run")
+            unfinished = any(self.out.glob("manifest.rank*.json"))
+            raise FileNotFoundError(
+                f"{self.out} is not a fastattr attribution run: it holds no manifest.json"
+                + (" (only the rank manifests of an unfinished run: run the same attribution again to resume and "
+                   "finish it)" if unfinished else " (write one with fastattr attribute or attribute_dataset)"))
         self.complete = bool(manifest.get("complete"))
+        info_path = self.out / RUN_INFO
+        #: ``run.json``: method, model, per-feature token-ness and vocabulary, annotations (``None``
+        #: for a run written before fastattr stored it).
+        self.info: dict[str, Any] | None = json.loads(info_path.read_text()) if info_path.exists() else None
         self.shards = dict(sorted(manifest["shards"].items(), key=lambda item: item[1]["batch"]))
         self._checked: set[str] = set()
         located: dict[int, tuple[_Location, str, str | None]] = {}
@@ -435,22 +555,49 @@ class Attributions(Mapping[int, dict[str, torch.Tensor]]):
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Each shard's tensors, in batch order."""
-        for name in self.shards:
+        for _, _, tensors in self.shards_with_positions():
+            yield tensors
+
+    def shards_with_positions(self) -> Iterator[tuple[list[int], dict[str, list], dict[str, torch.Tensor]]]:
+        """Per shard, in batch order: its samples' dataset positions, their ids
+        (``{"patient_id": [...], "visit_id": [...]}``, as the manifest lists them) and its tensors."""
+        row = 0
+        for name, entry in self.shards.items():
+            positions = entry.get("positions") or list(range(row, row + entry["patients"]))
+            row += entry["patients"]
             with self._open(name) as f:
-                yield {k: f.get_tensor(k) for k in f.keys()}
+                yield positions, entry["ids"], {k: f.get_tensor(k) for k in f.keys()}
+
+    def to_dataframe(self, features: list[str] | None = None):
+        """The run as one long pandas table: a row per (sample, feature, visit, position) that is
+        not padding, with ids, decoded code, attribution, probability and explained class, in
+        sample order (see :mod:`fastattr.tools.tables`; needs the ``report`` extra)."""
+        from fastattr.tools.tables import to_dataframe
+
+        return to_dataframe(self, features=features)
+
+    def export(self, path: str | Path, format: str | None = None, **kwargs: Any) -> Path:
+        """Stream the long table to a parquet or CSV file (see :func:`fastattr.tools.tables.export`)."""
+        from fastattr.tools.tables import export
+
+        return export(self, path, format=format, **kwargs)
+
+    def summarize(self, by_class: bool = False, features: list[str] | None = None):
+        """Per-code cohort statistics in one pass (see :func:`fastattr.tools.tables.summarize`)."""
+        from fastattr.tools.tables import summarize
+
+        return summarize(self, by_class=by_class, features=features)
 
     def all(self) -> dict[str, torch.Tensor]:
         """Every sample's tensors stacked in position order; shards padded to different widths
         (length-sorted runs) are zero-padded to the widest, as a dataloader pads a batch."""
-        parts = list(self.batches())
+        parts, order, row = [], torch.zeros(len(self), dtype=torch.long), 0
+        for positions, _, tensors in self.shards_with_positions():
+            parts.append(tensors)
+            order[torch.tensor(positions)] = torch.arange(row, row + len(positions))
+            row += len(positions)
         if not parts:
             return {}
-        order = torch.tensor([0] * len(self), dtype=torch.long)
-        row = 0
-        for name, entry in self.shards.items():
-            positions = entry.get("positions") or list(range(row, row + entry["patients"]))
-            order[torch.tensor(positions)] = torch.arange(row, row + entry["patients"])
-            row += entry["patients"]
         out = {}
         for key in parts[0]:
             tensors = [p[key] for p in parts]
@@ -467,21 +614,26 @@ def load_attributions(out: str | Path) -> Attributions:
 
 
 class CohortDataset(torch.utils.data.Dataset):
-    """A :class:`fastattr.tools.synthetic.SyntheticCohort` as a map-style dataset of patient dicts.
+    """A :class:`fastattr.tools.synthetic.SyntheticCohort` (or the patients ``indices`` of it) as a
+    map-style dataset of patient dicts; ``patient_id`` is ``P`` and the patient's cohort index.
 
     Items hold the codes padded to the cohort's ``max_codes`` (so the default collate works);
     pass ``collate_fn=CohortDataset.collate`` to pad each batch only to its own longest patient.
     """
 
-    def __init__(self, cohort: Any) -> None:
+    def __init__(self, cohort: Any, indices: Sequence[int] | None = None) -> None:
         self.cohort = cohort
+        self.indices = list(range(len(cohort))) if indices is None else [int(i) for i in indices]
+        if any(not 0 <= i < len(cohort) for i in self.indices):
+            raise IndexError(f"indices must lie in [0, {len(cohort)}) (the cohort's patients)")
 
     def __len__(self) -> int:
-        return len(self.cohort)
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.cohort.batch([index])
-        return {"patient_id": f"P{index:08d}", "codes": row["codes"][0], "label": row["label"][0]}
+        patient = self.indices[index]
+        row = self.cohort.batch([patient])
+        return {"patient_id": f"P{patient:08d}", "codes": row["codes"][0], "label": row["label"][0]}
 
     @staticmethod
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 held-out patients with IG and Chefer, and score the explanations against that truth."""
 from __future__ import annotations
 
-import html
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -11,6 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fastattr.tools.bench import time_interleaved
+from fastattr.tools.cohort import CohortDataset, DeviceLoader, attribute_dataset
+from fastattr.tools.report import write_report
 from fastattr.interpret.chefer import CheferRelevance
 from fastattr.tools.faithfulness import comprehensiveness, sufficiency
 from fastattr.interpret.ig import IntegratedGradients
@@ -62,63 +64,8 @@ def recovery(attributions: torch.Tensor, codes: torch.Tensor, truths: list[set[i
     return {"top1": top1 / len(truths), "top3": top3 / len(truths)}
 
 
-def _color(value: float, scale: float) -> str:
-    x = max(-1.0, min(1.0, value / scale)) if scale > 0 else 0.0
-    if x >= 0:
-        return f"rgba(214, 39, 40, {x:.2f})"
-    return f"rgba(31, 119, 180, {-x:.2f})"
-
-
-def write_html(path: Path, cohort: SyntheticCohort, rows: list[dict]) -> None:
-    parts = ["<!doctype html><meta charset='utf-8'><title>fastattr demo</title>",
-             "<style>body{font-family:sans-serif} span{padding:2px 4px;margin:1px;display:inline-block;"
-             "border-radius:3px;font-family:monospace} .planted{outline:2px solid #222}</style>",
-             "<h1>fastattr demo: per-code attributions</h1>",
-             "<p>Red: pushes towards the positive label; blue: away. Outlined: a planted code acting in "
-             "this patient.</p>"]
-    for row in rows:
-        parts.append(f"<h3>patient {row['patient']} (p(positive) = {row['prob']:.2f})</h3>")
-        for method in ("ig", "chefer"):
-            scores = row[method]
-            scale = max((abs(s) for s in scores), default=1.0)
-            spans = "".join(
-                f"<span class='{'planted' if c in row['truth'] else ''}' style='background:{_color(s, scale)}' "
-                f"title='{s:.4f}'>{html.escape(cohort.names[c])}</span>"
-                for c, s in zip(row["codes"], scores))
-            parts.append(f"<p><b>{'IG' if method == 'ig' else 'Chefer'}</b> {spans}</p>")
-    path.write_text("\n".join(parts), encoding="utf-8")
-
-
-def write_png(path: Path, cohort: SyntheticCohort, rows: list[dict]) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(2 * len(rows), 1, figsize=(12, 1.1 * 2 * len(rows) + 0.6), squeeze=False)
-    for i, row in enumerate(rows):
-        for j, method in enumerate(("ig", "chefer")):
-            ax = axes[2 * i + j, 0]
-            scores = torch.tensor(row[method])
-            scale = scores.abs().max().clamp_min(1e-12).item()
-            ax.imshow(scores[None, :].numpy(), cmap="coolwarm", vmin=-scale, vmax=scale, aspect="auto")
-            ax.set_yticks([0], [f"#{row['patient']} {'IG' if method == 'ig' else 'Chefer'}"])
-            ax.set_xticks(range(len(row["codes"])), [cohort.names[c] for c in row["codes"]], rotation=90, fontsize=7)
-            for tick, code in zip(ax.get_xticklabels(), row["codes"]):
-                if code in row["truth"]:
-                    tick.set_color("darkred")
-                    tick.set_fontweight("bold")
-    fig.suptitle("fastattr demo: attribution per code (red = towards positive); planted codes in bold red")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600, explain: int = 32,
-        device: str | None = None, out: str | Path = "fastattr-demo", repeats: int = 3, show: int = 4,
+        device: str | None = None, out: str | Path = "fastattr-demo", repeats: int = 3, show: int = 6,
         save_model: str | Path | None = None) -> dict:
     """Run the demo, print its report, write the pictures and return the measured numbers."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -190,19 +137,24 @@ def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600
           f"warm-up: fastattr {fast * 1e3:.0f} ms, one-step-at-a-time loop {loop * 1e3:.0f} ms: "
           f"{loop / fast:.2f}x faster")
 
-    rows = []
-    for r in range(min(show, len(chosen))):
-        keep = batch["codes"][r] != 0
-        rows.append({"patient": split + chosen[r], "prob": prob[chosen[r]].item(),
-                     "codes": batch["codes"][r][keep].tolist(), "truth": truth_rows[r],
-                     "ig": ig_attr[r][keep].tolist(), "chefer": chefer_attr[r][keep].tolist()})
-    write_html(out / "attributions.html", cohort, rows)
-    png = write_png(out / "attributions.png", cohort, rows)
+    # The cohort report: every held-out patient attributed with both methods to a run folder (the
+    # path to tables and summaries), then one HTML page comparing them with the truth marked.
+    held_out = CohortDataset(cohort, range(split, patients))
+    runs = {}
+    for name, interpreter in (("ig", ig), ("chefer", chefer)):
+        runs[name] = out / "runs" / name
+        shutil.rmtree(runs[name], ignore_errors=True)  # the demo's own folder: never resume another model's run
+        loader = DeviceLoader(torch.utils.data.DataLoader(held_out, batch_size=64, collate_fn=CohortDataset.collate), dev)
+        attribute_dataset(interpreter, loader, runs[name], vocab={"codes": cohort.names},
+                          annotations=cohort.annotations(), progress=None)
+    report = write_report([runs["ig"], runs["chefer"]], out / "report.html", labels=["IG", "Chefer"],
+                          patients=show, title=f"fastattr demo: {len(held_out)} held-out patients, IG and Chefer")
     results = {"accuracy": accuracy, "patients_explained": len(chosen), "recovery": scores,
                "ig_fastattr_s": fast, "ig_loop_s": loop, "speedup": loop / fast, "device": dev.type,
                "speed_batch": {"patients": 32, "median_codes": tail_lengths.median().item(),
                                "longest": int(tail_lengths.max()), "padded_to": tail["codes"].shape[1]}}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out / 'attributions.html'}" + (f", {out / 'attributions.png'}" if png else
-          " (install matplotlib for the PNG)") + f" and {out / 'results.json'}")
+    print(f"\nattributed the {len(held_out)} held-out patients with IG and Chefer: {runs['ig']}, {runs['chefer']} "
+          f"(fastattr summarize / export RUN)")
+    print(f"wrote {out / 'results.json'} and the report {report}")
     return results

@@ -155,6 +155,14 @@ class SyntheticCohort:
         label = int(rng.random() < 1.0 / (1.0 + np.exp(-self.truth.logit(present))))
         return visits, label
 
+    def annotations(self, key: str = "codes") -> dict[str, dict[str, str]]:
+        """``{key: {code name: "planted" | "planted pair" | "distractor"}}``: the truth, as
+        ``attribute_dataset(annotations=...)`` stores it for reports."""
+        marks = {self.names[c]: "planted" for c in self.truth.planted}
+        marks.update({self.names[c]: "planted pair" for pair in self.truth.pairs for c in pair})
+        marks.update({self.names[c]: "distractor" for c in self.truth.distractors})
+        return {key: marks}
+
     @property
     def max_codes(self) -> int:
         """Length of the flat code sequence every batch is padded to."""
