@@ -23,10 +23,17 @@ def test_demo_quick_recovers_planted_codes(tmp_path, capsys):
     assert results["recovery"]["ig"]["comprehensiveness"] > results["recovery"]["random"]["comprehensiveness"]
     assert results["recovery"]["ig"]["sufficiency"] < results["recovery"]["random"]["sufficiency"]
     assert results["patients_explained"] >= 16
-    html = (tmp_path / "attributions.html").read_text()
-    assert html.count("<h3>patient") == 4 and "class='planted'" in html
-    if importlib.util.find_spec("matplotlib"):
-        assert (tmp_path / "attributions.png").stat().st_size > 10_000
+    # the demo ends on the cohort report of its held-out patients, both methods, truth marked
+    from fastattr.tools import tables
+    from test_tables import embedded_pngs, parse
+
+    page, text = parse(tmp_path / "report.html")
+    assert len(embedded_pngs(page)) == 9 and page.external == []
+    assert "Agreement: IG vs Chefer" in text and "planted pair" in text and "distractor" in text
+    ig = tables.summarize(tmp_path / "runs" / "ig")
+    assert ig.attrs["samples"] == 200
+    planted = ig.index[ig.annotation == "planted"]
+    assert planted.min() < 10, "a planted code is among the ten most important codes of the cohort"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["speedup"] == pytest.approx(saved["ig_loop_s"] / saved["ig_fastattr_s"])
     speed = saved["speed_batch"]
@@ -34,6 +41,7 @@ def test_demo_quick_recovers_planted_codes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "planted code ranked first" in out
     assert f"longest {speed['longest']}" in out and f"{saved['speedup']:.2f}x faster" in out
+    assert f"the report {tmp_path / 'report.html'}" in out
 
 
 def test_bench_quick_csv_has_every_column_for_every_method(tmp_path):

@@ -1,4 +1,5 @@
 """Cohort-scale attribution: shards, lazy loading, resume after SIGKILL, torchrun, checksums."""
+import importlib.util
 import os
 import signal
 import subprocess
@@ -199,6 +200,13 @@ def test_torchrun_two_processes_equal_one(tmp_path, checkpoint):
     same_runs(tmp_path / "one", tmp_path / "two")
     assert len(load_attributions(tmp_path / "two")) == 50
     assert not list((tmp_path / "two").glob("manifest.rank*.json"))
+    if importlib.util.find_spec("pandas") and importlib.util.find_spec("pyarrow"):
+        from fastattr.tools import tables
+
+        for by_class in (False, True):  # the summary is identical, not merely close
+            one, two = tables.summarize(tmp_path / "one", by_class), tables.summarize(tmp_path / "two", by_class)
+            assert one.equals(two) and len(one) > 10
+        assert tables.to_dataframe(tmp_path / "one").equals(tables.to_dataframe(tmp_path / "two"))
 
 
 class RepeatedIds(torch.utils.data.Dataset):

@@ -22,3 +22,35 @@ def test_pyhealth_dataloader_ids_targets_and_values(tmp_path):
     direct = ig.attribute(target_class_idx=2, **first)
     torch.testing.assert_close(one["attr/conditions"], direct["conditions"][1])
     assert one["target"].item() == 2 and one["probability"].shape == (3,)
+
+
+def test_pyhealth_runs_decode_codes_through_the_processors_vocab(tmp_path):
+    """A run over a real PyHealth model stores its processors' code_vocab, and the long table's
+    codes are those the processor mapped each input id from."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    import pyhealth_cases
+    from pyhealth.datasets import get_dataloader
+
+    model, _ = pyhealth_cases.build("seq", "Transformer", num_classes=3, n=9, batch=4, seed=5,
+                                    embedding_dim=16, heads=2)
+    loader = get_dataloader(model.dataset, batch_size=4, shuffle=False)
+    fastattr.attribute_dataset(fastattr.IntegratedGradients(model, steps=3), loader, tmp_path, progress=False)
+    store = fastattr.load_attributions(tmp_path)
+    frame = store.to_dataframe()
+    key = model.feature_keys[0]
+    vocab = model.dataset.input_processors[key].code_vocab
+    names = {i: str(code) for code, i in vocab.items()}
+    rows = frame[frame.feature == key]
+    assert len(rows) > 0 and (rows["code"].astype(str) == rows["code_id"].map(names)).all()
+    sample = 0
+    for batch in loader:  # the ids the dataloader gave, not the stored ones
+        value = batch[key][0] if isinstance(batch[key], tuple) else batch[key]
+        for row in value:
+            assert rows[rows["sample"] == sample]["code_id"].tolist() == row[row != 0].tolist()
+            sample += 1
+    assert sample == len(store)
+    from fastattr.tools import tables
+
+    summary = tables.summarize(tmp_path)
+    assert set(summary.loc[summary.feature == key, "code"]) <= set(names.values()) and isinstance(summary, pd.DataFrame)

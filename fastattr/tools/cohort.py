@@ -220,8 +220,9 @@ def _write_run_info(out: Path, info: dict[str, Any], resume: bool) -> None:
         parts = ("method", "features") if {old.get("method"), info["method"]} <= known else ("features",)
         for part in parts:
             if old.get(part) != info[part]:
-                raise ValueError(f"{out} holds a run made with another {part} than this one ({RUN_INFO} differs); "
-                                 "resume it with the same interpreter, model and vocab, or use another folder")
+                what = "method" if part == "method" else "features or vocabulary"
+                raise ValueError(f"{out} holds a run whose {what} differs from this call's ({RUN_INFO}); resume it "
+                                 "with the same interpreter, model and vocab, or use another folder")
     _write_atomic(path, json.dumps(info, indent=1).encode())
 
 

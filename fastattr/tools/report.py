@@ -120,8 +120,12 @@ def _fig_distribution(run: _Run, top: list[dict[str, Any]], values: dict) -> str
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(top) + 1.4))
     data = [values[(r["feature"], r["code_id"])] for r in top][::-1]
-    parts = ax.boxplot(data, vert=False, widths=0.6, showfliers=True, patch_artist=True,
-                       flierprops={"markersize": 2, "alpha": 0.4})
+    import matplotlib
+
+    sideways = {"orientation": "horizontal"} if tuple(map(int, matplotlib.__version__.split(".")[:2])) >= (3, 10) \
+        else {"vert": False}  # matplotlib 3.10 renamed the argument
+    parts = ax.boxplot(data, widths=0.6, showfliers=True, patch_artist=True,
+                       flierprops={"markersize": 2, "alpha": 0.4}, **sideways)
     for patch, r in zip(parts["boxes"], top[::-1]):
         patch.set_facecolor(_color(r["annotation"]))
         patch.set_alpha(0.6)
