@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_runbook.sh kernels   # kernels alone: do_bench, GB/s vs copy, TFLOP/s vs cuBLAS
 #   bash benchmarks/gpu_runbook.sh e2e       # IG and Chefer end to end vs the step loop, Captum, floor
 #   bash benchmarks/gpu_runbook.sh longtail  # long-tailed lengths: packed vs padded IG, sorted cohorts
+#   bash benchmarks/gpu_runbook.sh tables    # 100,000 patients attributed, then summarised, exported and
+#                                            # reported (needs pandas and pyarrow wheels in .whl/)
 # Several parts may be named in one call. Logs go to $OUT (or ./gpu-results). The device image has
 # torch, Triton, pytest, safetensors, tqdm and matplotlib but no package registry: Captum travels
 # as a wheel in .whl/ (see README, "Benchmarks"); PyHealth's imports are too large to carry, so the
@@ -30,6 +32,11 @@ PY
 
 for part in "$@"; do
   case "$part" in
+    tables)  # cohort tables: 100,000 patients attributed on the GPU, then summarised, exported, reported
+      python3 -m fastattr demo --quick --device cuda --save-model "$out/model.pt" --out /tmp/fastattr-demo \
+        > "$out/demo.log" 2>&1 || { tail -20 "$out/demo.log"; exit 1; }
+      python3 -m benchmarks.cohort_tables --checkpoint "$out/model.pt" --size "${TABLES_SIZE:-100000}" \
+        --out /tmp/fastattr-run --device cuda --batch-size 512 2>&1 | tee "$out/tables.log" ;;
     tests)
       python3 -m pytest -m gpu tests -q -p no:cacheprovider -rs 2>&1 | tee "$out/gpu-tests.log" ;;
     kernels)
