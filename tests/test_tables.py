@@ -151,11 +151,14 @@ def test_binary_model_splits_by_predicted_label(tmp_path):
     torch.manual_seed(0)
     spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=len(cohort.names))}, {"label": "binary"})
     model = TransformerClassifier(spec, num_classes=2, dim=16, heads=2, layers=1).eval()
+    with torch.no_grad():  # centre the logit on this cohort: both predicted labels occur
+        model.head.bias -= model(**cohort.batch(range(30)))["logit"].median()
     loader = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=8, collate_fn=CohortDataset.collate)
     attribute_dataset(fastattr.CheferRelevance(model), loader, tmp_path, vocab={"codes": cohort.names},
                       annotations=cohort.annotations(), progress=False)
     frame = load_attributions(tmp_path).to_dataframe()
     predicted = frame.groupby("sample")["probability"].first() >= 0.5
+    assert 5 <= predicted.sum() <= 25 and (frame["target"] == 0).all()
     summary = tables.summarize(tmp_path, by_class=True)
     assert summary.attrs["class_rule"].startswith("predicted label")
     totals = (summary["samples"] / summary["frequency"]).round().groupby(summary["class"]).unique()

@@ -128,7 +128,10 @@ def run_tables(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
                 print(frame.head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             if args.output:
                 output = Path(args.output)
-                frame.to_parquet(output) if output.suffix == ".parquet" else frame.to_csv(output, index=False)
+                if output.suffix == ".parquet":
+                    frame.to_parquet(output, index=False)
+                else:
+                    frame.to_csv(output, index=False)
                 print(f"wrote {output}")
         else:
             path = report.write_report(args.runs, args.output, top=args.top, patients=args.patients)
