@@ -142,6 +142,44 @@ def test_out_of_memory_batches_are_split_then_fail_naming_the_batch(tmp_path):
         attribute_dataset(Flaky(ig, limit=0), loader(cohort), tmp_path / "fail")
 
 
+class FailsAt:
+    """Raises on the ``fail``-th batch (0-based), as a crash mid-run would stop it."""
+
+    def __init__(self, inner, fail):
+        self.inner, self.model, self.fail, self.calls = inner, inner.model, fail, 0
+
+    @property
+    def last_predictions(self):
+        return self.inner.last_predictions
+
+    def attribute(self, **batch):
+        self.calls += 1
+        if self.calls > self.fail:
+            raise KeyboardInterrupt("stopped")
+        return self.inner.attribute(**batch)
+
+
+def test_journal_is_append_only_and_a_torn_line_is_redone(tmp_path):
+    cohort = SyntheticCohort(patients=40, seed=6)
+    ig = fastattr.IntegratedGradients(tiny_model(cohort), steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        attribute_dataset(FailsAt(ig, 3), loader(cohort, batch_size=5), tmp_path / "run", progress=False)
+    journal = tmp_path / "run" / "manifest.rank0.jsonl"
+    lines = journal.read_bytes().split(b"\n")
+    assert len(lines) == 1 + 3 + 1 and lines[-1] == b"", "a format line, one line per finished shard, newline-ended"
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    # a kill in the middle of the next append: the shard is on disk, its line cut short
+    (tmp_path / "run" / "shard-00000003.safetensors").write_bytes(b"half a shard")
+    with open(journal, "ab") as f:
+        f.write(lines[1][: len(lines[1]) // 2].replace(b'"batch": 0', b'"batch": 3'))
+    resumed = FailsAt(ig, 100)
+    attribute_dataset(resumed, loader(cohort, batch_size=5), tmp_path / "run", progress=False)
+    assert resumed.calls == 5, "batches 3..7 are attributed, 0..2 kept"
+    attribute_dataset(ig, loader(cohort, batch_size=5), tmp_path / "whole", progress=False)
+    same_runs(tmp_path / "run", tmp_path / "whole")
+    assert not list((tmp_path / "run").glob("manifest.rank*"))
+
+
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -199,7 +237,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, checkpoint):
     assert multi.returncode == 0, multi.stderr[-3000:]
     same_runs(tmp_path / "one", tmp_path / "two")
     assert len(load_attributions(tmp_path / "two")) == 50
-    assert not list((tmp_path / "two").glob("manifest.rank*.json"))
+    assert not list((tmp_path / "two").glob("manifest.rank*"))
     if importlib.util.find_spec("pandas") and importlib.util.find_spec("pyarrow"):
         from fastattr.tools import tables
 

@@ -5,8 +5,11 @@ Storage: one safetensors file per batch. safetensors keeps each attribution's dt
 exactly (no flattening into table columns), is read lazily through a memory map, and is a small
 dependency; the patient/visit ids of a shard go in its header metadata, so an id index is built
 from headers alone. A JSON manifest lists every finished shard with its SHA-256, its batch index
-and its ids; a shard exists for readers only once the manifest names it, and both are written to
-a temporary name and renamed, so a killed process leaves either the old state or the new one.
+and its ids; a shard exists only once it is listed. Shards are written to a temporary name and
+renamed; while a run goes, each rank appends one fsynced line per shard to its journal (a line cut
+short by a kill is ignored and its shard redone), and at the end rank 0 merges the journals into
+the manifest (written to a temporary name and renamed). So a killed process leaves either the old
+state or the new one, and listing a shard costs the same at the end of a long run as at its start.
 """
 from __future__ import annotations
 
@@ -226,54 +229,89 @@ def _write_run_info(out: Path, info: dict[str, Any], resume: bool) -> None:
     _write_atomic(path, json.dumps(info, indent=1).encode())
 
 
+def _read_journal(path: Path) -> dict[str, dict]:
+    """A rank's journal: a format line, then one JSON line per finished shard. A line cut short by
+    a killed process (no newline, or not JSON) is skipped: its shard is redone."""
+    entries: dict[str, dict] = {}
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines[:-1]):  # the part after the last newline is a torn write
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if number == 0:
+            if entry.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a fastattr attribution journal (format {entry.get('format')!r})")
+        elif isinstance(entry, dict) and {"file", "batch", "sha256"} <= set(entry):
+            entries[entry["file"]] = entry
+    return entries
+
+
+def _rank_parts(out: Path) -> dict[str, dict]:
+    """Shards listed by the rank journals of an unfinished run (and by the whole-file rank
+    manifests that fastattr wrote before journals)."""
+    shards: dict[str, dict] = {}
+    for path in sorted(out.glob("manifest.rank*.json")):
+        part = _read_manifest(path)
+        if part:
+            shards.update(part["shards"])
+    for path in sorted(out.glob("manifest.rank*.jsonl")):
+        shards.update(_read_journal(path))
+    return shards
+
+
 class ShardStore:
     """The writing side of a run folder: checksummed safetensors shards, one per batch, and the
-    manifests that list them (one per rank while running, merged by rank 0 at the end)."""
+    lists that name them: while running, one append-only journal per rank (a line per shard, so
+    writing a shard costs the same at the millionth patient as at the first); at the end rank 0
+    merges them into ``manifest.json``."""
 
     def __init__(self, out: Path, rank: int, world: int) -> None:
         self.out, self.rank, self.world = out, rank, world
         self.manifest_path = out / "manifest.json"
-        self.rank_path = out / f"manifest.rank{rank}.json"
+        self.journal_path = out / f"manifest.rank{rank}.jsonl"
         self.shards: dict[str, dict] = {}
         self.mine: dict[str, dict] = {}
 
     def recover(self, resume: bool) -> dict[int, dict]:
         """The finished shards of an earlier (possibly interrupted, possibly distributed) run,
-        verified by checksum (corrupt ones dropped to be redone); returns them by batch index."""
+        verified by checksum (corrupt ones dropped to be redone); returns them by batch index.
+        This rank's journal is then rewritten with its verified shards only (no torn line left)."""
         existing = _read_manifest(self.manifest_path)
         if existing is not None and not resume:
             raise FileExistsError(f"{self.out} already holds an attribution run; pass resume=True to continue it")
         shards = dict(existing["shards"]) if existing else {}
-        for leftover in self.out.glob("manifest.rank*.json"):  # ranks of an interrupted distributed run
-            part = _read_manifest(leftover)
-            if part:
-                shards.update(part["shards"])
+        shards.update(_rank_parts(self.out))  # ranks of an interrupted run
         self.shards = _verified(self.out, shards, repair=True)
         self.mine = {n: e for n, e in self.shards.items() if e["batch"] % self.world == self.rank}
+        lines = [json.dumps({"format": FORMAT})] + [json.dumps(e) for e in self.mine.values()]
+        _write_atomic(self.journal_path, ("\n".join(lines) + "\n").encode())
         return {entry["batch"]: entry for entry in self.shards.values()}
 
     def write(self, index: int, tensors: dict[str, torch.Tensor], ids: dict[str, list[str]],
               positions: list[int]) -> None:
-        """One batch's shard, then this rank's manifest naming it (a shard exists only once named)."""
+        """One batch's shard, then a line naming it in this rank's journal (a shard exists only
+        once named; both are on disk, fsynced, before the next batch starts)."""
         name = f"shard-{index:08d}.safetensors"
-        _write_atomic(self.out / name, save(tensors, metadata={"ids": json.dumps(ids), "batch": str(index)}))
-        self.mine[name] = {"file": name, "batch": index, "patients": len(positions), "ids": ids,
-                           "positions": positions, "sha256": _sha256(self.out / name)}
-        self.save_rank_manifest()
-
-    def save_rank_manifest(self) -> None:
-        _write_atomic(self.rank_path, json.dumps({"format": FORMAT, "shards": self.mine}).encode())
+        data = save(tensors, metadata={"ids": json.dumps(ids), "batch": str(index)})
+        _write_atomic(self.out / name, data)
+        entry = {"file": name, "batch": index, "patients": len(positions), "ids": ids, "positions": positions,
+                 "sha256": hashlib.sha256(data).hexdigest()}
+        with open(self.journal_path, "ab") as f:
+            f.write((json.dumps(entry) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self.mine[name] = entry
 
     def merge(self) -> None:
-        """Rank 0: one manifest of every shard, rank manifests and never-listed shards removed."""
+        """Rank 0: one manifest of every shard, rank journals and never-listed shards removed."""
         merged = dict(self.shards)
-        for part_path in sorted(self.out.glob("manifest.rank*.json")):
-            merged.update(_read_manifest(part_path)["shards"])
+        merged.update(_rank_parts(self.out))
         merged = dict(sorted(merged.items(), key=lambda item: item[1]["batch"]))
         _write_atomic(self.manifest_path, json.dumps({"format": FORMAT, "complete": True,
                                                       "patients": sum(e["patients"] for e in merged.values()),
                                                       "shards": merged}, indent=1).encode())
-        for part_path in self.out.glob("manifest.rank*.json"):
+        for part_path in [*self.out.glob("manifest.rank*.json"), *self.out.glob("manifest.rank*.jsonl")]:
             part_path.unlink()
         for stray in self.out.glob("shard-*.safetensors*"):  # written by a killed run, never listed
             if stray.name not in merged:
@@ -450,7 +488,6 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
         store.write(index, tensors, ids, positions)
         bar.update(size)
     bar.close()
-    store.save_rank_manifest()
     _barrier()
     if rank == 0:
         store.merge()
@@ -484,7 +521,7 @@ class Attributions(Mapping[int, dict[str, torch.Tensor]]):
             raise FileNotFoundError(f"{self.out} is not a folder: give the output folder of a fastattr attribution run")
         manifest = _read_manifest(self.out / "manifest.json")
         if manifest is None:
-            unfinished = any(self.out.glob("manifest.rank*.json"))
+            unfinished = any(self.out.glob("manifest.rank*.json*"))
             raise FileNotFoundError(
                 f"{self.out} is not a fastattr attribution run: it holds no manifest.json"
                 + (" (only the rank manifests of an unfinished run: run the same attribution again to resume and "
