@@ -2,8 +2,8 @@
 that tells a researcher which codes drive a model's predictions across a cohort and for whom.
 
 Per run: the top codes by cohort importance with their frequency, the distribution of the top
-codes' per-sample attributions, the top codes per class, heat maps of the most confident
-patients, and, where the run carries annotations (the synthetic cohort's planted codes and
+codes' per-sample attributions, the top codes per class, heat maps of the samples with the
+highest predicted probability, and, where the run carries annotations (the synthetic cohort's planted codes and
 distractors), where each annotated code ranks. Given two runs of the same cohort (IG and Chefer),
 their agreement: rank correlation of code importance, overlap of the top-k codes, and how often
 both put a patient's highest attribution on the same code.
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fastattr.tools.cohort import Attributions
-from fastattr.tools.tables import (CodeSummary, _entries, code_names, has_vocab, open_run, sample_values,
+from fastattr.tools.tables import (CodeSummary, code_names, entries, has_vocab, open_run, sample_values,
                                    summarize_codes)
 
 COLORS = {"planted": "#c0392b", "planted pair": "#e67e22", "distractor": "#8e44ad", "": "#4a78b5"}
@@ -159,7 +159,7 @@ def _patient_cells(run: _Run, position: int) -> tuple[list[str], list[float], li
     labels, scores, marks = [], [], []
     annotations = run.store.info.get("annotations", {})
     for key in run.summary.features:
-        e = _entries(run.store, key, sample)
+        e = entries(run.store, key, sample)
         if e is None or len(e.rows) == 0:
             continue
         names = code_names(run.store, key, int(e.codes.max()) + 1)
@@ -262,9 +262,6 @@ def _run_section(run: _Run, top: int, patients: int, limit: int, progress: bool 
              f"<p>Run <code>{html.escape(str(store.out))}</code>: method {html.escape(store.info.get('method', '?'))}, "
              f"model {html.escape(store.info.get('model', '?'))}, {len(store)} samples in {len(store.shards)} shards, "
              f"features {html.escape(', '.join(summary.features))}.</p>"]
-    if not store.complete:
-        parts.append("<p class=note>This run is not finished (its manifest is not marked complete): the report "
-                     "covers the samples written so far.</p>")
     for key in summary.features:
         if not has_vocab(store, key):
             what = "ids" if store.info["features"][key]["token"] else "channel numbers"

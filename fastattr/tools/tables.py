@@ -99,7 +99,10 @@ class _Entries:
     values: torch.Tensor
 
 
-def _entries(store: Attributions, key: str, tensors: dict[str, torch.Tensor]) -> _Entries | None:
+def entries(store: Attributions, key: str, tensors: dict[str, torch.Tensor]) -> _Entries | None:
+    """Feature ``key``'s non-padding entries in a shard's (or a sample's, with a batch dim of 1)
+    tensors: rows, visits (-1 when flat), positions, code ids and attributions; ``None`` when the
+    shard has no attribution for ``key``."""
     attr = tensors.get(f"attr/{key}")
     if attr is None:
         return None
@@ -110,8 +113,9 @@ def _entries(store: Attributions, key: str, tensors: dict[str, torch.Tensor]) ->
     if token:
         ids = tensors.get(f"input/{key}")
         if ids is None:
-            raise ValueError(f"{store.out}: the shards hold no token ids for feature {key!r}, so its codes cannot "
-                             "be decoded; attribute it again with this fastattr")
+            raise ValueError(f"{store.out}: the shards hold no token ids for feature {key!r} (written by an older "
+                             "fastattr, or its attributions are not in the input's shape), so its codes cannot be "
+                             "decoded")
         codes, places = ids[keep].long(), index[:, 1:]
     else:  # a continuous value: the last dim is the channel
         codes = index[:, -1] if attr.dim() > 1 else torch.zeros(len(index), dtype=torch.long)
@@ -162,7 +166,7 @@ def tables(run: str | Path | Attributions, features: Sequence[str] | None = None
         sample = torch.tensor(positions, dtype=torch.long)
         parts = []
         for key in keys:
-            e = _entries(store, key, tensors)
+            e = entries(store, key, tensors)
             if e is None or len(e.rows) == 0:
                 continue
             rows = pa.array(e.rows.numpy())
@@ -282,7 +286,7 @@ def sample_values(run: str | Path | Attributions, wanted: Sequence[tuple[str, in
         if all(n >= limit for n in held.values()):
             break
         for key in keys:
-            e = _entries(store, key, tensors)
+            e = entries(store, key, tensors)
             if e is None or len(e.rows) == 0:
                 continue
             _, codes, sums, _ = _per_sample_codes(e)
@@ -395,7 +399,7 @@ def summarize_codes(run: str | Path | Attributions, features: Sequence[str] | No
         totals = torch.cat([totals, totals.new_zeros(len(counts) - len(totals))]) + counts
         groups = []  # per feature: (feature index, group rows, group codes, per-sample code sums)
         for f, key in enumerate(keys):
-            e = _entries(store, key, tensors)
+            e = entries(store, key, tensors)
             if e is None or len(e.rows) == 0:
                 continue
             rows, codes, sums, occurrences = _per_sample_codes(e)
