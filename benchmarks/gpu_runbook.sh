@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu_runbook.sh e2e       # IG and Chefer end to end vs the step loop, Captum, floor
 #   bash benchmarks/gpu_runbook.sh longtail  # long-tailed lengths: packed vs padded IG, sorted cohorts
 #   bash benchmarks/gpu_runbook.sh tables    # 100,000 patients attributed, then summarised, exported and
-#                                            # reported (needs pandas and pyarrow wheels in .whl/)
+#                                            # reported (needs pandas and pyarrow wheels in .whl/:
+#                                            # cp312 pandas 2.3.3 + pyarrow 16.1.0 + tzdata, pytz,
+#                                            # python-dateutil, six fit the 64 MiB carry with Captum)
 # Several parts may be named in one call. Logs go to $OUT (or ./gpu-results). The device image has
 # torch, Triton, pytest, safetensors, tqdm and matplotlib but no package registry: Captum travels
 # as a wheel in .whl/ (see README, "Benchmarks"); PyHealth's imports are too large to carry, so the
