@@ -111,9 +111,10 @@ def run_tables(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
 
     if args.command == "report" and len(args.runs) > 2:
         parser.error("report takes one run folder, or two to compare")
-    for name in ("top", "patients"):
-        if getattr(args, name, 1) < (0 if name == "patients" else 1):
-            parser.error(f"--{name} must be >= {0 if name == 'patients' else 1}")
+    if getattr(args, "top", 1) < 1:
+        parser.error("--top must be >= 1")
+    if getattr(args, "patients", 0) < 0:
+        parser.error("--patients must be >= 0")
     try:
         if args.command == "export":
             output = args.output or Path(args.run) / f"attributions.{args.format or 'parquet'}"

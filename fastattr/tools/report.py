@@ -326,10 +326,11 @@ def _agreement_section(a: _Run, b: _Run) -> list[str]:
     same_samples = len(a.store) == len(b.store) and a.store.patient_ids == b.store.patient_ids
     if same_samples:
         fa, ca, fb, cb = a.summary.top_feature, a.summary.top_code, b.summary.top_feature, b.summary.top_code
-        names = [a.summary.features[i] if i >= 0 else None for i in fa]
-        names_b = [b.summary.features[i] if i >= 0 else None for i in fb]
-        both = np.array([x is not None and y is not None for x, y in zip(names, names_b)])
-        same = np.array([x == y for x, y in zip(names, names_b)]) & (ca == cb) & both
+        # b's feature indices in a's numbering (-2: a feature a does not have), then compare
+        in_a = np.array([a.summary.features.index(k) if k in a.summary.features else -2
+                         for k in b.summary.features] + [-1])  # index -1 (no entry) maps to -1
+        both = (fa >= 0) & (fb >= 0)
+        same = both & (fa == in_a[fb]) & (ca == cb)
         rows.append(("samples whose top code is the same", f"{same.sum()} of {both.sum()} ({same.sum() / max(both.sum(), 1):.1%})"))
     table = "".join(f"<tr><td class=l>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
     parts.append(f"<table>{table}</table>")

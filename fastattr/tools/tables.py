@@ -73,18 +73,22 @@ def has_vocab(store: Attributions, key: str) -> bool:
     return bool(store.info["features"][key].get("vocab"))
 
 
-def _classes(tensors: dict[str, torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per sample: (probability of the explained class, explained class, summary class). The
-    summary class is the explained class, except for a single-output model, whose explained
-    logit is always the positive one: there it is the predicted label (probability >= 0.5)."""
+TARGET_RULE = "explained class (target)"
+PREDICTED_RULE = "predicted label (probability >= 0.5; a single-output model explains its positive logit)"
+
+
+def _classes(tensors: dict[str, torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """Per sample: (probability of the explained class, explained class, summary class), and what
+    the summary class is. It is the explained class, except for a single-output model, whose
+    explained logit is always the positive one: there it is the predicted label (p >= 0.5)."""
     target = tensors["target"].long() if "target" in tensors else torch.full((size,), -1, dtype=torch.long)
     if "probability" not in tensors:
-        return torch.full((size,), float("nan")), target, target.clamp_min(0)
+        return torch.full((size,), float("nan")), target, target.clamp_min(0), TARGET_RULE
     prob = tensors["probability"].float().reshape(size, -1)
     if prob.shape[1] == 1:
         p = prob[:, 0]
-        return p, target, (p >= 0.5).long()
-    return prob.gather(1, target.clamp_min(0)[:, None])[:, 0], target, target.clamp_min(0)
+        return p, target, (p >= 0.5).long(), PREDICTED_RULE
+    return prob.gather(1, target.clamp_min(0)[:, None])[:, 0], target, target.clamp_min(0), TARGET_RULE
 
 
 @dataclass
@@ -160,7 +164,7 @@ def tables(run: str | Path | Attributions, features: Sequence[str] | None = None
     for positions, ids, tensors in tqdm(store.shards_with_positions(), total=len(store.shards), unit="shard",
                                         desc="reading shards", disable=None if progress is None else not progress):
         size = len(positions)
-        prob, target, _ = _classes(tensors, size)
+        prob, target, _, _ = _classes(tensors, size)
         pid = pa.array(ids["patient_id"], pa.string())
         vid = pa.array(ids.get("visit_id", [None] * size), pa.string())
         sample = torch.tensor(positions, dtype=torch.long)
@@ -212,6 +216,12 @@ def _empty_schema():
                       ("probability", pa.float32()), ("target", pa.int64())])
 
 
+def _writer(format: str, path: Path, schema: Any):
+    if format == "parquet":
+        return _need("pyarrow.parquet").ParquetWriter(path, schema, compression="zstd")
+    return _need("pyarrow.csv").CSVWriter(path, schema)
+
+
 def export(run: str | Path | Attributions, path: str | Path, format: str | None = None, *,
            features: Sequence[str] | None = None, row_group_rows: int = ROW_GROUP_ROWS,
            progress: bool | None = None) -> Path:
@@ -232,11 +242,7 @@ def export(run: str | Path | Attributions, path: str | Path, format: str | None 
     try:
         for table in tables(run, features, progress=progress):
             if writer is None:
-                if format == "parquet":
-                    pq = _need("pyarrow.parquet")
-                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-                else:
-                    writer = _need("pyarrow.csv").CSVWriter(tmp, table.schema)
+                writer = _writer(format, tmp, table.schema)
             if format == "csv":
                 writer.write_table(table)
                 continue
@@ -247,9 +253,7 @@ def export(run: str | Path | Attributions, path: str | Path, format: str | None 
                 writer.write_table(whole.slice(0, rows - rows % row_group_rows), row_group_size=row_group_rows)
                 pending, rows = [whole.slice(rows - rows % row_group_rows)], rows % row_group_rows
         if writer is None:  # a run with no rows: an empty file with the schema
-            schema = _empty_schema()
-            writer = _need("pyarrow.parquet").ParquetWriter(tmp, schema) if format == "parquet" else \
-                _need("pyarrow.csv").CSVWriter(tmp, schema)
+            writer = _writer(format, tmp, _empty_schema())
         if format == "parquet" and rows:
             writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
         writer.close()
@@ -392,9 +396,8 @@ def summarize_codes(run: str | Path | Attributions, features: Sequence[str] | No
     for positions, _, tensors in tqdm(store.shards_with_positions(), total=len(store.shards), unit="shard",
                                       desc="summarizing", disable=None if progress is None else not progress):
         size = len(positions)
-        prob, _, cls = _classes(tensors, size)
-        if rule is None:
-            rule = class_rule_of(tensors)
+        prob, _, cls, shard_rule = _classes(tensors, size)
+        rule = rule or shard_rule
         counts = torch.bincount(cls, minlength=len(totals)).double()
         totals = torch.cat([totals, totals.new_zeros(len(counts) - len(totals))]) + counts
         groups = []  # per feature: (feature index, group rows, group codes, per-sample code sums)
@@ -427,15 +430,8 @@ def summarize_codes(run: str | Path | Attributions, features: Sequence[str] | No
                     top_f[where], top_c[where] = f, g_codes[won].numpy()
         if per_sample:
             sample_cls[positions], sample_p[positions] = cls.numpy(), prob.numpy()
-    return CodeSummary(store, keys, grids, totals.numpy(), rule or "explained class (target)",
+    return CodeSummary(store, keys, grids, totals.numpy(), rule or TARGET_RULE,
                        top_f, top_c, sample_cls, sample_p)
-
-
-def class_rule_of(tensors: dict[str, torch.Tensor]) -> str:
-    prob = tensors.get("probability")
-    if prob is not None and prob.reshape(prob.shape[0], -1).shape[1] == 1:
-        return "predicted label (probability >= 0.5; a single-output model explains its positive logit)"
-    return "explained class (target)"
 
 
 def summarize(run: str | Path | Attributions, by_class: bool = False, features: Sequence[str] | None = None, *,
