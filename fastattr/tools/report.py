@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from fastattr.tools.cohort import Attributions
-from fastattr.tools.tables import (CodeSummary, code_names, entries, has_vocab, open_run, sample_values,
-                                   summarize_codes)
+from fastattr.tools.frames import CodeSummary, code_names, entries, has_vocab, sample_values, summarize_codes
+from fastattr.tools.store import Attributions, open_run
 
 COLORS = {"planted": "#c0392b", "planted pair": "#e67e22", "distractor": "#8e44ad", "": "#4a78b5"}
 HEAT_POSITIONS = 48  # positions shown per patient heat map

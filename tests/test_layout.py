@@ -1,0 +1,70 @@
+"""The package's own shape: no import cycles between fastattr's modules, at any depth (imports
+inside functions count: a lazy import still makes two modules depend on each other)."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_graph() -> dict[str, set[str]]:
+    files = {}
+    for path in (ROOT / "fastattr").rglob("*.py"):
+        files[".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")] = path
+    for path in (ROOT / "kernels").rglob("*.py"):  # installed as fastattr.kernels
+        files["fastattr." + ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from . import x / from ._triton import y
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                deps |= {base} | {f"{base}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        # the top-level package only re-exports; edges into it would make every module a cycle
+        graph[name] = {d for d in deps if d in files and d not in (name, "fastattr")}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_graph_sees_the_modules_and_their_imports():
+    graph = module_graph()
+    assert "fastattr.tools.cohort" in graph["fastattr.tools.demo"]
+    assert "fastattr.kernels._triton" in graph["fastattr.kernels.relevance"]  # a relative import
+
+
+def test_a_cycle_is_found_when_there_is_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles():
+    assert find_cycle(module_graph()) is None
