@@ -9,6 +9,7 @@ SCHEMAS = {
     "seq": {"conditions": "sequence", "procedures": "sequence"},
     "nested": {"visits": "nested_sequence", "procedures": "sequence"},
     "mlp": {"conditions": "sequence", "labs": "tensor"},
+    "seq_tensor": {"conditions": "sequence", "labs": "tensor"},
     "tensor_only": {"labs": "tensor"},
     "stagenet": {"codes": "stagenet", "vitals": "stagenet_tensor"},
 }
@@ -23,9 +24,9 @@ def _sample(kind: str, rng: random.Random, i: int, num_classes: int) -> dict:
         sample.update(conditions=codes("c", 2, 9), procedures=codes("p", 1, 5))
     elif kind == "nested":
         sample.update(visits=[codes("d", 1, 4) for _ in range(rng.randint(1, 4))], procedures=codes("p", 1, 6))
-    elif kind in ("mlp", "tensor_only"):
-        sample["labs"] = [rng.uniform(-2, 2) for _ in range(5)]
-        if kind == "mlp":
+    elif kind in ("mlp", "tensor_only", "seq_tensor"):
+        sample["labs"] = [rng.uniform(-2, 2) for _ in range(6 if kind == "seq_tensor" else 5)]
+        if kind != "tensor_only":
             sample["conditions"] = codes("c", 2, 8)
     elif kind == "stagenet":
         n = rng.randint(2, 6)

@@ -9,18 +9,13 @@ import fastattr
 from fastattr.interpret.chefer import detect_row_picks
 from fastattr.loop import full_chefer_relevance
 
-from conftest import own_model, rel_err
+from conftest import codes, own_model, rel_err
 
 
 def reference(model, target=None, **batch):
-    """PyHealth's algorithm verbatim (fastattr.loop), then its expansion to nested input shapes."""
-    out = full_chefer_relevance(model, target_class_idx=target, **batch)
-    for key, attr in out.items():  # PyHealth's expansion to nested input shapes
-        value = batch[key]
-        while value.dim() > attr.dim():
-            attr = attr.unsqueeze(-1)
-        out[key] = attr.expand_as(value)
-    return out
+    """PyHealth's algorithm verbatim (fastattr.loop), expanded to nested inputs' shapes as PyHealth
+    does (only where the raw value has more dims than the relevance)."""
+    return full_chefer_relevance(model, target_class_idx=target, **batch)
 
 
 def close(got, ref):
@@ -111,6 +106,21 @@ def test_nested_inputs_are_expanded():
     out = fastattr.CheferRelevance(model).attribute(visits=visits)
     assert out["visits"].shape == visits.shape
     assert torch.equal(out["visits"][..., 0], out["visits"][..., 3])
+
+
+def test_a_flat_tensor_feature_keeps_the_models_shape():
+    # A [B, F] continuous feature is one token to a Transformer: PyHealth returns its relevance as
+    # [B, 1] (the shape get_relevance_tensor gives), never repeated to [B, F].
+    from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+
+    torch.manual_seed(1)
+    spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=30), "labs": FeatureProcessor(token=False, size=6)})
+    model = TransformerClassifier(spec, num_classes=3).eval()
+    g = torch.Generator().manual_seed(1)
+    batch = {"codes": codes(5, 7, 30, g), "labs": torch.randn(5, 6, generator=g)}
+    got = fastattr.CheferRelevance(model).attribute(**batch)
+    assert got["labs"].shape == (5, 1) and got["codes"].shape == (5, 7)
+    close(got, reference(model, **batch))
 
 
 def test_hooks_off_after_call_and_after_error_and_nothing_kept():

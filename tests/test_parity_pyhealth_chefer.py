@@ -16,6 +16,10 @@ CONFIGS = {
     "transformer-2L2H-multiclass-seq": ("seq", "Transformer", 4, dict(num_layers=2, heads=2, embedding_dim=32)),
     "transformer-4L4H-binary-nested": ("nested", "Transformer", 2, dict(num_layers=4, heads=4, embedding_dim=32)),
     "transformer-3L4H-multiclass-nested": ("nested", "Transformer", 3, dict(num_layers=3, heads=4, embedding_dim=16)),
+    # a tensor feature is one token to the Transformer: its relevance stays [B, 1]
+    "transformer-2L2H-binary-seq-tensor": ("seq_tensor", "Transformer", 2, dict(num_layers=2, heads=2, embedding_dim=32)),
+    "transformer-1L2H-multiclass-seq-tensor": ("seq_tensor", "Transformer", 3,
+                                               dict(num_layers=1, heads=2, embedding_dim=16)),
     "stageattentionnet-binary": ("stagenet", "StageAttentionNet", 2, dict(embedding_dim=32)),
     "stageattentionnet-multiclass": ("stagenet", "StageAttentionNet", 3, dict(embedding_dim=32)),
 }

@@ -206,7 +206,7 @@ class CheferRelevance:
                 full = {k: propagate(layers[k], None, use) for k in layers}
                 result = model.get_relevance_tensor(full, **data)
         del layers
-        return features.expand(result)
+        return features.expand(result, nested_only=True)
 
     def _backward(self, score: torch.Tensor, sinks: list[torch.Tensor]) -> None:
         """Backward far enough that every attention gradient hook fires, leaving no ``.grad``:

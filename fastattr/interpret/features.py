@@ -295,12 +295,20 @@ class FeatureBatch:
             present = present.unsqueeze(-1)
         return present.expand(shape).contiguous()
 
-    def expand(self, results: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def expand(self, results: Mapping[str, torch.Tensor], *, nested_only: bool = False) -> dict[str, torch.Tensor]:
         """PyHealth's shape mapping: where a result has fewer dims than the raw value, unsqueeze
-        trailing dims; then expand to the raw value's shape where it broadcasts."""
+        trailing dims; then expand to the raw value's shape where it broadcasts.
+
+        ``nested_only`` is Chefer's rule: only a result with fewer dims than the raw value (a
+        nested sequence's per-visit relevance) is expanded; one with as many keeps the shape the
+        model gave it (a Transformer's ``tensor`` feature is one token: ``[B, 1]``, not ``[B, F]``).
+        IG's rule (the default) also expands a result of the raw value's rank."""
         out = {}
         for key, attr in results.items():
             shape = self.raw_shapes.get(key)
+            if nested_only and (shape is None or attr.dim() >= len(shape)):
+                out[key] = attr
+                continue
             if shape is not None and attr.shape != shape:
                 while attr.dim() < len(shape):
                     attr = attr.unsqueeze(-1)
