@@ -205,3 +205,85 @@ def test_stale_attention_gradients_are_refused():
     model.get_attention_layers = lambda: stale  # a model whose hooks stopped recording
     with pytest.raises(ValueError, match="earlier call"):
         chefer.attribute(**batch)
+
+
+class AveragedHeads(fastattr.tools.models.TransformerClassifier):
+    """Hands Chefer head-averaged maps, ``[(a.mean(1), g.mean(1)), ...]``, on the layers named in
+    ``averaged`` (all by default): computing on the gradients, as the protocol allows, means
+    ``get_attention_layers`` only works after the backward."""
+
+    averaged = None
+
+    def get_attention_layers(self):
+        return {k: [(a.mean(1), g.mean(1)) if self.averaged is None or i in self.averaged else (a, g)
+                    for i, (a, g) in enumerate(pairs)]
+                for k, pairs in super().get_attention_layers().items()}
+
+
+@pytest.mark.parametrize("averaged", [None, (0,), (1,)], ids=["all-3d", "first-3d", "last-3d"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_model_that_computes_on_its_gradients_in_get_attention_layers(averaged, backend):
+    base, batch = own_model("transformer", seed=42, heads=2, layers=2)
+    model = AveragedHeads(base.dataset, num_classes=3, heads=2, layers=2)
+    model.load_state_dict(base.state_dict())
+    model.averaged = averaged
+    model.eval()
+    with pytest.raises(AttributeError):  # what reading the layers before a backward does to this model
+        model.get_attention_layers()
+    chefer = fastattr.CheferRelevance(model)
+    got = chefer.attribute(backend=backend, **batch)
+    close(got, reference(model, **batch))
+    assert any(v.abs().max() > 0 for v in got.values())
+    close(chefer.attribute(backend=backend, **batch), got)  # a second call reads fresh gradients again
+
+
+class KeepsOldGradients(fastattr.tools.models.TransformerClassifier):
+    """PyHealth's hooks keep a layer's last gradient until a new one arrives. ``cut="input"``: the
+    ``labs`` encoder gets its input detached (its attention maps are reached only through its
+    weights); ``cut="output"``: the logits do not depend on the ``labs`` encoder at all."""
+
+    cut = None
+
+    def forward_from_embedding(self, **batch):
+        kept = {id(b.attention): b.attention.attn_grad for blocks in self.encoders.values() for b in blocks}
+        pooled = []
+        for key in self.feature_keys:
+            x, mask = self._tokens(key, batch[key])
+            if self.cut == "input" and key == "labs":
+                x = x.detach()
+            x = torch.cat([self.cls[key].expand(x.shape[0], 1, -1), x], dim=1)
+            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+            for block in self.encoders[key]:
+                x = block(x, mask, self._capture)
+            pooled.append(x[:, 0].detach() if self.cut == "output" and key == "labs" else x[:, 0])
+        for blocks in self.encoders.values():
+            for b in blocks:
+                if b.attention.attn_grad is None:
+                    b.attention.attn_grad = kept[id(b.attention)]
+        return self._outputs(self.head(self.norm(torch.cat(pooled, dim=-1))), batch)
+
+
+def keeps_old_gradients(seed):
+    base, batch = own_model("transformer", seed=seed)
+    model = KeepsOldGradients(base.dataset, num_classes=3)
+    model.load_state_dict(base.state_dict())
+    return model.eval(), batch
+
+
+def test_maps_reached_only_through_weights_are_reached_as_pyhealth_reaches_them():
+    model, batch = keeps_old_gradients(43)
+    chefer = fastattr.CheferRelevance(model)
+    chefer.attribute(**batch)  # leaves gradients on every map
+    model.cut = "input"
+    close(chefer.attribute(**batch), reference(model, **batch))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradients_an_earlier_call_left_are_refused_without_reading_layers_early():
+    model, batch = keeps_old_gradients(44)
+    chefer = fastattr.CheferRelevance(model)
+    close(chefer.attribute(**batch), reference(model, **batch))
+    model.cut = "output"
+    with pytest.raises(ValueError, match="layer 0 of 'labs' still holds the gradient of an earlier call"):
+        chefer.attribute(**batch)
+    assert all(p.grad is None for p in model.parameters())

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastattr
+from fastattr.core import packing
 from fastattr.tools.cohort import CohortDataset, LengthSortedBatches, attribute_dataset, load_attributions
 from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint, save_checkpoint
 from fastattr.tools.synthetic import SyntheticCohort
@@ -334,11 +335,21 @@ def test_length_sorted_batches_keep_positions_and_results(tmp_path, method):
     same_runs(tmp_path / "sorted", tmp_path / "sorted")
 
 
-def test_no_extra_forward_for_probabilities(tmp_path):
+@pytest.mark.parametrize("pack", [False, "auto"])
+def test_no_extra_forward_for_probabilities(tmp_path, pack, monkeypatch):
+    monkeypatch.setitem(packing.GROUP_COST["chefer"], "cpu", 0.0)  # length groups wherever lengths differ
     cohort = SyntheticCohort(patients=12, seed=2)
-    counted = Counted(fastattr.CheferRelevance(tiny_model(cohort)))
+    chefer = fastattr.CheferRelevance(tiny_model(cohort), pack_lengths=pack)
+    counted = Counted(chefer)
+    passes = []
+    original = chefer._pass
+    chefer._pass = lambda *a, **k: passes.append(1) or original(*a, **k)
     attribute_dataset(counted, loader(cohort, batch_size=4), tmp_path)
-    assert counted.forwards == 3  # one per batch: Chefer's own
+    assert counted.forwards == len(passes)  # Chefer's own forwards only: one per pass
+    if pack is False:
+        assert len(passes) == 3  # one per batch
+    else:
+        assert len(passes) > 3  # groups of each batch, and the padded batch once for the padding check
 
 
 def test_length_sorted_batches_by_tokens():

@@ -117,7 +117,7 @@ def test_length_packing_on_cuda_equals_padded_and_oracle(monkeypatch):
     from fastattr.loop import step_loop_integrated_gradients
     from conftest import codes, rel_err
 
-    monkeypatch.setitem(packing.GROUP_COST, "cuda", 0.0)  # every length its own group
+    monkeypatch.setitem(packing.GROUP_COST["integrated_gradients"], "cuda", 0.0)  # every length its own group
     model, _ = own_model("transformer", seed=3)
     model = model.cuda()
     x = codes(9, 37, 40, torch.Generator().manual_seed(1)).cuda()

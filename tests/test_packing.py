@@ -7,7 +7,7 @@ import torch
 import fastattr
 from fastattr.core import packing
 from fastattr.interpret.features import FeatureBatch
-from fastattr.loop import step_loop_integrated_gradients
+from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
 
 from conftest import codes, rel_err
@@ -16,7 +16,8 @@ from conftest import codes, rel_err
 @pytest.fixture
 def many_groups(monkeypatch):
     """Groups cost nothing: every distinct length gets its own group, so packing is exercised."""
-    monkeypatch.setitem(packing.GROUP_COST, "cpu", 0.0)
+    for method in packing.GROUP_COST:
+        monkeypatch.setitem(packing.GROUP_COST[method], "cpu", 0.0)
 
 
 def test_plan_groups_covers_every_sample_once_and_is_deterministic():
@@ -161,3 +162,79 @@ def test_pack_lengths_is_validated():
     ig = fastattr.IntegratedGradients(model)
     with pytest.raises(ValueError, match="pack_lengths"):
         ig.attribute(pack_lengths=1, codes=torch.ones(2, 3, dtype=torch.long))
+
+
+# -- Chefer through the same length groups -----------------------------------------------------
+
+def chefer_reference(model, target=None, **batch):
+    return full_chefer_relevance(model, target_class_idx=target, **batch)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("classes", [2, 3])
+def test_chefer_packed_equals_padded_and_the_oracle(classes, backend, many_groups):
+    g = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    model = TransformerClassifier(_nested_spec(), num_classes=classes, dim=16, heads=2, layers=2).eval()
+    visits, labs = _nested_batch(g, batch=9)
+    data = {"visits": visits, "labs": labs, "label": torch.zeros(9, dtype=torch.long), "patient_id": list("abcdefghi")}
+    chefer = fastattr.CheferRelevance(model, backend=backend)
+    padded = chefer.attribute(pack_lengths=False, **data)
+    padded_predictions = chefer.last_predictions
+    assert chefer.last_groups == [(9, None)]
+    packed = chefer.attribute(**data)
+    assert len(chefer.last_groups) > 1 and sum(n for n, _ in chefer.last_groups) == 9
+    oracle = chefer_reference(model, **data)
+    for key in ("visits", "labs"):
+        assert packed[key].shape == padded[key].shape == oracle[key].shape
+        assert rel_err(packed[key], padded[key]) <= 1e-6
+        assert rel_err(packed[key], oracle[key]) <= 1e-5
+    lengths = (labs.abs().sum(-1) != 0).long().cumsum(1).argmax(1) + 1  # one past each sample's last lab row
+    for b in range(9):
+        assert torch.all(packed["labs"][b, lengths[b]:] == 0)  # trimmed positions: exact zeros
+    for got, ref in zip(chefer.last_predictions, padded_predictions):
+        torch.testing.assert_close(got, ref)
+
+
+def test_chefer_packing_with_per_sample_targets(many_groups):
+    torch.manual_seed(3)
+    model = TransformerClassifier(FeatureSpec({"codes": FeatureProcessor(token=True, size=40)}), num_classes=4,
+                                  dim=16).eval()
+    g = torch.Generator().manual_seed(3)
+    x = codes(10, 19, 40, g)
+    targets = torch.randint(0, 4, (10,), generator=g)
+    chefer = fastattr.CheferRelevance(model)
+    for target in (targets, targets.numpy(), targets.tolist(), 2):
+        packed = chefer.attribute(target_class_idx=target, codes=x)["codes"]
+        assert len(chefer.last_groups) > 1
+        ref = chefer_reference(model, target=torch.as_tensor(target) if not isinstance(target, int) else target,
+                               codes=x)["codes"]
+        assert rel_err(packed, ref) <= 1e-5
+        assert torch.equal(chefer.last_predictions[1], torch.as_tensor(target).expand(10))
+
+
+class AttendsToPadding(TransformerClassifier):
+    """Attention over every position, padding included: its output depends on the padding."""
+
+    def _tokens(self, key, feature):
+        value, mask = super()._tokens(key, feature)
+        return value, torch.ones_like(mask)
+
+
+def test_chefer_on_a_model_that_attends_to_padding_runs_padded(many_groups):
+    torch.manual_seed(2)
+    model = AttendsToPadding(FeatureSpec({"codes": FeatureProcessor(token=True, size=40)}), num_classes=3,
+                             dim=16).eval()
+    x = codes(6, 12, 40, torch.Generator().manual_seed(6), min_len=2)
+    chefer = fastattr.CheferRelevance(model)
+    with pytest.warns(UserWarning, match="logits and relevance change when padding is trimmed"):
+        got = chefer.attribute(codes=x)["codes"]
+    assert chefer.last_groups == [(6, None)]
+    assert rel_err(got, chefer_reference(model, codes=x)["codes"]) <= 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the verdict is cached: no second warning
+        chefer.attribute(codes=x)
+    with pytest.raises(ValueError, match="pack_lengths=True, but AttendsToPadding"):
+        chefer.attribute(pack_lengths=True, codes=x)
+    with pytest.raises(ValueError, match="pack_lengths"):
+        fastattr.CheferRelevance(model, pack_lengths="always")

@@ -117,7 +117,7 @@ def test_length_packing_keeps_parity(name, monkeypatch, recwarn):
     from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
     from fastattr.core import packing
 
-    monkeypatch.setitem(packing.GROUP_COST, "cpu", 0.0)
+    monkeypatch.setitem(packing.GROUP_COST["integrated_gradients"], "cpu", 0.0)
     model, batch = case(name)
     use_embeddings = "no-embeddings" not in name
     theirs = PyHealthIG(model, use_embeddings=use_embeddings).attribute(steps=7, **batch)

@@ -125,3 +125,33 @@ def test_numpy_integer_target():
     model, batch = case("transformer-2L2H-multiclass-seq")
     theirs = PyHealthChefer(model).attribute(target_class_idx=np.int64(3), **batch)
     assert_matches(theirs, fastattr.CheferRelevance(model).attribute(target_class_idx=np.int64(3), **batch))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_length_packing_keeps_parity(name, monkeypatch, recwarn):
+    """Every distinct length in its own group (groups made free): PyHealth's numbers still, equal
+    to the padded batch's. PyHealth's Transformer masks its padding, so its batches really run in
+    several trimmed groups; StageAttentionNet, called as Chefer calls it (no mask given), takes
+    its mask from the embedded values, and a padded row of a continuous feature embeds to the
+    linear layer's bias: that padding counts, and the check must say so and run it padded."""
+    from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+    from fastattr.core import packing
+
+    monkeypatch.setitem(packing.GROUP_COST["chefer"], "cpu", 0.0)
+    model, batch = case(name)
+    theirs = PyHealthChefer(model).attribute(**batch)
+    model.zero_grad(set_to_none=True)
+    chefer = fastattr.CheferRelevance(model)
+    ours = chefer.attribute(**batch)
+    groups = chefer.last_groups
+    padded = chefer.attribute(pack_lengths=False, **batch)
+    assert_matches(theirs, ours)
+    for key in ours:
+        assert ours[key].shape == theirs[key].shape
+        assert rel_err(ours[key], padded[key]) <= 1e-6
+    warned = [str(w.message) for w in recwarn if "when padding is trimmed" in str(w.message)]
+    print(name, "groups:", groups, "padding-dependent:", warned)
+    if "transformer" in name:
+        assert not warned and len(groups) > 1
+    else:
+        assert warned and groups == [(len(batch["label"]), None)]

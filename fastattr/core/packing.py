@@ -11,17 +11,34 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-# A group's fixed cost in row-positions, the unit of the padded work (one path row, i.e. one
-# sample at one path point, at one position of one feature). Each group adds forwards of its own
-# and a chunk-size probe. Measured on the 2-core reference CPU with PyHealth's 2-layer, dim-64
-# Transformer, 32 long-tailed patients, 51 path points (benchmarks/RESULTS.md, "Length-aware
-# packing"): costs from 1,600 to 6,500 row-positions ran within 4% of one another (5.0-5.1x
-# PyHealth), 400 was 17% slower (more, smaller groups).
+# A group's fixed cost in row-positions, the unit of the padded work (one row, i.e. one sample at
+# one path point for IG, one sample for Chefer, at one position of one feature), per method and
+# device: what a group adds beyond its padded work (its own forwards and backwards, dispatch).
+#
+# IG: each group adds forwards of its own and a chunk-size probe. Measured on the 2-core reference
+# CPU with PyHealth's 2-layer, dim-64 Transformer, 32 long-tailed patients, 51 path points
+# (benchmarks/RESULTS.md, "Length-aware packing"): costs from 1,600 to 6,500 row-positions ran
+# within 4% of one another (5.0-5.1x PyHealth), 400 was 17% slower (more, smaller groups).
 # On CUDA, where small clinical models are launch-bound, a group's forwards cost far more: on an
 # H100 (same batch, dims 64 and 128) costs of 30,000-100,000 split it in two groups, 1.2-1.8x
 # faster than the padded batch with a fifth of its memory; 10,000 (three groups) and 400,000
 # (one) were slower.
-GROUP_COST = {"cpu": 3000.0, "cuda": 50000.0}
+#
+# Chefer: one forward with attention hooks, one backward and the relevance per group, one row per
+# sample. CHEFER_CPU_GROUP_COST is measured (see its note); on CUDA not measured yet: the IG
+# figure is used (the same unit, one forward and backward per group there too).
+GROUP_COST = {
+    "integrated_gradients": {"cpu": 3000.0, "cuda": 50000.0},
+    "chefer": {"cpu": 300.0, "cuda": 50000.0},
+}
+
+
+def group_cost(method: str, device: torch.device) -> float:
+    """The fixed cost of one group of ``method`` on ``device``'s type (CUDA's for other accelerators)."""
+    costs = GROUP_COST[method]
+    return costs.get(device.type, costs["cuda"])
+
+
 # Most candidate group boundaries considered (quantiles of the sorted order past this many samples).
 MAX_CUTS = 128
 

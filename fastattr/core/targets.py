@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 
-def _target_tensor(target: Any, batch: int, device: torch.device) -> torch.Tensor:
+def target_tensor(target: Any, batch: int, device: torch.device) -> torch.Tensor:
     """``target`` as one class index per sample: any integral scalar (Python int, numpy integer,
     0-dim integer tensor) for every sample, or a 1-D integer tensor, array or sequence of one class
     per sample. Bools and floats are refused."""
@@ -50,7 +50,7 @@ def resolve_targets(target: Any, logits: torch.Tensor | None, batch: int,
         if logits is None:
             raise ValueError("target is None and no logits were given to take the argmax of")
         return logits.argmax(dim=-1).to(device)
-    t = _target_tensor(target, batch, device)
+    t = target_tensor(target, batch, device)
     if bool(((t < 0) | (t >= num_classes)).any()):
         bad = t[(t < 0) | (t >= num_classes)][0].item()
         raise ValueError(f"target_class_idx {bad} is out of range for {num_classes} classes")

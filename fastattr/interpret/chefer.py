@@ -1,14 +1,19 @@
 """Drop-in replacement for ``pyhealth.interpret.methods.CheferRelevance``."""
 from __future__ import annotations
 
+import numbers
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fastattr.core.backend import check_backend_name, resolve_backend
-from fastattr.core.targets import resolve_targets
-from fastattr.interpret.features import FeatureBatch, model_device, require_feature_protocol, require_methods
 from fastattr.core.relevance import chefer_relevance, check_layers, propagate
+from fastattr.core.targets import resolve_targets, target_tensor
+from fastattr.interpret.features import (FeatureBatch, model_device, require_feature_protocol, require_methods,
+                                         select_samples)
+from fastattr.interpret.lengths import LengthGroups, check_pack_lengths, layout_key, place_rows, relative_difference
 
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
 
@@ -26,56 +31,70 @@ def apply_self_attention_rules(R_ss: torch.Tensor, cam_ss: torch.Tensor) -> torc
     return torch.matmul(cam_ss, R_ss)
 
 
-def _probes(tokens: int, batch: int, generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
-    """Index-coded and random [B, N, N] probes that cost at most N*N memory (stride-0 expands)."""
-    idx = torch.arange(tokens, dtype=torch.float32, device=device)
-    rows = idx.view(1, tokens, 1).expand(batch, tokens, tokens)
-    cols = idx.view(1, 1, tokens).expand(batch, tokens, tokens)
-    # Random values of both signs: a reduction that sums, averages, scales or rectifies rows
-    # cannot reproduce them exactly, only a selection can.
+def _selection_probes(tokens: int, batch: int, generator: torch.Generator,
+                      device: torch.device) -> list[torch.Tensor]:
+    """Random [B, N, N] probes of both signs, per entry and per row, that cost at most N*N memory
+    (stride-0 expands): a reduction that sums, averages, scales or rectifies rows cannot
+    reproduce them exactly, only a selection can."""
     per_entry = torch.randn(tokens, tokens, generator=generator).to(device).expand(batch, tokens, tokens)
     per_row = torch.randn(batch, tokens, 1, generator=generator).to(device).expand(batch, tokens, tokens)
-    return [rows, cols, per_entry, per_row]
+    return [per_entry, per_row]
+
+
+def _index_probe(tokens: int, batch: int, device: torch.device) -> torch.Tensor:
+    """R[b, i, j] = i * N + j, exact in the probe's dtype (float64 past N = 4096)."""
+    dtype = torch.float32 if tokens <= 4096 else torch.float64
+    idx = torch.arange(tokens, dtype=dtype, device=device)
+    return (idx[:, None] * tokens + idx[None, :]).expand(batch, tokens, tokens)
+
+
+def _relevance_of(model: Any, probes: dict[str, torch.Tensor], data: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        out = model.get_relevance_tensor(probes, **data)
+    except Exception:  # a reduction that cannot take the probes (in-place writes...) is no row pick
+        return None
+    return out if isinstance(out, dict) and set(out) == set(probes) else None
 
 
 def detect_row_picks(model: Any, tokens: dict[str, int], batch: int, data: dict[str, Any],
-                     device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+                     device: torch.device, *, known: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """Whether ``model.get_relevance_tensor`` returns, per key and sample, entries of one row of R.
 
     Returns ``{key: (rows [B], cols [B, M])}`` such that the reduction equals
-    ``R[b, rows[b], cols[b, m]]``, or ``None`` when any key's reduction is something else.
+    ``R[b, rows[b], cols[b, m]]``, or ``None`` when any key's reduction is something else. One
+    call with an index-coded probe finds the candidate rows and columns; unless ``known`` (an
+    earlier batch of this model and layout passed), two calls with random probes confirm that the
+    reduction only selects.
     """
-    generator = torch.Generator().manual_seed(0)
-    probes = {k: _probes(n, batch, generator, device) for k, n in tokens.items()}
-    outputs = []
-    for i in range(4):
-        try:
-            out = model.get_relevance_tensor({k: p[i] for k, p in probes.items()}, **data)
-        except Exception:  # a reduction that cannot take the probes (in-place writes...) is no row pick
-            return None
-        if not isinstance(out, dict) or set(out) != set(tokens):
-            return None
-        outputs.append(out)
+    coded = _relevance_of(model, {k: _index_probe(n, batch, device) for k, n in tokens.items()}, data)
+    if coded is None:
+        return None
     picks = {}
     for key, n in tokens.items():
-        o_rows, o_cols, o_entry, o_row = (out[key] for out in outputs)
-        if any(not isinstance(o, torch.Tensor) or o.dim() != 2 or o.shape[0] != batch for o in (o_rows, o_cols, o_entry, o_row)):
+        out = coded[key]
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != batch or out.shape[1] == 0:
             return None
-        if len({o.shape for o in (o_rows, o_cols, o_entry, o_row)}) != 1 or o_rows.shape[1] == 0:
+        out = out.double()
+        if not torch.equal(out, out.round()) or bool(((out < 0) | (out >= n * n)).any()):
             return None
-        o_rows, o_cols = o_rows.float(), o_cols.float()
-        if not (torch.equal(o_rows, o_rows.round()) and torch.equal(o_cols, o_cols.round())):
+        rows, cols = (out // n).long(), (out % n).long()
+        if not bool((rows == rows[:, :1]).all()):
             return None
-        if not bool((o_rows == o_rows[:, :1]).all()):
+        picks[key] = (rows[:, 0], cols)
+    if known:
+        return picks
+    generator = torch.Generator().manual_seed(0)
+    probes = {k: _selection_probes(n, batch, generator, device) for k, n in tokens.items()}
+    for i in range(2):
+        out = _relevance_of(model, {k: p[i] for k, p in probes.items()}, data)
+        if out is None:
             return None
-        if bool(((o_rows < 0) | (o_rows >= n) | (o_cols < 0) | (o_cols >= n)).any()):
-            return None
-        rows, cols = o_rows[:, 0].long(), o_cols.long()
-        entry = probes[key][2][0][rows[:, None], cols]
-        row = probes[key][3][torch.arange(batch, device=device), rows, 0][:, None].expand_as(o_row)
-        if not (torch.equal(o_entry.float(), entry) and torch.equal(o_row.float(), row)):
-            return None
-        picks[key] = (rows, cols)
+        for key, (rows, cols) in picks.items():
+            expected = probes[key][i][torch.arange(batch, device=device)[:, None], rows[:, None], cols]
+            got = out[key]
+            if not isinstance(got, torch.Tensor) or got.shape != expected.shape or \
+                    not torch.equal(got.to(expected.dtype), expected):
+                return None
     return picks
 
 
@@ -98,39 +117,102 @@ def _gradient_sinks(sinks: list[torch.Tensor]):
     return hook
 
 
-def _grad_objects(layers: Any) -> list[torch.Tensor]:
-    """The attention-gradient tensors the model holds right now (to recognise stale ones)."""
-    if not isinstance(layers, dict):
-        return []
-    return [pair[1] for pairs in layers.values() for pair in pairs
-            if isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], torch.Tensor)]
+# Gradients fastattr read in earlier calls, while they live: id -> (weak reference, version then).
+_READ_GRADIENTS: dict[int, tuple[weakref.ref, int]] = {}
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+
+
+def _remember_read(grads: list[torch.Tensor]) -> None:
+    for grad in grads:
+        key = id(grad)
+        _READ_GRADIENTS[key] = (weakref.ref(grad, lambda _, key=key: _READ_GRADIENTS.pop(key, None)), grad._version)
+
+
+class _OldTensors:
+    """The tensors that exist before a backward, with their version counters: those the model's
+    modules hold as attributes (where attention hooks keep gradients; one level into lists,
+    tuples and dicts), and the gradients earlier calls read. An attention gradient the model hands
+    over after the backward that shares storage with one of them, unchanged since (same version),
+    was not written by this backward: it is stale. Found without calling any model method (a
+    model may compute on its gradients in ``get_attention_layers``, which only works after the
+    backward), and holding references so no old storage is reused while the check is pending."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.held: dict[int, list[tuple[torch.Tensor, int]]] = {}
+        for module in model.modules():
+            for name, value in vars(module).items():
+                if name in _MODULE_INTERNALS or name.endswith("hooks"):
+                    continue
+                inner = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+                for tensor in inner:
+                    if isinstance(tensor, torch.Tensor):
+                        self._add(tensor, tensor._version)
+        for ref, version in list(_READ_GRADIENTS.values()):
+            tensor = ref()
+            if tensor is not None:
+                self._add(tensor, version)
+
+    def _add(self, tensor: torch.Tensor, version: int) -> None:
+        if tensor.numel():
+            self.held.setdefault(tensor.untyped_storage().data_ptr(), []).append((tensor, version))
+
+    def stale(self, grad: torch.Tensor) -> bool:
+        if not grad.numel():
+            return False
+        return any(old._version == version == grad._version
+                   for old, version in self.held.get(grad.untyped_storage().data_ptr(), ()))
+
+
+@dataclass
+class _Pass:
+    """One forward with attention hooks and its backward, on a batch or a length group: the
+    relevance per key as ``get_relevance_tensor`` shapes it, the logits, the probabilities and
+    the targets explained."""
+
+    relevance: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    prob: torch.Tensor
+    targets: torch.Tensor
 
 
 class CheferRelevance:
     """Chefer et al.'s gradient-weighted attention relevance for PyHealth-protocol models.
 
-    Same results (to float rounding) as PyHealth 2.1.0's ``CheferRelevance``. Faster because
-    the backward takes gradients only down to the embedding parameters (never the other weights),
-    and because, when the model's ``get_relevance_tensor`` only picks one row of R per sample
-    (detected with index-coded probes, or stated by an optional
-    ``get_relevance_rows(**batch) -> {key: LongTensor[B]}``), that row is computed directly from
-    the last layer to the first in O(L N^2) instead of forming R in O(L N^3).
+    Same results (to float rounding) as PyHealth 2.1.0's ``CheferRelevance``. Faster because:
+    samples run in groups of similar length, each padded only to its own longest (as IG's do;
+    the padding check runs once per model and feature layout); the backward takes gradients
+    only down to the embedding outputs (never the weights); and when the model's
+    ``get_relevance_tensor`` only picks one row of R per sample (detected once per model and
+    layout with index-coded probes, or stated by an optional ``get_relevance_rows(**batch) ->
+    {key: LongTensor[B]}``), that row is computed directly from the last layer to the first in
+    O(L N^2) instead of forming R in O(L N^3).
 
     Args:
         model: a model with ``feature_keys``, ``dataset.input_processors``, ``forward``,
             ``set_attention_hooks``, ``get_attention_layers`` and ``get_relevance_tensor``.
             It is put in eval mode.
         backend: default backend, ``"auto" | "torch" | "triton"``; ``None`` reads ``FASTATTR_BACKEND``.
+        pack_lengths: ``"auto"`` (default): run samples in length groups once a check shows the
+            model's logits and relevance ignore padding (checked once per model and feature
+            layout; a model that fails runs padded, with a warning); ``True``: the same, but a
+            failed check is an error; ``False``: always run the batch as given.
     """
 
-    def __init__(self, model: torch.nn.Module, *, backend: str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, backend: str | None = None,
+                 pack_lengths: bool | str = "auto") -> None:
         require_feature_protocol(model, "CheferRelevance")
         require_methods(model, CHEFER_METHODS, "CheferRelevance")
         check_backend_name(backend)
+        check_pack_lengths(pack_lengths)
         self.model = model
         self.backend = backend
+        self.pack_lengths = pack_lengths
         #: ``(probabilities [B, C], targets [B])`` of the last call's forward, for the cohort runner
         self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: length groups of the last call: ``[(samples, padded sizes or None for the batch as given), ...]``
+        self.last_groups: list[tuple[int, list[int] | None]] = []
+        self._lengths = LengthGroups(model, "chefer", "logits and relevance")
+        self._row_picks: dict[tuple, bool] = {}  # per layout: is get_relevance_tensor a row pick
         model.eval()
 
     def __call__(self, **data: Any) -> dict[str, torch.Tensor]:
@@ -144,18 +226,103 @@ class CheferRelevance:
         return self.attribute(**data)
 
     def attribute(self, target_class_idx: int | torch.Tensor | None = None, *, backend: str | None = None,
-                  **data: Any) -> dict[str, torch.Tensor]:
-        """Relevance per feature key, ``[batch, tokens]`` (expanded to nested inputs' shapes).
+                  pack_lengths: bool | str | None = None, **data: Any) -> dict[str, torch.Tensor]:
+        """Relevance per feature key, ``[batch, tokens]`` as the model's ``get_relevance_tensor``
+        gives it (expanded to a nested input's shape where the input has more dims).
 
         Args:
             target_class_idx: class to explain, an int or one class per sample; ``None`` takes
                 the argmax of the logits. Ignored for a single logit.
             backend: ``"auto" | "torch" | "triton"`` for this call.
-            **data: a dataloader batch, passed to the model as it is.
+            pack_lengths: ``"auto" | True | False`` for this call (default: the constructor's).
+            **data: a dataloader batch, passed to the model as it is (or cut to a length group).
         """
         model = self.model
-        use = resolve_backend(backend if backend is not None else self.backend, model_device(model))
-        features = FeatureBatch.from_batch(model, data, add_masks=False)
+        device = model_device(model)
+        use = resolve_backend(backend if backend is not None else self.backend, device)
+        pack = self.pack_lengths if pack_lengths is None else pack_lengths
+        check_pack_lengths(pack)
+        features = FeatureBatch.from_batch(model, data)
+        key = layout_key(features)
+        groups = self._lengths.plan(features, pack=pack, points=1, device=device)
+        whole = None
+        if groups is not None:
+            per_sample = target_class_idx
+            if target_class_idx is not None and not isinstance(target_class_idx, numbers.Integral):
+                per_sample = target_tensor(target_class_idx, features.size, torch.device("cpu"))
+            rest = {k: v for k, v in data.items() if k not in features.keys}
+            passes = []
+            for index, sizes in groups:
+                part = features.subset(index, sizes)
+                target = per_sample[index] if isinstance(per_sample, torch.Tensor) else per_sample
+                passes.append((index, part, self._pass({**select_samples(rest, index, features.size), **part.inputs()}, target,
+                                                       use, key)))
+            packed = self._place(features, passes)
+            worst = None
+            if not self._lengths.known(key):
+                whole = self._pass(data, target_class_idx, use, key)
+                worst = _difference(whole, packed) if packed is not None else float("inf")
+            if self._lengths.judge(key, worst, pack) and packed is not None:
+                self.last_groups = [(len(index), sizes) for index, sizes in groups]
+                return self._finish(features, packed)
+        self.last_groups = [(features.size, None)]
+        return self._finish(features, whole if whole is not None else self._pass(data, target_class_idx, use, key))
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _finish(self, features: FeatureBatch, done: _Pass) -> dict[str, torch.Tensor]:
+        self.last_predictions = (done.prob, done.targets)
+        return features.expand(done.relevance, nested_only=True)
+
+    def _place(self, features: FeatureBatch, passes: list[tuple[torch.Tensor, FeatureBatch, _Pass]]) -> _Pass | None:
+        """The groups' passes as one pass over the whole batch; ``None`` when the relevance of
+        the groups cannot be put back in one shape (see :meth:`FeatureBatch.place_relevance`)."""
+        relevance = features.place_relevance([(index, part, p.relevance) for index, part, p in passes])
+        if relevance is None:
+            return None
+        rows = {name: place_rows(features.size, [(index, getattr(p, name)) for index, _, p in passes])
+                for name in ("logits", "prob", "targets")}
+        return _Pass(relevance, **rows)
+
+    def _pass(self, data: dict[str, Any], target: Any, use: str, key: tuple) -> _Pass:
+        """Forward with hooks, backward from the target logits, relevance: PyHealth's algorithm on
+        ``data``. A backward to the embedding outputs reaches every attention map the logits
+        depend on through the inputs; where a map is reached only through weights, the pass is
+        redone with the backward taken to the weights too (as PyHealth's is)."""
+        model = self.model
+        for reach_weights in (False, True):
+            logits, prob, targets, layers, stale, reached_weights = self._forward_backward(data, target, reach_weights)
+            if reached_weights or stale is None and _all_gradients(layers):
+                break
+        if not isinstance(layers, dict) or not layers:
+            raise ValueError("model.get_attention_layers() must return {feature key: [(attn, grad), ...]}")
+        tokens = {k: check_layers(pairs, f"attention layers of {k!r}")[1] for k, pairs in layers.items()}
+        if stale is not None:
+            raise ValueError(f"attention layer {stale[1]} of {stale[0]!r} still holds the gradient of an earlier "
+                             "call: this backward did not reach it")
+        _remember_read([grad for pairs in layers.values() for _, grad in pairs])
+        batch = logits.shape[0]
+        device = next(iter(layers.values()))[0][0].device
+        stated = getattr(model, "get_relevance_rows", None)
+        if callable(stated):
+            rows = stated(**data)
+            relevance = {k: chefer_relevance(layers[k], rows[k].to(device), backend=use) for k in layers}
+        else:
+            picks = None
+            if self._row_picks.get(key, True):  # unknown, or a row pick before
+                picks = detect_row_picks(model, tokens, batch, data, device, known=key in self._row_picks)
+                self._row_picks[key] = picks is not None
+            if picks is not None:
+                relevance = {k: propagate(layers[k], rows, use).gather(1, cols) for k, (rows, cols) in picks.items()}
+            else:
+                relevance = model.get_relevance_tensor({k: propagate(layers[k], None, use) for k in layers}, **data)
+        return _Pass(relevance, logits, prob, targets)
+
+    def _forward_backward(self, data: dict[str, Any], target: Any, reach_weights: bool):
+        """One forward with the attention hooks on (off again after, even on error), the targets
+        and the backward; then the model's attention layers, read after the backward as PyHealth
+        reads them. Returns ``(logits, probabilities, targets, layers, the first stale gradient
+        as (key, layer) or None, whether the backward went to the weights)``."""
+        model = self.model
         sinks: list[torch.Tensor] = []
         embed = getattr(model, "get_embedding_model", None)
         embed = embed() if callable(embed) else None
@@ -174,48 +341,40 @@ class CheferRelevance:
         batch, classes = logits.shape
         if batch == 0:
             raise ValueError("the batch is empty (batch size 0)")
-        targets = resolve_targets(target_class_idx, logits.detach(), batch, classes, logits.device)
+        targets = resolve_targets(target, logits.detach(), batch, classes, logits.device)
         prob = out.get("y_prob", logits) if isinstance(out, dict) else logits
-        self.last_predictions = (prob.detach().float().reshape(batch, -1), targets)
-        del out, prob
+        prob = prob.detach().float().reshape(batch, -1)
+        del out
         score = (torch.nn.functional.one_hot(targets, classes).to(logits.dtype) * logits).sum()
-        before = _grad_objects(model.get_attention_layers())
-        self._backward(score, sinks)
-        del score, logits, sinks
-        layers = model.get_attention_layers()
-        if not isinstance(layers, dict) or not layers:
-            raise ValueError("model.get_attention_layers() must return {feature key: [(attn, grad), ...]}")
-        for key, pairs in layers.items():
-            for i, (_, grad) in enumerate(pairs):
-                if grad is not None and any(grad is old for old in before):
-                    raise ValueError(f"attention layer {i} of {key!r} still holds the gradient of an earlier call: "
-                                     "this backward did not reach it")
-        tokens = {key: check_layers(pairs, f"attention layers of {key!r}")[1] for key, pairs in layers.items()}
-        device = next(iter(layers.values()))[0][0].device
-
-        stated = getattr(model, "get_relevance_rows", None)
-        if callable(stated):
-            rows = stated(**data)
-            result = {k: chefer_relevance(layers[k], rows[k].to(device), backend=use) for k in layers}
-        else:
-            picks = detect_row_picks(model, tokens, batch, data, device)
-            if picks is not None:
-                result = {k: propagate(layers[k], rows, use).gather(1, cols)
-                          for k, (rows, cols) in picks.items()}
-            else:
-                full = {k: propagate(layers[k], None, use) for k in layers}
-                result = model.get_relevance_tensor(full, **data)
-        del layers
-        return features.expand(result, nested_only=True)
-
-    def _backward(self, score: torch.Tensor, sinks: list[torch.Tensor]) -> None:
-        """Backward far enough that every attention gradient hook fires, leaving no ``.grad``:
-        down to the embedding outputs (every attention map lies between them and the logits,
-        whatever ``requires_grad`` says of the embedding weights), or, for a model whose
-        embedding module is not called in its forward, to every parameter that requires grad."""
-        if not sinks:
-            sinks = [p for p in self.model.parameters() if p.requires_grad]
-        if not sinks:
+        old = _OldTensors(model)
+        reach_weights = reach_weights or not sinks
+        weights = [p for p in model.parameters() if p.requires_grad] if reach_weights else []
+        if not sinks and not weights:
             raise ValueError("CheferRelevance found nothing to take gradients to: the model's embedding module "
                              "(get_embedding_model()) was not called in its forward and no parameter requires grad")
-        torch.autograd.grad(score, sinks, allow_unused=True)
+        # only the hooks' gradients are wanted: autograd.grad leaves every .grad untouched
+        torch.autograd.grad(score, sinks + weights, allow_unused=True)
+        del score, sinks, weights
+        layers = model.get_attention_layers()
+        stale = next(((k, i) for k, pairs in layers.items() for i, pair in enumerate(pairs if isinstance(pairs, (list, tuple)) else ())
+                      if _is_pair(pair) and isinstance(pair[1], torch.Tensor) and old.stale(pair[1])), None) \
+            if isinstance(layers, dict) else None
+        return logits.detach(), prob, targets, layers, stale, reach_weights
+
+
+def _is_pair(pair: Any) -> bool:
+    return isinstance(pair, (list, tuple)) and len(pair) == 2
+
+
+def _all_gradients(layers: Any) -> bool:
+    return isinstance(layers, dict) and all(
+        isinstance(pairs, (list, tuple)) and all(_is_pair(p) and isinstance(p[1], torch.Tensor) for p in pairs)
+        for pairs in layers.values())
+
+
+def _difference(whole: _Pass, packed: _Pass) -> float:
+    """The padding check: logits and relevance of the padded batch against the groups'."""
+    worst = relative_difference(whole.logits, packed.logits)
+    for key, ref in whole.relevance.items():
+        worst = max(worst, relative_difference(ref, packed.relevance.get(key, torch.empty(0))))
+    return worst

@@ -147,22 +147,24 @@ class FeatureBatch:
     """
 
     def __init__(self, features: dict[str, tuple], layouts_: dict[str, FeatureLayout],
-                 raw_shapes: dict[str, torch.Size]) -> None:
+                 raw_shapes: dict[str, torch.Size], bare: frozenset[str] = frozenset(),
+                 appended: frozenset[str] = frozenset()) -> None:
         self.features = features
         self.layouts = layouts_
         self.raw_shapes = raw_shapes
+        #: keys the batch gave as a bare tensor, and keys whose mask this batch appended
+        self.bare, self.appended = bare, appended
 
     @classmethod
-    def from_batch(cls, model: Any, batch: Mapping[str, Any], *, device: torch.device | None = None,
-                   add_masks: bool = True) -> FeatureBatch:
+    def from_batch(cls, model: Any, batch: Mapping[str, Any], *, device: torch.device | None = None) -> FeatureBatch:
         """The feature entries of ``batch`` (in ``model.feature_keys`` order), moved to ``device``,
-        with PyHealth's masks appended when ``add_masks``. Raises on a batch with no feature key,
-        a value that is not a tensor, or features that disagree on the batch size."""
+        with PyHealth's masks appended where the schema has none. Raises on a batch with no
+        feature key, a value that is not a tensor, or features that disagree on the batch size."""
         present = [k for k in model.feature_keys if k in batch]
         if not present:
             raise ValueError(f"the batch has none of the model's feature keys {list(model.feature_keys)}; "
                              f"got keys {sorted(batch)}")
-        features, lays, shapes = {}, {}, {}
+        features, lays, shapes, appended = {}, {}, {}, set()
         for key in present:
             layout = FeatureLayout.of(model, key)
             parts = layout.parts(batch[key])
@@ -171,7 +173,9 @@ class FeatureBatch:
             value = parts[layout.value_slot] if len(parts) > layout.value_slot else None
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"the value of feature {key!r} must be a tensor; got {type(value).__name__}")
-            features[key] = layout.with_mask(parts) if add_masks else parts
+            features[key] = layout.with_mask(parts)
+            if len(features[key]) > len(parts):
+                appended.add(key)
             lays[key] = layout
             shapes[key] = value.shape
         sizes = {s[0] if len(s) else 0 for s in shapes.values()}
@@ -179,7 +183,8 @@ class FeatureBatch:
             raise ValueError("the batch is empty (batch size 0)")
         if len(sizes) != 1:
             raise ValueError(f"feature values disagree on the batch size: {sorted(sizes)}")
-        return cls(features, lays, shapes)
+        bare = frozenset(k for k in present if isinstance(batch[k], torch.Tensor))
+        return cls(features, lays, shapes, bare, frozenset(appended))
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -221,6 +226,15 @@ class FeatureBatch:
                 [t for i, t in enumerate(feature) if i != slot]
             rest.insert(slot, value)
             out[key] = tuple(rest)
+        return out
+
+    def inputs(self) -> dict[str, Any]:
+        """The features as the batch gave them (a bare tensor stays bare, no appended mask), so a
+        model called with them sees what it would have seen in the caller's batch."""
+        out = {}
+        for key, feature in self.features.items():
+            parts = feature[:-1] if key in self.appended else feature
+            out[key] = parts[0] if key in self.bare else parts
         return out
 
     # -- selecting and trimming ----------------------------------------------------------
@@ -270,7 +284,7 @@ class FeatureBatch:
                 parts.append(_narrow_like(t, full, per_key[key]))
             features[key] = tuple(parts)
             shapes[key] = features[key][self.layouts[key].value_slot].shape
-        return FeatureBatch(features, self.layouts, shapes)
+        return FeatureBatch(features, self.layouts, shapes, self.bare, self.appended)
 
     def cut(self, key: str, tensor: torch.Tensor, index: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:
         """A tensor that broadcasts to feature ``key``'s value (a baseline), cut like :meth:`subset`."""
@@ -338,6 +352,37 @@ class FeatureBatch:
         return out
 
 
+    def place_relevance(self, parts: list[tuple[torch.Tensor, FeatureBatch, Mapping[str, torch.Tensor]]]
+                        ) -> dict[str, torch.Tensor] | None:
+        """Per-sample results of length groups, ``[(index, group batch, {key: result}), ...]``, back
+        in one batch, for results shaped by the model rather than like the inputs (Chefer's
+        ``[b, n]`` per key): dim 1 follows the feature's first padded dim (its tokens or visits,
+        with any fixed offset such as a CLS token), so it grows by what the group's trimming took
+        off that dim, with exact zeros there; other dims are kept. ``None`` when the groups
+        disagree on that shape (it cannot be inferred from them)."""
+        out = {}
+        keys = set(parts[0][2])
+        for key in keys:
+            spans = self.layouts[key].padded_dims(self.value(key), self.mask(key)) if key in self.features else 0
+            shape = None
+            for index, part, result in parts:
+                r = result.get(key)
+                if not isinstance(r, torch.Tensor) or r.dim() == 0 or r.shape[0] != len(index) or set(result) != keys:
+                    return None
+                grown = list(r.shape[1:])
+                if spans and grown:
+                    grown[0] += self.value(key).shape[1] - part.value(key).shape[1]
+                if shape not in (None, grown):
+                    return None
+                shape = grown
+            full = parts[0][2][key].new_zeros((self.size, *shape))
+            for index, _, result in parts:
+                r = result[key]
+                full[(index.to(full.device),) + tuple(slice(0, n) for n in r.shape[1:])] = r
+            out[key] = full
+        return out
+
+
 def _any_except(present: torch.Tensor, d: int) -> torch.Tensor:
     """``present`` [B, ...] reduced with ``any`` over every dim but 0 and ``d``: [B, size of d]."""
     moved = present.movedim(d, 1)
@@ -357,16 +402,19 @@ def batch_size(batch: Mapping[str, Any]) -> int:
     raise ValueError("cannot tell the batch size: the batch holds no tensor or list")
 
 
-def select_samples(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
-    """Samples ``[start, stop)`` of a whole dataloader batch: every tensor and per-sample list
-    (ids) whose first dim is the batch size, inside tuples too; anything else unchanged."""
-    size = batch_size(batch)
+def select_samples(batch: Mapping[str, Any], rows: slice | torch.Tensor, size: int | None = None) -> dict[str, Any]:
+    """The samples ``rows`` (a slice, or a LongTensor of positions) of a whole dataloader batch:
+    every tensor and per-sample list (ids) whose first dim is the batch size (``size``, by
+    default found from the batch), inside tuples too; anything else unchanged."""
+    if size is None:
+        size = batch_size(batch)
+    picks = rows.tolist() if isinstance(rows, torch.Tensor) else None
 
     def cut(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
-            return value[start:stop]
+            return value[rows] if picks is None else value.index_select(0, rows.to(value.device))
         if isinstance(value, (list, tuple)) and len(value) == size and not (value and isinstance(value[0], torch.Tensor)):
-            return value[start:stop]
+            return value[rows] if picks is None else type(value)(value[i] for i in picks)
         if isinstance(value, tuple):
             return tuple(cut(v) for v in value)
         return value

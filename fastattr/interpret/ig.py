@@ -1,27 +1,16 @@
 """Drop-in replacement for ``pyhealth.interpret.methods.IntegratedGradients``."""
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
 from fastattr.core.backend import check_backend_name
 from fastattr.core.integrated import check_baseline, check_finite, resolve_options, run_integrated_gradients
-from fastattr.core.packing import GROUP_COST, plan_groups
 from fastattr.core.quadrature import quadrature
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.features import FeatureBatch, model_device, require_feature_protocol, require_methods
-
-# Logits of a trimmed group may differ from the padded batch's by float rounding only (other
-# shapes, other summation order); a model whose output depends on padding differs far more.
-PACK_RTOL = 1e-4
-
-
-def _check_pack(pack_lengths: Any) -> None:
-    if not (pack_lengths is True or pack_lengths is False or
-            (isinstance(pack_lengths, str) and pack_lengths == "auto")):
-        raise ValueError(f"pack_lengths must be 'auto', True or False; got {pack_lengths!r}")
+from fastattr.interpret.lengths import Group, LengthGroups, check_pack_lengths, layout_key, place_rows, relative_difference
 
 
 class IntegratedGradients:
@@ -58,7 +47,7 @@ class IntegratedGradients:
                             f"{purpose} with use_embeddings=True")
         quadrature("uniform", steps)
         check_backend_name(backend)
-        _check_pack(pack_lengths)
+        check_pack_lengths(pack_lengths)
         self.model = model
         self.use_embeddings = use_embeddings
         self.steps = steps
@@ -70,8 +59,7 @@ class IntegratedGradients:
         self.last_groups: list[tuple[int, list[int]]] = []
         #: ``(probabilities [B, C], targets [B])`` of the last call's forward, for the cohort runner
         self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
-        # verdicts of the padding check per feature layout (see _packing_allowed)
-        self._verdicts: dict[tuple, tuple[bool, float]] = {}
+        self._lengths = LengthGroups(model, "integrated_gradients", "logits")
         model.eval()
 
     def __call__(self, **batch: Any) -> dict[str, torch.Tensor]:
@@ -115,7 +103,7 @@ class IntegratedGradients:
         model = self.model
         device = model_device(model)
         pack = self.pack_lengths if pack_lengths is None else pack_lengths
-        _check_pack(pack)
+        check_pack_lengths(pack)
         options = resolve_options(steps=self.steps if steps is None else steps, method=method,
                                   internal_batch_size=internal_batch_size,
                                   backend=backend if backend is not None else self.backend, device=device,
@@ -139,30 +127,31 @@ class IntegratedGradients:
             if embed is None:
                 raise TypeError("IntegratedGradients with use_embeddings=True needs model.get_embedding_model() "
                                 "to return the embedding module; it returned None")
-        groups = self._groups(features, baselines, embed, pack, device, len(options.alphas))
-        self.last_groups = [(len(index), sizes) for index, sizes in groups]
+        groups = self._lengths.plan(features, pack=pack, points=len(options.alphas), device=device)
+        if groups is not None:
+            key = layout_key(features, embed is not None)
+            worst = None if self._lengths.known(key) else self._padding_difference(features, baselines, embed, groups)
+            groups = groups if self._lengths.judge(key, worst, pack) else None
+        self.last_groups = [(features.size, None)] if groups is None else [(len(i), sizes) for i, sizes in groups]
         parts, deltas, rows = [], [], []
-        for index, sizes in groups:
-            part = features if sizes is None else features.subset(index, sizes)
-            part_baselines = baselines if sizes is None else \
+        for index, sizes in groups or [(None, None)]:
+            part = features if index is None else features.subset(index, sizes)
+            part_baselines = baselines if index is None else \
                 {k: features.cut(k, b, index, sizes) for k, b in baselines.items()}
             result = run_integrated_gradients(self._forward(part, embed), *self._endpoints(part, part_baselines, embed),
-                                              options, targets=targets if sizes is None else targets[index.to(device)],
+                                              options, targets=targets if index is None else targets[index.to(device)],
                                               extra=part.others(),
                                               sum_last_dim=self._summed(part, embed))
             parts.append((index, part.expand(result.attributions)))
             deltas.append((index, result.delta))
             rows.append(result.chunk_rows)
         self.last_internal_batch_size = max(rows)
-        attributions = parts[0][1] if groups[0][1] is None else features.place(parts)
-        if not return_convergence_delta:
-            return attributions
-        if groups[0][1] is None:
-            return attributions, deltas[0][1]
-        delta = deltas[0][1].new_empty(features.size)
-        for index, d in deltas:
-            delta[index.to(delta.device)] = d
-        return attributions, delta
+        if groups is None:
+            (_, attributions), (_, delta) = parts[0], deltas[0]
+        else:
+            attributions = features.place(parts)
+            delta = place_rows(features.size, deltas) if return_convergence_delta else None
+        return (attributions, delta) if return_convergence_delta else attributions
 
     # -- pieces ------------------------------------------------------------------------------
     def _embedded(self, part: FeatureBatch, embed: Any) -> set[str]:
@@ -197,52 +186,19 @@ class IntegratedGradients:
             return (model.forward_from_embedding(**call) if embed is not None else model.forward(**call))["logit"]
         return forward
 
-    def _groups(self, features: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any, pack: Any,
-                device: torch.device, points: int) -> list[tuple[torch.Tensor, list[int] | None]]:
-        """``[(sample index, padded sizes or None for the batch as it is), ...]``."""
-        whole = [(torch.arange(features.size), None)]
-        if pack is False:
-            return whole
-        lengths = features.lengths()
-        padded = features.padded_sizes()
-        groups = plan_groups(lengths, features.padded_spans(), points,
-                             GROUP_COST.get(device.type, GROUP_COST["cuda"]))
-        if len(groups) == 1 and groups[0][1] == padded:
-            return whole  # nothing to trim
-        if not self._packing_allowed(features, baselines, embed, groups, pack):
-            return whole
-        return groups
-
-    def _packing_allowed(self, features: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any,
-                         groups: list[tuple[torch.Tensor, list[int]]], pack: Any) -> bool:
-        """Whether the model's logits ignore padding for this feature layout: the padded batch's
-        logits at the input and at the baseline against those of the trimmed groups. Checked once
-        per layout; a failure warns once (``pack_lengths="auto"``) or raises (``True``)."""
-        key = tuple((k, features.layouts[k].schema, features.layouts[k].token, features.value(k).dim(),
-                     features.value(k).dtype) for k in features.keys) + (embed is not None,)
-        if key not in self._verdicts:
-            worst = 0.0
-            with torch.no_grad():
-                full = self._endpoint_logits(features, baselines, embed)
-                for index, sizes in groups:
-                    part = features.subset(index, sizes)
-                    cut = {k: features.cut(k, b, index, sizes) for k, b in baselines.items()}
-                    for whole, trimmed in zip(full, self._endpoint_logits(part, cut, embed)):
-                        ref = whole[index.to(whole.device)]
-                        scale = ref.abs().amax().clamp_min(1.0)
-                        worst = max(worst, float((ref - trimmed).abs().amax() / scale))
-            ok = worst <= PACK_RTOL
-            self._verdicts[key] = (ok, worst)
-            if not ok and pack == "auto":
-                warnings.warn(f"pack_lengths='auto': {type(self.model).__name__}'s logits change when padding is "
-                              f"trimmed (relative difference {worst:.2e} > {PACK_RTOL:g}), so its output depends on "
-                              "padding; this model runs on the padded batch, as in PyHealth", stacklevel=4)
-        ok, worst = self._verdicts[key]
-        if not ok and pack is True:
-            raise ValueError(f"pack_lengths=True, but {type(self.model).__name__}'s logits change when padding is "
-                             f"trimmed (relative difference {worst:.2e} > {PACK_RTOL:g}): trimming would change its "
-                             "attributions. Use pack_lengths='auto' or False for this model")
-        return ok
+    def _padding_difference(self, features: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any,
+                            groups: list[Group]) -> float:
+        """The padding check: the padded batch's logits at the input and at the baseline against
+        those of the trimmed groups (worst relative difference)."""
+        worst = 0.0
+        with torch.no_grad():
+            full = self._endpoint_logits(features, baselines, embed)
+            for index, sizes in groups:
+                part = features.subset(index, sizes)
+                cut = {k: features.cut(k, b, index, sizes) for k, b in baselines.items()}
+                for whole, trimmed in zip(full, self._endpoint_logits(part, cut, embed)):
+                    worst = max(worst, relative_difference(whole[index.to(whole.device)], trimmed))
+        return worst
 
     def _endpoint_logits(self, part: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any):
         xs, bs = self._endpoints(part, baselines, embed)

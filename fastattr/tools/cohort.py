@@ -46,7 +46,7 @@ def _attribute_with_retry(interpreter: Any, batch: dict[str, Any], index: int, k
     half = (size + 1) // 2
     parts = []
     for start, stop in ((0, half), (half, size)):
-        sub = _attribute_with_retry(interpreter, select_samples(batch, start, stop), index, kwargs)
+        sub = _attribute_with_retry(interpreter, select_samples(batch, slice(start, stop)), index, kwargs)
         parts += [(start + a, start + b, r, p) for a, b, r, p in sub]
     return parts
 

@@ -1,0 +1,111 @@
+"""Length-aware execution, one mechanism for both interpreters.
+
+A clinical batch is padded to its longest patient. Where a model's output provably ignores padding,
+each group of samples of similar length runs trimmed to its own longest along every padded dim,
+and the results go back to the batch's shape with exact zeros at the trimmed positions.
+:class:`LengthGroups` plans the groups (:func:`fastattr.core.packing.plan_groups`, with the
+method's measured per-group cost) and keeps, per model and feature layout, the verdict of a check
+that trimming changes nothing (the interpreter measures it the first time: IG compares logits at
+the input and the baseline, Chefer logits and relevance), warning or raising when it fails. :class:`fastattr.interpret.features.FeatureBatch` does the cutting and
+the putting back.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from fastattr.core.packing import group_cost, plan_groups
+from fastattr.interpret.features import FeatureBatch
+
+# Results of a trimmed group may differ from the padded batch's by float rounding only (other
+# shapes, other summation order); a model whose output depends on padding differs far more.
+PACK_RTOL = 1e-4
+
+Group = tuple[torch.Tensor, list[int]]
+
+
+def check_pack_lengths(pack_lengths: Any) -> None:
+    """Raise ``ValueError`` unless ``pack_lengths`` is ``"auto"``, ``True`` or ``False``."""
+    if not (pack_lengths is True or pack_lengths is False or
+            (isinstance(pack_lengths, str) and pack_lengths == "auto")):
+        raise ValueError(f"pack_lengths must be 'auto', True or False; got {pack_lengths!r}")
+
+
+def layout_key(features: FeatureBatch, *extra: Any) -> tuple:
+    """What a cached verdict about a model may depend on: each feature's layout, rank and dtype."""
+    return tuple((k, features.layouts[k].schema, features.layouts[k].token, features.value(k).dim(),
+                  features.value(k).dtype) for k in features.keys) + extra
+
+
+def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Largest absolute difference over the reference's largest magnitude (at least 1)."""
+    reference, other = reference.detach().double(), other.detach().double()
+    if reference.shape != other.shape:
+        return float("inf")
+    if reference.numel() == 0:
+        return 0.0
+    return float((reference - other).abs().amax() / reference.abs().amax().clamp_min(1.0))
+
+
+class LengthGroups:
+    """Length groups of a batch for one interpreter, with the padding check's verdicts cached.
+
+    :meth:`plan` gives the groups; before running them, the interpreter asks :meth:`known`
+    whether this model and feature layout were checked, and if not measures the worst relative
+    difference between the padded batch and the trimmed groups; :meth:`judge` records and
+    applies the verdict.
+
+    Args:
+        model: the interpreter's model (named in warnings and errors).
+        method: ``"integrated_gradients"`` or ``"chefer"``: which measured group cost applies.
+        what: what the check compares, for the messages ("logits", "logits and relevance").
+    """
+
+    def __init__(self, model: Any, method: str, what: str) -> None:
+        self.model, self.method, self.what = model, method, what
+        self.verdicts: dict[tuple, tuple[bool, float]] = {}
+
+    def plan(self, features: FeatureBatch, *, pack: Any, points: int, device: torch.device) -> list[Group] | None:
+        """The groups ``[(sample index, padded sizes), ...]`` to run, or ``None`` to run the batch as
+        it is (packing off, or nothing to trim)."""
+        if pack is False:
+            return None
+        groups = plan_groups(features.lengths(), features.padded_spans(), points, group_cost(self.method, device))
+        if len(groups) == 1 and groups[0][1] == features.padded_sizes():
+            return None
+        return groups
+
+    def known(self, key: tuple) -> bool:
+        """Whether the model was checked for this layout (``key``: see :func:`layout_key`)."""
+        return key in self.verdicts
+
+    def judge(self, key: tuple, worst: float | None, pack: Any) -> bool:
+        """Whether trimming is allowed for ``key``. The first call records ``worst`` (the check's
+        largest relative difference; ``None`` once known) and, when it fails with ``"auto"``,
+        warns once; with ``pack=True`` a failed check raises."""
+        name = type(self.model).__name__
+        if key not in self.verdicts:
+            if worst is None:
+                raise ValueError("the padding check's result is needed the first time a layout is seen")
+            self.verdicts[key] = (worst <= PACK_RTOL, worst)
+            if worst > PACK_RTOL and pack == "auto":
+                warnings.warn(f"pack_lengths='auto': {name}'s {self.what} change when padding is trimmed (relative "
+                              f"difference {worst:.2e} > {PACK_RTOL:g}), so its output depends on padding; this model "
+                              "runs on the padded batch, as in PyHealth", stacklevel=3)
+        ok, worst = self.verdicts[key]
+        if not ok and pack is True:
+            raise ValueError(f"pack_lengths=True, but {name}'s {self.what} change when padding is trimmed (relative "
+                             f"difference {worst:.2e} > {PACK_RTOL:g}): trimming would change its attributions. Use "
+                             "pack_lengths='auto' or False for this model")
+        return ok
+
+
+def place_rows(size: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Per-sample rows ``[(index, rows [len(index), ...]), ...]`` of groups back in batch order."""
+    first = parts[0][1]
+    out = first.new_empty((size, *first.shape[1:]))
+    for index, rows in parts:
+        out[index.to(out.device)] = rows
+    return out
