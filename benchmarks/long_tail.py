@@ -3,6 +3,7 @@
     python -m benchmarks.long_tail batch     # IG, one batch of 32 long-tailed patients
     python -m benchmarks.long_tail cohort    # whole cohorts: IG (128 patients) and Chefer (512, 4 layers)
     python -m benchmarks.long_tail chunks    # auto chunk size against every fixed chunk, over a grid
+    python -m benchmarks.long_tail loops     # as users call it: batch-1 loop, batch-32 loop, attribute_dataset
 
 Run it with the PyHealth environment's python to time PyHealth itself; without PyHealth the
 baseline is ``fastattr.loop`` (PyHealth's algorithms restated) on fastattr's own Transformer, and
@@ -202,6 +203,97 @@ def run_cohort(args) -> None:
         table(stats, base_name)
 
 
+def _loop_data(method: str, args, use_pyhealth: bool):
+    """The model, the long-tailed dataset and a loader factory for one method of ``loops``."""
+    patients = args.ig_patients if method == "ig" else args.chefer_patients
+    layers = args.layers if method == "ig" else args.chefer_layers
+    model, items, collate = cohort_data(patients, args.median, args.longest, layers, args.heads, args.dim,
+                                        args.device, use_pyhealth, seed=args.seed)
+
+    class Dataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    dataset = Dataset()
+
+    def loader(batch_size: int):
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                           collate_fn=lambda xs: to_device(collate(xs), args.device))
+    return model, dataset, loader, layers
+
+
+def run_loops(args) -> None:
+    """The three ways a PyHealth user calls an interpreter, for both methods, with no options: a
+    loop over a batch-size-1 dataloader (PyHealth's docs recommend it for interpretability), a loop
+    over batch size 32, and ``fastattr.attribute_dataset`` over the batch-32 loader with its
+    defaults (against PyHealth looping over that loader). Every fastattr row is checked against
+    PyHealth's attributions before anything is timed."""
+    use_pyhealth = pyhealth_available()
+    print(header(args, use_pyhealth) + f"; IG {args.layers} layers, Chefer {args.chefer_layers} layers")
+    for method in ("ig", "chefer"):
+        model, dataset, loader, layers = _loop_data(method, args, use_pyhealth)
+        if method == "ig":
+            ours = fastattr.IntegratedGradients(model, steps=args.steps)
+            if use_pyhealth:
+                from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
+
+                theirs = PyHealthIG(model, steps=args.steps)
+                base = theirs.attribute
+            else:
+                base = lambda **b: step_loop_integrated_gradients(model, steps=args.steps, **b)
+        else:
+            ours = fastattr.CheferRelevance(model)
+            if use_pyhealth:
+                from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+
+                base = PyHealthChefer(model).attribute
+            else:
+                base = lambda **b: full_chefer_relevance(model, **b)
+        base_name = "PyHealth" if use_pyhealth else "fastattr.loop"
+        one, many = loader(1), loader(args.batch)
+        lengths = torch.tensor([int((dataset[i]["codes"] != 0).sum()) if isinstance(dataset[i]["codes"], torch.Tensor)
+                                else len(dataset[i]["codes"]) for i in range(len(dataset))]).float()
+
+        def loop(fn, batches):
+            return [fn(**b)["codes"] for b in batches]
+
+        # correctness first: every row's attributions against the baseline's, patient by patient
+        ref_one, ref_many = loop(base, one), loop(base, many)
+        worst = {}
+        for name, got, ref in (("batch-1 loop", loop(ours.attribute, one), ref_one),
+                               ("batch-32 loop", loop(ours.attribute, many), ref_many)):
+            worst[name] = max(rel_err(g, r) for g, r in zip(got, ref))
+        with tempfile.TemporaryDirectory() as tmp:
+            attribute_dataset(ours, many, tmp, progress=False)
+            store = load_attributions(tmp)
+            flat = [row for batch in ref_many for row in batch]
+            worst["attribute_dataset"] = max(
+                rel_err(store[i]["attr/codes"][: int(lengths[i])], flat[i][: int(lengths[i])]) for i in range(len(flat)))
+        for name, err in worst.items():
+            assert err <= 1e-5, f"{method} {name} differs from {base_name} by {err:.2e}"
+
+        def job():
+            with tempfile.TemporaryDirectory() as tmp:
+                attribute_dataset(ours, many, tmp, progress=False)
+
+        rows = [("batch-1 loop", lambda: loop(base, one), lambda: loop(ours.attribute, one)),
+                ("batch-32 loop", lambda: loop(base, many), lambda: loop(ours.attribute, many)),
+                ("attribute_dataset, default options (vs the PyHealth batch-32 loop)", lambda: loop(base, many), job)]
+        print(f"\n{method}: {len(dataset)} patients, lengths median {lengths.median():.0f}, longest "
+              f"{lengths.max():.0f}, {layers} layers" + (f", steps {args.steps}" if method == "ig" else "")
+              + f", {args.repeats} interleaved repeats after a warm-up")
+        print(f"| how the user calls it | {base_name} | fastattr | speedup | max rel. err. |")
+        print("|---|---|---|---|---|")
+        for name, theirs_fn, ours_fn in rows:
+            stats = time_interleaved({"theirs": theirs_fn, "ours": ours_fn}, args.repeats, args.device)
+            t, o = stats["theirs"]["median_ms"] / 1e3, stats["ours"]["median_ms"] / 1e3
+            err = worst["attribute_dataset" if name.startswith("attribute_dataset") else name]
+            print(f"| {name} | {t:.2f} s | {o:.2f} s | {t / o:.2f}x | {err:.1e} |", flush=True)
+
+
 def run_chunks(args) -> None:
     """Auto chunk size against fixed chunks of 1, 2, 4, 8, 16 and all path points of the batch."""
     from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
@@ -236,7 +328,7 @@ def run_chunks(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["batch", "cohort", "chunks"])
+    parser.add_argument("what", choices=["batch", "cohort", "chunks", "loops"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--median", type=int, default=15)
@@ -257,7 +349,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"batch": run_batch, "cohort": run_cohort, "chunks": run_chunks}[args.what](args)
+    {"batch": run_batch, "cohort": run_cohort, "chunks": run_chunks, "loops": run_loops}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,23 @@ def _clamped_product(attn: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) 
     return out.clamp_(min=0)
 
 
+def _small(attn: torch.Tensor) -> bool:
+    """Maps whose clamped product fits the block budget at once: formed in one go (fewer, larger
+    ops: at clinical sizes the CPU's per-op dispatch, not the arithmetic, is the cost)."""
+    return attn.numel() * 4 <= TORCH_BLOCK_BYTES
+
+
+def _clamped(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """clamp(attn * grad, 0) of 4-D maps in the accumulation dtype, freshly allocated."""
+    dtype = _acc_dtype(attn)
+    return torch.mul(attn.to(dtype), grad.to(dtype)).clamp_(min=0)
+
+
 def cam_torch(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """mean over heads of clamp(attn * grad, 0) as ``[B, N, N]`` in the accumulation dtype."""
     attn, grad = _heads(attn), _heads(grad)
+    if _small(attn):
+        return _clamped(attn, grad).mean(dim=1)
     batch, heads, n, _ = attn.shape
     dtype = _acc_dtype(attn)
     out = torch.empty(batch, n, n, dtype=dtype, device=attn.device)
@@ -66,6 +80,8 @@ def row_step_torch(v: torch.Tensor, attn: torch.Tensor, grad: torch.Tensor) -> t
     batched GEMV over the heads.
     """
     attn, grad = _heads(attn), _heads(grad)
+    if _small(attn):
+        return torch.baddbmm(v.unsqueeze(1), v.unsqueeze(1), _clamped(attn, grad).mean(dim=1)).squeeze(1)
     batch, heads, n, _ = attn.shape
     row_bytes = heads * n * v.element_size()
     samples = max(1, min(batch, TORCH_BLOCK_BYTES // max(row_bytes * n, 1)))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastattr
+from fastattr.core import relevance
 from fastattr.interpret.chefer import detect_row_picks
 from fastattr.loop import full_chefer_relevance
 
@@ -26,16 +27,24 @@ def close(got, ref):
         assert err <= 1e-5, f"{k}: {err:.2e}"
 
 
+@pytest.fixture(params=["rows", "full"])
+def path(request, monkeypatch):
+    """Both ways to R's rows: picked rows pushed from the last layer (what large maps take), and
+    the whole R reduced by the model (what small maps take on the CPU)."""
+    monkeypatch.setitem(relevance.FULL_PATH_FLOPS, "cpu", 0.0 if request.param == "rows" else float("inf"))
+    return request.param
+
+
 @pytest.mark.parametrize("layers, heads", [(1, 1), (2, 2), (4, 4)])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_matches_reference_on_own_transformer(layers, heads, backend):
+def test_matches_reference_on_own_transformer(layers, heads, backend, path):
     model, batch = own_model("transformer", seed=layers, layers=layers, heads=heads, dim=16)
     close(fastattr.CheferRelevance(model).attribute(backend=backend, **batch), reference(model, **batch))
     close(fastattr.CheferRelevance(model).attribute(target_class_idx=1, backend=backend, **batch),
           reference(model, target=1, **batch))
 
 
-def test_alias_call_and_per_sample_targets():
+def test_alias_call_and_per_sample_targets(path):
     model, batch = own_model("transformer", seed=3)
     chefer = fastattr.CheferRelevance(model)
     close(chefer.get_relevance_matrix(**batch), chefer(**batch))
@@ -74,7 +83,7 @@ class Reduced(fastattr.tools.models.TransformerClassifier):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "double", "relu-row", "other-sample"])
-def test_non_row_pick_takes_full_path_and_matches(reduction, monkeypatch):
+def test_non_row_pick_takes_full_path_and_matches(reduction, monkeypatch, path):
     base, batch = own_model("transformer", seed=5)
     model = Reduced(base.dataset, num_classes=3)
     model.load_state_dict(base.state_dict())
@@ -222,7 +231,7 @@ class AveragedHeads(fastattr.tools.models.TransformerClassifier):
 
 @pytest.mark.parametrize("averaged", [None, (0,), (1,)], ids=["all-3d", "first-3d", "last-3d"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_a_model_that_computes_on_its_gradients_in_get_attention_layers(averaged, backend):
+def test_a_model_that_computes_on_its_gradients_in_get_attention_layers(averaged, backend, path):
     base, batch = own_model("transformer", seed=42, heads=2, layers=2)
     model = AveragedHeads(base.dataset, num_classes=3, heads=2, layers=2)
     model.load_state_dict(base.state_dict())

@@ -52,7 +52,12 @@ def compare(name, target=None, backend=None):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_default_target(name):
+@pytest.mark.parametrize("path", ["rows", "full"])
+def test_default_target(name, path, monkeypatch):
+    # both ways to R's rows: picked rows (large maps) and the whole R reduced by the model (small ones)
+    from fastattr.core import relevance
+
+    monkeypatch.setitem(relevance.FULL_PATH_FLOPS, "cpu", 0.0 if path == "rows" else float("inf"))
     compare(name)
 
 

@@ -114,3 +114,21 @@ def test_bad_rows():
         chefer_relevance(stack, torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="one row per sample"):
         chefer_relevance(stack, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("share", [0.01, 0.3, 0.7])
+@pytest.mark.parametrize("batch, heads, n", [(3, 2, 17), (2, 3, 63), (5, 1, 9)])
+def test_torch_blocked_path_matches_the_one_go_path(batch, heads, n, share, monkeypatch):
+    # Maps past the block budget are formed block by block (several samples, or source rows of one
+    # sample, at a time) in a reused buffer; a budget of a share of the maps forces each blocking.
+    attn, grad = maps(batch, heads, n, seed=n + int(100 * share))
+    budget = max(16, int(attn.numel() * 4 * share))
+    v = torch.randn(batch, n, generator=torch.Generator().manual_seed(1))
+    R = torch.randn(batch, n, n, generator=torch.Generator().manual_seed(2))
+    whole_row, whole_full = ops.row_step_torch(v, attn, grad), ops.full_step_torch(R, attn, grad)
+    monkeypatch.setattr(ops, "TORCH_BLOCK_BYTES", budget)
+    assert not ops._small(attn)
+    torch.testing.assert_close(ops.row_step_torch(v, attn, grad), whole_row, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ops.full_step_torch(R, attn, grad), whole_full, rtol=1e-5, atol=1e-5)
+    cam = (attn * grad).clamp(min=0).mean(1)
+    torch.testing.assert_close(whole_row, v + torch.bmm(v[:, None], cam)[:, 0], rtol=1e-5, atol=1e-6)

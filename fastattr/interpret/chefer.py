@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import numbers
+import threading
 import weakref
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from fastattr.core.backend import check_backend_name, resolve_backend
-from fastattr.core.relevance import chefer_relevance, check_layers, propagate
+from fastattr.core.relevance import chefer_relevance, check_layers, full_path_is_cheaper, propagate
 from fastattr.core.targets import resolve_targets, target_tensor
 from fastattr.interpret.features import (FeatureBatch, model_device, require_feature_protocol, require_methods,
                                          select_samples)
@@ -117,37 +119,93 @@ def _gradient_sinks(sinks: list[torch.Tensor]):
     return hook
 
 
-# Gradients fastattr read in earlier calls, while they live: id -> (weak reference, version then).
-_READ_GRADIENTS: dict[int, tuple[weakref.ref, int]] = {}
-_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+class _HookedTensors:
+    """While entered, records every tensor the model registers a gradient hook on in this thread:
+    under Chefer's protocol, the attention maps whose gradients the model keeps. Those are the
+    backward's natural ends: a gradient taken to them computes what the hooks need and nothing
+    below (not layer 0's scores and projections, not the embeddings). ``Tensor.register_hook``
+    is wrapped only while some thread is inside one (a lock and a count), and records only for
+    the thread that entered."""
+
+    _lock = threading.Lock()
+    _users = 0
+    _original: Any = None
+    _local = threading.local()
+
+    def __enter__(self) -> list[torch.Tensor]:
+        cls = type(self)
+        with cls._lock:
+            if cls._users == 0:
+                cls._original = torch.Tensor.register_hook
+                torch.Tensor.register_hook = _recording_register_hook
+            cls._users += 1
+        self.outer = getattr(cls._local, "found", None)
+        cls._local.found = self.found = []
+        return self.found
+
+    def __exit__(self, *exc: Any) -> None:
+        cls = type(self)
+        cls._local.found = self.outer
+        with cls._lock:
+            cls._users -= 1
+            if cls._users == 0:
+                torch.Tensor.register_hook = cls._original
+                cls._original = None
 
 
-def _remember_read(grads: list[torch.Tensor]) -> None:
-    for grad in grads:
-        key = id(grad)
-        _READ_GRADIENTS[key] = (weakref.ref(grad, lambda _, key=key: _READ_GRADIENTS.pop(key, None)), grad._version)
+def _recording_register_hook(tensor: torch.Tensor, hook: Any) -> Any:
+    found = getattr(_HookedTensors._local, "found", None)
+    if found is not None:
+        found.append(tensor)
+    return _HookedTensors._original(tensor, hook)
+
+
+# What every nn.Module holds itself (parameter, buffer, submodule and hook dicts): never a model's own state.
+_TORCH_ATTRIBUTES = frozenset(vars(torch.nn.Module()))
+
+
+_HOLDERS = (torch.Tensor, list, tuple, dict, type(None))
+
+
+class _ModuleState:
+    """The model's modules with the names of the attributes they set themselves that can hold a
+    tensor (a tensor, a container or ``None`` now: where attention hooks keep maps and gradients;
+    numbers and strings are configuration), found once per module and again when its attributes
+    change in number."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.modules = [[m, -1, ()] for m in model.modules()]
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor a module holds as its own attribute, one level into lists, tuples and dicts."""
+        for entry in self.modules:
+            attributes = entry[0].__dict__
+            if len(attributes) != entry[1]:
+                entry[1] = len(attributes)
+                entry[2] = tuple(k for k, v in attributes.items() if k not in _TORCH_ATTRIBUTES and isinstance(v, _HOLDERS))
+            for name in entry[2]:
+                value = attributes.get(name)
+                if isinstance(value, torch.Tensor):
+                    yield value
+                elif isinstance(value, (list, tuple, dict)):
+                    yield from (v for v in (value.values() if isinstance(value, dict) else value)
+                                if isinstance(v, torch.Tensor))
 
 
 class _OldTensors:
     """The tensors that exist before a backward, with their version counters: those the model's
-    modules hold as attributes (where attention hooks keep gradients; one level into lists,
-    tuples and dicts), and the gradients earlier calls read. An attention gradient the model hands
-    over after the backward that shares storage with one of them, unchanged since (same version),
-    was not written by this backward: it is stale. Found without calling any model method (a
-    model may compute on its gradients in ``get_attention_layers``, which only works after the
-    backward), and holding references so no old storage is reused while the check is pending."""
+    modules hold as attributes (:class:`_ModuleState`), and the gradients the last call read. An
+    attention gradient the model hands over after the backward that shares storage with one of
+    them, unchanged since (same version), was not written by this backward: it is stale. Found
+    without calling any model method (a model may compute on its gradients in
+    ``get_attention_layers``, which only works after the backward), and holding references so no
+    old storage is reused while the check is pending."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, state: _ModuleState, read: list[tuple[weakref.ref, int]]) -> None:
         self.held: dict[int, list[tuple[torch.Tensor, int]]] = {}
-        for module in model.modules():
-            for name, value in vars(module).items():
-                if name in _MODULE_INTERNALS or name.endswith("hooks"):
-                    continue
-                inner = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
-                for tensor in inner:
-                    if isinstance(tensor, torch.Tensor):
-                        self._add(tensor, tensor._version)
-        for ref, version in list(_READ_GRADIENTS.values()):
+        for tensor in state.tensors():
+            self._add(tensor, tensor._version)
+        for ref, version in read:
             tensor = ref()
             if tensor is not None:
                 self._add(tensor, version)
@@ -180,12 +238,13 @@ class CheferRelevance:
 
     Same results (to float rounding) as PyHealth 2.1.0's ``CheferRelevance``. Faster because:
     samples run in groups of similar length, each padded only to its own longest (as IG's do;
-    the padding check runs once per model and feature layout); the backward takes gradients
-    only down to the embedding outputs (never the weights); and when the model's
-    ``get_relevance_tensor`` only picks one row of R per sample (detected once per model and
-    layout with index-coded probes, or stated by an optional ``get_relevance_rows(**batch) ->
-    {key: LongTensor[B]}``), that row is computed directly from the last layer to the first in
-    O(L N^2) instead of forming R in O(L N^3).
+    the padding check runs once per model and feature layout); the backward takes gradients only
+    to the attention maps the model hooks (never the weights, nothing below the first map); and,
+    for maps too large for the whole R to be cheap, when the model's ``get_relevance_tensor``
+    only picks one row of R per sample (detected once per model and layout with index-coded
+    probes, or stated by an optional ``get_relevance_rows(**batch) -> {key: LongTensor[B]}``),
+    that row is computed directly from the last layer to the first in O(L N^2) instead of
+    forming R in O(L N^3).
 
     Args:
         model: a model with ``feature_keys``, ``dataset.input_processors``, ``forward``,
@@ -213,6 +272,8 @@ class CheferRelevance:
         self.last_groups: list[tuple[int, list[int] | None]] = []
         self._lengths = LengthGroups(model, "chefer", "logits and relevance")
         self._row_picks: dict[tuple, bool] = {}  # per layout: is get_relevance_tensor a row pick
+        self._state = _ModuleState(model)
+        self._read: list[tuple[weakref.ref, int]] = []  # the gradients the last pass read, while they live
         model.eval()
 
     def __call__(self, **data: Any) -> dict[str, torch.Tensor]:
@@ -299,7 +360,7 @@ class CheferRelevance:
         if stale is not None:
             raise ValueError(f"attention layer {stale[1]} of {stale[0]!r} still holds the gradient of an earlier "
                              "call: this backward did not reach it")
-        _remember_read([grad for pairs in layers.values() for _, grad in pairs])
+        self._read = [(weakref.ref(grad), grad._version) for pairs in layers.values() for _, grad in pairs]
         batch = logits.shape[0]
         device = next(iter(layers.values()))[0][0].device
         stated = getattr(model, "get_relevance_rows", None)
@@ -308,7 +369,8 @@ class CheferRelevance:
             relevance = {k: chefer_relevance(layers[k], rows[k].to(device), backend=use) for k in layers}
         else:
             picks = None
-            if self._row_picks.get(key, True):  # unknown, or a row pick before
+            small = all(full_path_is_cheaper(batch, n, len(layers[k]), device) for k, n in tokens.items())
+            if not small and self._row_picks.get(key, True):  # unknown, or a row pick before
                 picks = detect_row_picks(model, tokens, batch, data, device, known=key in self._row_picks)
                 self._row_picks[key] = picks is not None
             if picks is not None:
@@ -323,19 +385,23 @@ class CheferRelevance:
         reads them. Returns ``(logits, probabilities, targets, layers, the first stale gradient
         as (key, layer) or None, whether the backward went to the weights)``."""
         model = self.model
-        sinks: list[torch.Tensor] = []
+        embedded: list[torch.Tensor] = []
         embed = getattr(model, "get_embedding_model", None)
         embed = embed() if callable(embed) else None
-        handle = embed.register_forward_hook(_gradient_sinks(sinks)) if isinstance(embed, torch.nn.Module) else None
+        handle = embed.register_forward_hook(_gradient_sinks(embedded)) if isinstance(embed, torch.nn.Module) else None
         model.set_attention_hooks(True)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), _HookedTensors() as hooked:
                 out = model(**data)
                 logits = out["logit"]
         finally:
             model.set_attention_hooks(False)
             if handle is not None:
                 handle.remove()
+        # The backward ends at the tensors the model hooked (its attention maps); a model that
+        # keeps gradients some other way (module hooks) gets it down to the embedding outputs,
+        # which every attention map lies above, frozen embedding weights or not.
+        sinks = hooked or embedded
         if logits.dim() == 1:
             logits = logits.unsqueeze(1)
         batch, classes = logits.shape
@@ -345,16 +411,17 @@ class CheferRelevance:
         prob = out.get("y_prob", logits) if isinstance(out, dict) else logits
         prob = prob.detach().float().reshape(batch, -1)
         del out
-        score = (torch.nn.functional.one_hot(targets, classes).to(logits.dtype) * logits).sum()
-        old = _OldTensors(model)
+        score = logits.gather(1, targets.unsqueeze(1)).sum()  # sum(one_hot(target) * logits): the same gradient
+        old = _OldTensors(self._state, self._read)
         reach_weights = reach_weights or not sinks
         weights = [p for p in model.parameters() if p.requires_grad] if reach_weights else []
         if not sinks and not weights:
-            raise ValueError("CheferRelevance found nothing to take gradients to: the model's embedding module "
-                             "(get_embedding_model()) was not called in its forward and no parameter requires grad")
+            raise ValueError("CheferRelevance found nothing to take gradients to: the model registered no gradient "
+                             "hook in its forward, its embedding module (get_embedding_model()) was not called, and "
+                             "no parameter requires grad")
         # only the hooks' gradients are wanted: autograd.grad leaves every .grad untouched
         torch.autograd.grad(score, sinks + weights, allow_unused=True)
-        del score, sinks, weights
+        del score, sinks, weights, hooked, embedded
         layers = model.get_attention_layers()
         stale = next(((k, i) for k, pairs in layers.items() for i, pair in enumerate(pairs if isinstance(pairs, (list, tuple)) else ())
                       if _is_pair(pair) and isinstance(pair[1], torch.Tensor) and old.stale(pair[1])), None) \
