@@ -296,3 +296,41 @@ def test_gradients_an_earlier_call_left_are_refused_without_reading_layers_early
     with pytest.raises(ValueError, match="layer 0 of 'labs' still holds the gradient of an earlier call"):
         chefer.attribute(**batch)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_tensor_register_hook_is_torchs_own_outside_a_chefer_forward():
+    original = torch.Tensor.register_hook
+    model, batch = own_model("transformer", seed=45)
+    chefer = fastattr.CheferRelevance(model)
+    chefer.attribute(**batch)
+    assert torch.Tensor.register_hook is original
+    with pytest.raises(ValueError, match="none of the model's feature keys"):
+        chefer.attribute(label=batch["label"])
+    def fail(*args):
+        raise RuntimeError("the head failed")
+    handle = model.head.register_forward_hook(fail)  # after every attention map was hooked
+    with pytest.raises(RuntimeError, match="the head failed"):
+        chefer.attribute(**batch)
+    handle.remove()
+    assert torch.Tensor.register_hook is original and model._capture is False
+
+
+def test_chefer_from_several_threads_at_once():
+    # one model per thread (a model keeps its maps in its modules, so it explains one batch at a
+    # time, as in PyHealth); the recording of hooked tensors is per thread
+    import concurrent.futures
+
+    _, batch = own_model("transformer", seed=46)
+    models = [own_model("transformer", seed=47 + i)[0] for i in range(6)]
+    expected = [reference(m, **batch) for m in models]
+    original = torch.Tensor.register_hook
+
+    def run(i):
+        chefer = fastattr.CheferRelevance(models[i])
+        return [chefer.attribute(**batch) for _ in range(3)]
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        for i, results in enumerate(pool.map(run, range(6))):
+            for got in results:
+                close(got, expected[i])
+    assert torch.Tensor.register_hook is original
