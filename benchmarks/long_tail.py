@@ -4,6 +4,7 @@
     python -m benchmarks.long_tail cohort    # whole cohorts: IG (128 patients) and Chefer (512, 4 layers)
     python -m benchmarks.long_tail chunks    # auto chunk size against every fixed chunk, over a grid
     python -m benchmarks.long_tail loops     # as users call it: batch-1 loop, batch-32 loop, attribute_dataset
+    python -m benchmarks.long_tail tokens    # attribute_dataset over a batch-1 loader: padded positions per batch
 
 Run it with the PyHealth environment's python to time PyHealth itself; without PyHealth the
 baseline is ``fastattr.loop`` (PyHealth's algorithms restated) on fastattr's own Transformer, and
@@ -294,6 +295,32 @@ def run_loops(args) -> None:
             print(f"| {name} | {t:.2f} s | {o:.2f} s | {t / o:.2f}x | {err:.1e} |", flush=True)
 
 
+def run_tokens(args) -> None:
+    """``attribute_dataset`` over a loader of batch size 1, rebatched into sorted batches of each
+    ``--token-budgets`` padded positions: what ``COHORT_BATCH_TOKENS`` is chosen from."""
+    use_pyhealth = pyhealth_available()
+    print(header(args, use_pyhealth) + f"; IG {args.layers} layers, Chefer {args.chefer_layers} layers")
+    for method in ("ig", "chefer"):
+        model, dataset, loader, layers = _loop_data(method, args, use_pyhealth)
+        interp = fastattr.IntegratedGradients(model, steps=args.steps) if method == "ig" else \
+            fastattr.CheferRelevance(model)
+        one = loader(1)
+
+        def job(tokens):
+            def run():
+                with tempfile.TemporaryDirectory() as tmp:
+                    attribute_dataset(interp, one, tmp, progress=False, batch_tokens=tokens)
+            return run
+        stats = time_interleaved({f"{t}": job(t) for t in args.token_budgets}, args.repeats, args.device)
+        best = min(stats, key=lambda k: stats[k]["median_ms"])
+        print(f"\n{method}: {len(dataset)} patients, {layers} layers, batch-1 loader rebatched by padded positions")
+        print("| padded positions per batch | median s | vs best |")
+        print("|---|---|---|")
+        for name, st in stats.items():
+            print(f"| {name} | {st['median_ms'] / 1e3:.2f} | {st['median_ms'] / stats[best]['median_ms']:.2f}x |",
+                  flush=True)
+
+
 def run_chunks(args) -> None:
     """Auto chunk size against fixed chunks of 1, 2, 4, 8, 16 and all path points of the batch."""
     from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
@@ -328,7 +355,7 @@ def run_chunks(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["batch", "cohort", "chunks", "loops"])
+    parser.add_argument("what", choices=["batch", "cohort", "chunks", "loops", "tokens"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--median", type=int, default=15)
@@ -346,10 +373,12 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 128, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--token-budgets", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"batch": run_batch, "cohort": run_cohort, "chunks": run_chunks, "loops": run_loops}[args.what](args)
+    {"batch": run_batch, "cohort": run_cohort, "chunks": run_chunks, "loops": run_loops,
+     "tokens": run_tokens}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,23 @@ def test_bad_command_lines_exit_with_usage(argv, capsys):
         cli.main(argv)
     assert info.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_after_a_plain_install_runs_without_the_report_extra(tmp_path):
+    # `pip install fastattr` with no extras: matplotlib, pandas and pyarrow are not there. The demo
+    # still trains, explains, measures and writes its runs, then says in one line what the report needs.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    helper = Path(__file__).parent / "without_extras.py"
+    done = subprocess.run([sys.executable, str(helper), "matplotlib", "pandas", "pyarrow", "--", "demo", "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert 'pip install "fastattr[report]"' in last and "matplotlib" in last
+    assert (tmp_path / "results.json").exists() and not (tmp_path / "report.html").exists()
+    from fastattr import load_attributions
+
+    assert len(load_attributions(tmp_path / "runs" / "ig")) == len(load_attributions(tmp_path / "runs" / "chefer")) == 200

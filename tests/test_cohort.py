@@ -1,14 +1,17 @@
 """Cohort-scale attribution: shards, lazy loading, resume after SIGKILL, torchrun, checksums."""
 import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import fastattr
 from fastattr.core import packing
@@ -310,7 +313,7 @@ def test_length_sorted_batches_keep_positions_and_results(tmp_path, method):
     interp = fastattr.IntegratedGradients(model, steps=3) if method == "ig" else fastattr.CheferRelevance(model)
     dataset = CohortDataset(cohort)
     plain = torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=False, collate_fn=CohortDataset.collate)
-    attribute_dataset(interp, plain, tmp_path / "plain")
+    attribute_dataset(interp, plain, tmp_path / "plain", sort_by_length=False)
     counted = Counted(interp)
     attribute_dataset(counted, plain, tmp_path / "sorted", sort_by_length=True)
     run_forwards, counted.forwards = counted.forwards, 0
@@ -356,11 +359,119 @@ def test_length_sorted_batches_by_tokens():
     cohort = SyntheticCohort(patients=40, seed=9, lengths="lognormal", median_codes=8, longest=60)
     model = tiny_model(cohort)
     batches = LengthSortedBatches(CohortDataset(cohort), model, batch_tokens=64, collate_fn=CohortDataset.collate)
-    assert sorted(i for p in batches.positions for i in p) == list(range(40))
-    for members, batch in zip(batches.positions, batches):
+    listed = list(batches.with_positions())
+    assert sorted(i for p, _ in listed for i in p) == list(range(40))
+    for members, batch in listed:
         assert batch["codes"].shape[0] == len(members)
         assert len(members) == 1 or batch["codes"].numel() <= 64 + 3 * (2 + 4)  # distractors/pairs may add codes
     with pytest.raises(ValueError, match="exactly one of batch_size"):
         LengthSortedBatches(CohortDataset(cohort), model)
     with pytest.raises(ValueError, match="batch_tokens"):
         LengthSortedBatches(CohortDataset(cohort), model, batch_tokens=0)
+
+
+class CountsReads(torch.utils.data.Dataset):
+    """A map-style dataset that counts how often each sample is read."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, {}
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads[i] = self.reads.get(i, 0) + 1
+        return self.inner[i]
+
+
+@pytest.mark.parametrize("method", ["ig", "chefer"])
+def test_runs_sort_by_length_by_default_reading_each_sample_once(tmp_path, method):
+    cohort = SyntheticCohort(patients=41, seed=12, lengths="lognormal", median_codes=6, longest=60)
+    model = tiny_model(cohort)
+    interp = fastattr.IntegratedGradients(model, steps=3) if method == "ig" else fastattr.CheferRelevance(model)
+    dataset = CountsReads(CohortDataset(cohort))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=CohortDataset.collate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a sortable loader: no note
+        attribute_dataset(interp, loader, tmp_path / "default")
+    assert dataset.reads == dict.fromkeys(range(41), 1), "every sample read exactly once"
+    attribute_dataset(interp, loader, tmp_path / "plain", sort_by_length=False)
+    sorted_run, plain = load_attributions(tmp_path / "default"), load_attributions(tmp_path / "plain")
+    assert sorted_run.info["batching"] == {"sorted": True, "batch_size": 8, "batch_tokens": None,
+                                           "window": LengthSortedBatches(dataset, model, batch_size=8).window}
+    assert plain.info["batching"] == {"sorted": False}
+    widths = [e["patients"] for e in sorted_run.shards.values()]
+    assert sum(widths) == 41 and max(widths) == 8
+    assert sorted_run.patient_ids == plain.patient_ids
+    for i in range(41):
+        x, y = sorted_run[i]["attr/codes"], plain[i]["attr/codes"]
+        n = min(len(x), len(y))
+        torch.testing.assert_close(x[:n], y[:n], rtol=1e-5, atol=1e-6)
+        assert not x[n:].any() and not y[n:].any()
+    padded = {name: load_attributions(tmp_path / "default").shards[name] for name in sorted_run.shards}
+    assert len(padded) == 6
+
+
+def test_a_batch_size_one_loader_is_rebatched_by_tokens_and_resumed_as_cut(tmp_path, monkeypatch):
+    from fastattr.tools import cohort as runner
+
+    monkeypatch.setitem(runner.COHORT_BATCH_TOKENS, "cpu", 40)
+    cohort = SyntheticCohort(patients=30, seed=13, lengths="lognormal", median_codes=6, longest=30)
+    ig = fastattr.IntegratedGradients(tiny_model(cohort), steps=2)
+    one = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=1, collate_fn=CohortDataset.collate)
+    with pytest.raises(KeyboardInterrupt):
+        attribute_dataset(FailsAt(ig, 2), one, tmp_path / "run", progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["batching"]["batch_tokens"] == 40 and info["batching"]["batch_size"] is None
+    monkeypatch.setitem(runner.COHORT_BATCH_TOKENS, "cpu", 4096)  # another default now: the run resumes as cut
+    attribute_dataset(ig, one, tmp_path / "run", progress=False)
+    store = load_attributions(tmp_path / "run")
+    assert len(store) == 30 and 2 < len(store.shards) < 30
+    for entry in store.shards.values():
+        with safe_open(tmp_path / "run" / entry["file"], framework="pt") as f:
+            codes = f.get_tensor("input/codes")
+        assert codes.shape[0] == 1 or codes.numel() <= 40
+    attribute_dataset(ig, torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=30,
+                                                      collate_fn=CohortDataset.collate), tmp_path / "whole",
+                      sort_by_length=False)
+    whole = load_attributions(tmp_path / "whole")
+    for i in range(30):
+        x, y = store[i]["attr/codes"], whole[i]["attr/codes"]
+        torch.testing.assert_close(x, y[: len(x)], rtol=1e-5, atol=1e-6)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, cohort):
+        self.cohort = cohort
+
+    def __iter__(self):
+        data = CohortDataset(self.cohort)
+        return (data[i] for i in range(len(data)))
+
+
+@pytest.mark.parametrize("kind", ["iterable", "shuffled", "list"])
+def test_loaders_that_cannot_be_sorted_keep_their_order_and_say_so_once(tmp_path, kind):
+    cohort = SyntheticCohort(patients=12, seed=14)
+    ig = fastattr.IntegratedGradients(tiny_model(cohort), steps=2)
+    if kind == "iterable":
+        loader = torch.utils.data.DataLoader(Stream(cohort), batch_size=4, collate_fn=CohortDataset.collate)
+        why = "iterable dataset"
+    elif kind == "shuffled":
+        loader = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=4, shuffle=True,
+                                             collate_fn=CohortDataset.collate)
+        why = "sampler of its own"
+    else:
+        loader = [CohortDataset.collate([CohortDataset(cohort)[i] for i in range(j, j + 4)]) for j in (0, 4, 8)]
+        why = "not a torch DataLoader"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attribute_dataset(ig, loader, tmp_path / "run", progress=False)
+    notes = [str(w.message) for w in caught if "not sorted by length" in str(w.message)]
+    assert len(notes) == 1 and why in notes[0]
+    assert load_attributions(tmp_path / "run").info["batching"] == {"sorted": False}
+    with pytest.raises(ValueError, match=why):
+        attribute_dataset(ig, loader, tmp_path / "strict", sort_by_length=True)
+    with pytest.raises(ValueError, match="sort_by_length must be"):
+        attribute_dataset(ig, loader, tmp_path / "bad", sort_by_length="yes")
+    with pytest.raises(ValueError, match="batch_tokens applies only"):
+        attribute_dataset(ig, loader, tmp_path / "bad", sort_by_length=False, batch_tokens=64)

@@ -27,10 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     attribute.add_argument("--out", required=True, help="output folder (shards and manifest.json)")
     attribute.add_argument("--seed", type=int, default=None, help="cohort seed (default: the model's training cohort)")
     attribute.add_argument("--batch-size", type=int, default=64, help="patients per batch")
-    attribute.add_argument("--sort-by-length", action="store_true",
-                           help="batch patients of similar length together, each batch padded to its own longest")
+    attribute.add_argument("--sort-by-length", action=argparse.BooleanOptionalAction, default=True,
+                           help="batch patients of similar length together, each batch padded to its own longest "
+                           "(default; --no-sort-by-length keeps the cohort's order)")
     attribute.add_argument("--batch-tokens", type=int, default=None,
-                           help="with --sort-by-length: padded codes per batch instead of --batch-size patients")
+                           help="padded codes per sorted batch instead of --batch-size patients")
     attribute.add_argument("--steps", type=int, default=50, help="IG steps")
     attribute.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     attribute.add_argument("--no-resume", action="store_true", help="refuse to continue a run found in --out")
@@ -80,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.size < 1 or args.batch_size < 1 or args.steps < 1:
             parser.error("--size, --batch-size and --steps must be >= 1")
         if args.batch_tokens is not None and (args.batch_tokens < 1 or not args.sort_by_length):
-            parser.error("--batch-tokens must be >= 1 and needs --sort-by-length")
-        run_attribute(args)
+            parser.error("--batch-tokens must be >= 1 and cannot go with --no-sort-by-length")
+        return run_attribute(args)
     if args.command == "demo":
         from fastattr.tools import demo as demo_module
 
@@ -143,13 +144,30 @@ def run_tables(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return 0
 
 
-def run_attribute(args: argparse.Namespace) -> None:
+def run_attribute(args: argparse.Namespace) -> int:
+    """``fastattr attribute``: a full disk, a folder another run is writing, a folder that is not a
+    run and other errors of the inputs end the command with one line and status 2; Ctrl-C with
+    status 130. Either way what was finished stays for the resume."""
+    from fastattr.tools.store import DiskFullError, RunLockedError
+
+    try:
+        _attribute(args)
+    except (DiskFullError, RunLockedError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"fastattr attribute: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastattr attribute: interrupted; run the same command again to resume {args.out}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _attribute(args: argparse.Namespace) -> None:
     import os
 
     import torch
 
     from fastattr.interpret.chefer import CheferRelevance
-    from fastattr.tools.cohort import CohortDataset, DeviceLoader, LengthSortedBatches, attribute_dataset
+    from fastattr.tools.cohort import CohortDataset, attribute_dataset
     from fastattr.interpret.ig import IntegratedGradients
     from fastattr.tools.models import load_checkpoint
     from fastattr.tools.synthetic import SyntheticCohort
@@ -163,21 +181,17 @@ def run_attribute(args: argparse.Namespace) -> None:
         cohort_args["seed"] = args.seed
     cohort = SyntheticCohort(**{**cohort_args, "patients": args.size})
     if len(cohort.names) != model.dataset.input_processors["codes"].size:
-        raise SystemExit(f"the checkpoint's vocabulary ({model.dataset.input_processors['codes'].size} ids) does not "
+        raise ValueError(f"the checkpoint's vocabulary ({model.dataset.input_processors['codes'].size} ids) does not "
                          f"match the cohort's ({len(cohort.names)})")
-    dataset = CohortDataset(cohort)
-    if args.sort_by_length:
-        loader = LengthSortedBatches(dataset, model, batch_size=None if args.batch_tokens else args.batch_size,
-                                     batch_tokens=args.batch_tokens, collate_fn=CohortDataset.collate)
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                             collate_fn=CohortDataset.collate)
+    loader = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=args.batch_size, shuffle=False,
+                                         collate_fn=CohortDataset.collate)
     if args.method == "ig":
         interpreter, kwargs = IntegratedGradients(model, steps=args.steps), {}
     else:
         interpreter, kwargs = CheferRelevance(model), {}
-    attribute_dataset(interpreter, DeviceLoader(loader, device), args.out, resume=not args.no_resume,
-                      vocab={"codes": cohort.names}, annotations=cohort.annotations(), **kwargs)
+    attribute_dataset(interpreter, loader, args.out, resume=not args.no_resume, sort_by_length=args.sort_by_length,
+                      batch_tokens=args.batch_tokens, vocab={"codes": cohort.names}, annotations=cohort.annotations(),
+                      **kwargs)
 
 
 if __name__ == "__main__":

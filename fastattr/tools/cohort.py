@@ -5,6 +5,7 @@ processes with torch.distributed.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fastattr.core.targets import resolve_targets
-from fastattr.interpret.features import FeatureBatch, FeatureLayout, batch_size, select_samples
-from fastattr.tools.store import Attributions, ShardStore, load_attributions, run_info, write_run_info
+from fastattr.interpret.features import FeatureBatch, FeatureLayout, batch_size, model_device, select_samples
+from fastattr.tools.store import (Attributions, RunLockedError, ShardStore, load_attributions, read_run_info, run_info,
+                                  write_run_info)
 
-__all__ = ["Attributions", "CohortDataset", "DeviceLoader", "LengthSortedBatches", "attribute_dataset",
-           "load_attributions"]
+__all__ = ["Attributions", "CohortDataset", "LengthSortedBatches", "attribute_dataset", "load_attributions"]
 
 ID_KEYS = ("patient_id", "visit_id")
 
@@ -109,6 +110,25 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _on_every_rank(step: Any) -> Any:
+    """Run ``step()`` on every rank; when it fails on any, every rank raises (the failing one its
+    own error), instead of the others waiting at the next barrier for a rank that left."""
+    error, result = None, None
+    try:
+        result = step()
+    except Exception as exc:
+        error = exc
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(failed)
+        if error is None and int(failed.item()):
+            error = RunLockedError("another rank of this run could not start (see its error); nothing was written")
+    if error is not None:
+        raise error
+    return result
+
+
 def _sample_length(model: Any, sample: Mapping[str, Any]) -> int:
     """Positions of one sample over the model's features: non-padding entries of integer values,
     the first dim of other tensors, leaves of nested lists."""
@@ -127,67 +147,149 @@ def _sample_length(model: Any, sample: Mapping[str, Any]) -> int:
     return max(total, 1)
 
 
+# Samples read and sorted together by LengthSortedBatches: each is read once, and memory holds
+# one window of samples, however large the dataset.
+SORT_WINDOW = 8192
+
+
 class LengthSortedBatches:
     """Batches of a map-style dataset grouped by length, so each is padded only to its own longest.
 
-    Samples are sorted by their length over the model's features (ties by position, so the
-    order is the same on every run and rank) and cut into batches of ``batch_size`` samples or,
-    with ``batch_tokens``, of at most that many padded positions (samples x the batch's longest).
-    Iterating yields collated batches; ``positions[i]`` are batch ``i``'s dataset positions.
+    The dataset is read once, in windows of ``window`` consecutive samples: within a window the
+    samples are sorted by their length over the model's features (ties by position, so the order
+    is the same on every run and rank) and cut into batches of ``batch_size`` samples or, with
+    ``batch_tokens``, of at most that many padded positions (samples x the batch's longest).
+    Iterating yields collated batches; :meth:`with_positions` also gives each batch's dataset
+    positions. Memory holds one window of samples.
     """
 
     def __init__(self, dataset: Any, model: Any, *, batch_size: int | None = None, batch_tokens: int | None = None,
-                 collate_fn: Any = None) -> None:
+                 collate_fn: Any = None, window: int = SORT_WINDOW) -> None:
         if (batch_size is None) == (batch_tokens is None):
             raise ValueError("give exactly one of batch_size (samples per batch) and batch_tokens (padded positions "
                              "per batch)")
-        for name, value in (("batch_size", batch_size), ("batch_tokens", batch_tokens)):
+        for name, value in (("batch_size", batch_size), ("batch_tokens", batch_tokens), ("window", window)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-        self.dataset = dataset
+        self.dataset, self.model = dataset, model
+        self.batch_size, self.batch_tokens, self.window = batch_size, batch_tokens, window
         self.collate_fn = collate_fn or torch.utils.data.default_collate
-        lengths = [_sample_length(model, dataset[i]) for i in range(len(dataset))]
+
+    def _cut(self, lengths: list[int]) -> list[list[int]]:
+        """One window's batches, as indices into the window, from its samples' lengths."""
         order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-        self.positions: list[list[int]] = []
+        batches: list[list[int]] = []
         current: list[int] = []
         for i in order:
             longest = lengths[i]  # ascending: the newest sample is the batch's longest
-            full = len(current) >= batch_size if batch_size is not None else \
-                bool(current) and (len(current) + 1) * longest > batch_tokens
+            full = len(current) >= self.batch_size if self.batch_size is not None else \
+                bool(current) and (len(current) + 1) * longest > self.batch_tokens
             if full:
-                self.positions.append(current)
+                batches.append(current)
                 current = []
             current.append(i)
         if current:
-            self.positions.append(current)
+            batches.append(current)
+        return batches
 
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for members in self.positions:
-            yield self.collate_fn([self.dataset[i] for i in members])
-
-
-class DeviceLoader:
-    """A dataloader whose tensors are moved to ``device`` as they are yielded; keeps ``len``,
-    ``dataset`` and the dataset ``positions`` of :class:`LengthSortedBatches`."""
-
-    def __init__(self, loader: Any, device: str | torch.device) -> None:
-        self.loader, self.device, self.dataset = loader, device, getattr(loader, "dataset", None)
-        self.positions = getattr(loader, "positions", None)
-
-    def __len__(self) -> int:
-        return len(self.loader)
+    def with_positions(self, skip: Any = None) -> Iterator[tuple[list[int], dict[str, Any] | None]]:
+        """``(dataset positions, collated batch)`` per batch, in order; a batch whose index
+        ``skip(index)`` is true is not collated (``None``: another process takes it)."""
+        index = 0
+        for start in range(0, len(self.dataset), self.window):
+            samples = [self.dataset[i] for i in range(start, min(start + self.window, len(self.dataset)))]
+            for members in self._cut([_sample_length(self.model, sample) for sample in samples]):
+                positions = [start + i for i in members]
+                yield positions, None if skip is not None and skip(index) else \
+                    self.collate_fn([samples[i] for i in members])
+                index += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
-            yield {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+        for _, batch in self.with_positions():
+            yield batch
+
+
+# Padded positions per batch when attribute_dataset rebatches a loader of batch size 1 (PyHealth's
+# docs recommend batch size 1 for interpretability: one patient per forward leaves the hardware
+# idle). Measured on the 2-core reference CPU (`python -m benchmarks.long_tail tokens`, PyHealth
+# Transformer d64, long-tailed lengths, benchmarks/RESULTS.md "Cohort batch size"): IG is within
+# 3% of its best from 1,024 to 8,192, Chefer gains up to 16,384; 4,096 is within 1% (IG) and 5%
+# (Chefer) of each one's best. On CUDA not measured yet: larger batches, as IG runs all rows there.
+COHORT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+
+
+def _sort_source(dataloader: Any) -> tuple[Any, int, Any] | str:
+    """``(dataset, batch size, collate_fn)`` of a loader whose samples can be read by position and
+    regrouped without changing which samples it yields, or why not."""
+    if not isinstance(dataloader, torch.utils.data.DataLoader):
+        return f"the loader ({type(dataloader).__name__}) is not a torch DataLoader"
+    if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
+        return "its dataset is an iterable dataset (no positions to sort by)"
+    if not isinstance(dataloader.sampler, torch.utils.data.SequentialSampler) or dataloader.batch_size is None:
+        return "it has a sampler of its own (shuffle=True, a subset or a batch sampler)"
+    if dataloader.drop_last:
+        return "it drops its last batch (drop_last=True)"
+    return dataloader.dataset, dataloader.batch_size, dataloader.collate_fn
+
+
+def _batching(dataloader: Any, model: Any, sort_by_length: Any, batch_tokens: int | None,
+              recorded: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """The batches to attribute (a loader, or :class:`LengthSortedBatches` over its dataset) and
+    how they were made (stored in ``run.json``, and reused when a run is resumed with defaults)."""
+    if not (sort_by_length is True or sort_by_length is False or sort_by_length == "auto"):
+        raise ValueError(f"sort_by_length must be 'auto', True or False; got {sort_by_length!r}")
+    if batch_tokens is not None and (isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int)
+                                     or batch_tokens < 1):
+        raise ValueError(f"batch_tokens must be an integer >= 1; got {batch_tokens!r}")
+    if isinstance(dataloader, LengthSortedBatches):
+        return dataloader, {"sorted": True, "batch_size": dataloader.batch_size,
+                            "batch_tokens": dataloader.batch_tokens, "window": dataloader.window}
+    if sort_by_length is False:
+        if batch_tokens is not None:
+            raise ValueError("batch_tokens applies only when batches are sorted by length (sort_by_length='auto' "
+                             "or True)")
+        return dataloader, {"sorted": False}
+    source = _sort_source(dataloader) if model is not None else "the interpreter has no .model"
+    if isinstance(source, str):
+        if sort_by_length is True:
+            raise ValueError(f"sort_by_length=True needs a DataLoader over a map-style dataset, in order: {source}")
+        warnings.warn(f"attribute_dataset: batches run in the loader's order, not sorted by length, because {source}; "
+                      "pass sort_by_length=False to say that is intended", stacklevel=3)
+        return dataloader, {"sorted": False}
+    dataset, size, collate = source
+    if recorded and recorded.get("sorted") and batch_tokens is None:
+        size, batch_tokens = recorded.get("batch_size"), recorded.get("batch_tokens")  # resume as it was cut
+    elif batch_tokens is None and size == 1:
+        batch_tokens = COHORT_BATCH_TOKENS.get(model_device(model).type, COHORT_BATCH_TOKENS["cuda"])
+    batches = LengthSortedBatches(dataset, model, batch_size=None if batch_tokens else size,
+                                  batch_tokens=batch_tokens, collate_fn=collate)
+    return batches, {"sorted": True, "batch_size": batches.batch_size, "batch_tokens": batches.batch_tokens,
+                     "window": batches.window}
+
+
+def _in_order(dataloader: Iterable[dict[str, Any]]) -> Iterator[tuple[list[int], dict[str, Any]]]:
+    """A loader's batches with their positions: 0, 1, ... in the order it yields samples."""
+    seen = 0
+    for batch in dataloader:
+        size = batch_size(batch)
+        yield list(range(seen, seen + size)), batch
+        seen += size
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors (also inside tuples) on ``device``."""
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        return value
+    return {k: move(v) for k, v in batch.items()}
 
 
 def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], out: str | Path, *,
                       save_probabilities: bool = True, resume: bool = True, progress: bool | None = None,
-                      sort_by_length: bool = False, batch_tokens: int | None = None,
+                      sort_by_length: bool | str = "auto", batch_tokens: int | None = None,
                       vocab: Mapping[str, Any] | None = None,
                       annotations: Mapping[str, Mapping[str, str]] | None = None,
                       **attribute_kwargs: Any) -> Path:
@@ -199,22 +301,29 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
         dataloader: batches as dicts (a PyHealth dataloader, ``fastattr.tools.cohort.CohortDataset``
             through a ``DataLoader``, or :class:`LengthSortedBatches`). Its order must be the same
             on every run and rank (``shuffle=False``); ids come from ``patient_id`` / ``visit_id``.
+            Batches are moved to the model's device.
         out: a folder; created if needed.
         save_probabilities: also store the model's predicted probabilities and the class each
             patient was explained for (``target``), as the interpreter's own forward gave them.
         resume: continue a run found in ``out`` (verifying its shards by checksum and redoing any
             corrupt one); ``False`` refuses to touch a folder that already holds a run.
         progress: progress bar with patients/s and ETA (``None``: only on a terminal).
-        sort_by_length: rebatch ``dataloader.dataset`` (through its ``collate_fn``) as
-            :class:`LengthSortedBatches` of ``dataloader.batch_size`` samples, or of
-            ``batch_tokens`` padded positions, so each batch is padded only to its own longest.
-            Results keep their dataset positions in the store.
-        batch_tokens: with ``sort_by_length``, the padded positions per batch instead of a count.
+        sort_by_length: ``"auto"`` (default): when ``dataloader`` is a ``DataLoader`` over a
+            map-style dataset in order (``shuffle=False``, no sampler of its own), its dataset is
+            rebatched through its ``collate_fn`` as :class:`LengthSortedBatches`: batches of
+            ``dataloader.batch_size`` similar-length samples (a loader of batch size 1 gets
+            batches of ``COHORT_BATCH_TOKENS`` padded positions for the model's device), each
+            padded only to its own longest; any other loader runs in its own order, with one
+            warning saying why. ``True``: the same, but a loader that cannot be sorted is an
+            error; ``False``: the loader's batches as they are. Results keep their dataset
+            positions in the store, so readers see the same run whichever way it was batched.
+        batch_tokens: padded positions per sorted batch instead of a count of samples.
         vocab: ``{feature: {code: id} or [name by id]}`` to decode codes in tables and reports;
             by default each processor's ``code_vocab`` (PyHealth's), else codes are shown as ids.
-            Stored in the run's ``run.json`` with the method and model, so the folder is
-            self-describing. Each shard also stores the token ids (``input/<key>``) and where
-            the padding is (``keep/<key>``) beside the attributions.
+            Stored in the run's ``run.json`` with the method, the model and how the batches were
+            cut (a resumed run is cut the same way), so the folder is self-describing. Each
+            shard also stores the token ids (``input/<key>``) and where the padding is
+            (``keep/<key>``) beside the attributions.
         annotations: ``{feature: {code name: label}}`` marked in reports (e.g. known risk
             factors; the synthetic cohort's planted codes and distractors).
         **attribute_kwargs: passed to ``interpreter.attribute`` (``steps``, ``target_class_idx``,
@@ -226,66 +335,79 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
     A batch that runs out of CUDA memory is retried in halves before failing.
     """
     model = getattr(interpreter, "model", None)
-    if sort_by_length and not isinstance(dataloader, LengthSortedBatches):
-        dataset = getattr(dataloader, "dataset", None)
-        if dataset is None or model is None:
-            raise ValueError("sort_by_length needs a DataLoader over a map-style dataset (dataloader.dataset) and "
-                             "an interpreter with .model")
-        dataloader = LengthSortedBatches(dataset, model, batch_size=None if batch_tokens else dataloader.batch_size,
-                                         batch_tokens=batch_tokens, collate_fn=getattr(dataloader, "collate_fn", None))
-    elif batch_tokens is not None:
-        raise ValueError("batch_tokens applies only with sort_by_length=True")
     out = Path(out)
     rank, world, started = _distributed()
     out.mkdir(parents=True, exist_ok=True)
+    recorded = (read_run_info(out) or {}).get("batching") if resume else None
+    dataloader, batching = _batching(dataloader, model, sort_by_length, batch_tokens, recorded)
+    device = model_device(model) if isinstance(model, torch.nn.Module) else None
     store = ShardStore(out, rank, world)
-    done = store.recover(resume)
-    if rank == 0 and model is not None:
-        write_run_info(out, run_info(interpreter, model, vocab, annotations, attribute_kwargs), resume)
-    _barrier()  # every rank has read the previous state before any rank writes
+    _on_every_rank(store.lock)
+    try:
+        done = _on_every_rank(lambda: store.recover(resume))
+        if rank == 0 and model is not None:
+            write_run_info(out, run_info(interpreter, model, vocab, annotations, attribute_kwargs, batching), resume)
+        _barrier()  # every rank has read the previous state before any rank writes
+        _run(interpreter, model, dataloader, store, done, rank, world, device, progress, save_probabilities,
+             attribute_kwargs)
+        _barrier()
+        if rank == 0:
+            store.merge()
+        _barrier()
+    finally:
+        store.release()
+        if started:
+            dist.destroy_process_group()
+    return out
+
+
+def _run(interpreter: Any, model: Any, dataloader: Any, store: ShardStore, done: dict[int, dict], rank: int,
+         world: int, device: torch.device | None, progress: bool | None, save_probabilities: bool,
+         attribute_kwargs: dict[str, Any]) -> None:
+    """This rank's batches: attribute each one not done and write its shard."""
     try:
         total_patients = len(dataloader.dataset)  # type: ignore[attr-defined]
     except (AttributeError, TypeError):
         total_patients = None
     bar = tqdm(total=total_patients, unit="patient", desc=f"attributing (rank {rank}/{world})" if world > 1 else
                "attributing", disable=None if progress is None else not progress, smoothing=0.1)
-    given = getattr(dataloader, "positions", None)  # LengthSortedBatches: dataset positions per batch
-    seen = 0
-    for index, batch in enumerate(dataloader):
-        size = batch_size(batch)
-        positions = list(given[index]) if given is not None else list(range(seen, seen + size))
-        seen += size
-        ids = _ids(batch, size, index)
-        if index in done:
-            if done[index]["ids"] != ids:
-                raise ValueError(f"batch {index} holds other patients than in the interrupted run; the "
-                                 "dataloader must keep its order (shuffle=False) to resume")
+    if isinstance(dataloader, LengthSortedBatches):
+        batches = dataloader.with_positions(skip=lambda i: i % world != rank and i not in done)
+    else:
+        batches = _in_order(dataloader)
+    try:
+        for index, (positions, batch) in enumerate(batches):
+            size = len(positions)
+            if batch is None:  # another rank's batch, not collated here
+                bar.update(size)
+                continue
+            ids = _ids(batch, size, index)
+            if index in done:
+                if done[index]["ids"] != ids:
+                    raise ValueError(f"batch {index} holds other patients than in the interrupted run; the "
+                                     "dataloader must keep its order (shuffle=False) to resume")
+                bar.update(size)
+                continue
+            if index % world != rank:
+                bar.update(size)
+                continue
+            if device is not None:
+                batch = _to(batch, device)
+            attributions, delta, predictions = _concat(_attribute_with_retry(interpreter, batch, index, attribute_kwargs))
+            tensors = {f"attr/{k}": v.detach().contiguous().cpu() for k, v in attributions.items()}
+            if delta is not None:
+                tensors["convergence_delta"] = delta.detach().contiguous().cpu()
+            if model is not None and hasattr(model, "feature_keys"):
+                tensors.update(_inputs(model, batch, attributions))
+            if save_probabilities and model is not None:
+                if predictions is None:
+                    predictions = _predictions(model, batch, attribute_kwargs.get("target_class_idx"))
+                tensors["probability"] = predictions[0].cpu().contiguous()
+                tensors["target"] = predictions[1].cpu().contiguous()
+            store.write(index, tensors, ids, positions)
             bar.update(size)
-            continue
-        if index % world != rank:
-            bar.update(size)
-            continue
-        attributions, delta, predictions = _concat(_attribute_with_retry(interpreter, batch, index, attribute_kwargs))
-        tensors = {f"attr/{k}": v.detach().contiguous().cpu() for k, v in attributions.items()}
-        if delta is not None:
-            tensors["convergence_delta"] = delta.detach().contiguous().cpu()
-        if model is not None and hasattr(model, "feature_keys"):
-            tensors.update(_inputs(model, batch, attributions))
-        if save_probabilities and model is not None:
-            if predictions is None:
-                predictions = _predictions(model, batch, attribute_kwargs.get("target_class_idx"))
-            tensors["probability"] = predictions[0].cpu().contiguous()
-            tensors["target"] = predictions[1].cpu().contiguous()
-        store.write(index, tensors, ids, positions)
-        bar.update(size)
-    bar.close()
-    _barrier()
-    if rank == 0:
-        store.merge()
-    _barrier()
-    if started:
-        dist.destroy_process_group()
-    return out
+    finally:
+        bar.close()
 
 
 class CohortDataset(torch.utils.data.Dataset):

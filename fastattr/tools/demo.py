@@ -11,8 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fastattr.tools.bench import time_interleaved
-from fastattr.tools.cohort import CohortDataset, DeviceLoader, attribute_dataset
-from fastattr.tools.report import write_report
+from fastattr.tools.cohort import CohortDataset, attribute_dataset
+from fastattr.tools.report import missing_extras, write_report
 from fastattr.interpret.chefer import CheferRelevance
 from fastattr.tools.faithfulness import comprehensiveness, sufficiency
 from fastattr.interpret.ig import IntegratedGradients
@@ -144,11 +144,13 @@ def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600
     for name, interpreter in (("ig", ig), ("chefer", chefer)):
         runs[name] = out / "runs" / name
         shutil.rmtree(runs[name], ignore_errors=True)  # the demo's own folder: never resume another model's run
-        loader = DeviceLoader(torch.utils.data.DataLoader(held_out, batch_size=64, collate_fn=CohortDataset.collate), dev)
+        loader = torch.utils.data.DataLoader(held_out, batch_size=64, collate_fn=CohortDataset.collate)
         attribute_dataset(interpreter, loader, runs[name], vocab={"codes": cohort.names},
                           annotations=cohort.annotations(), progress=None)
-    report = write_report([runs["ig"], runs["chefer"]], out / "report.html", labels=["IG", "Chefer"],
-                          patients=show, title=f"fastattr demo: {len(held_out)} held-out patients, IG and Chefer")
+    missing = missing_extras()
+    report = None if missing else write_report(
+        [runs["ig"], runs["chefer"]], out / "report.html", labels=["IG", "Chefer"], patients=show,
+        title=f"fastattr demo: {len(held_out)} held-out patients, IG and Chefer")
     results = {"accuracy": accuracy, "patients_explained": len(chosen), "recovery": scores,
                "ig_fastattr_s": fast, "ig_loop_s": loop, "speedup": loop / fast, "device": dev.type,
                "speed_batch": {"patients": 32, "median_codes": tail_lengths.median().item(),
@@ -156,5 +158,9 @@ def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nattributed the {len(held_out)} held-out patients with IG and Chefer: {runs['ig']}, {runs['chefer']} "
           f"(fastattr summarize / export RUN)")
-    print(f"wrote {out / 'results.json'} and the report {report}")
+    if report is None:
+        print(f"wrote {out / 'results.json'}; the HTML report and the tables need {', '.join(missing)}: "
+              'pip install "fastattr[report]", then fastattr report ' f"{runs['ig']} {runs['chefer']}")
+    else:
+        print(f"wrote {out / 'results.json'} and the report {report}")
     return results

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,21 @@ from fastattr.tools.store import Attributions, open_run
 
 COLORS = {"planted": "#c0392b", "planted pair": "#e67e22", "distractor": "#8e44ad", "": "#4a78b5"}
 HEAT_POSITIONS = 48  # positions shown per patient heat map
+
+
+# What the report extra (pip install "fastattr[report]") brings: the figures, and the tables.
+EXTRA_MODULES = ("matplotlib", "pandas", "pyarrow")
+
+
+def missing_extras() -> list[str]:
+    """The modules of the ``report`` extra that cannot be imported here."""
+    missing = []
+    for name in EXTRA_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def _pyplot():

@@ -13,9 +13,13 @@ state or the new one, and listing a shard costs the same at the end of a long ru
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -41,13 +45,41 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class DiskFullError(OSError):
+    """The disk (or quota) holding a run folder is full; what was finished is kept for a resume."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _disk_full(out: Path, what: str, exc: OSError) -> DiskFullError:
+    return DiskFullError(exc.errno, f"{out}: the disk is full (no space left on device while writing {what}); free "
+                         "space, or copy the folder to a larger disk, then run the same command again: it resumes "
+                         "from the batches already finished")
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file in the same folder, fsynced, then renamed over
+    it: readers see the old file or the new one. A failed write leaves no temporary file; a full
+    disk is a :class:`DiskFullError` naming the folder."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(path.parent, path.name, exc) from exc
+        raise
+
+
+def _identity(path: Path) -> list[int]:
+    """What changes when anyone replaces or rewrites a file: inode, size, modification time."""
+    st = os.stat(path)
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -59,14 +91,17 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def _intact(path: Path, sha256: str) -> bool:
+    return path.exists() and _sha256(path) == sha256
+
+
 def _verified(out: Path, shards: dict[str, dict], repair: bool) -> dict[str, dict]:
     """Shards whose file matches its checksum; with ``repair`` the others are dropped to be redone,
     without it a mismatch is an error."""
     good = {}
     for name, entry in shards.items():
         path = out / entry["file"]
-        ok = path.exists() and _sha256(path) == entry["sha256"]
-        if ok:
+        if _intact(path, entry["sha256"]):
             good[name] = entry
         elif repair:
             warnings.warn(f"shard {entry['file']} is missing or corrupt (checksum mismatch); batch "
@@ -98,11 +133,13 @@ def _json_safe(value: Any) -> Any:
 
 def run_info(interpreter: Any, model: Any, vocab: Mapping[str, Any] | None = None,
              annotations: Mapping[str, Mapping[str, str]] | None = None,
-             attribute_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             attribute_kwargs: Mapping[str, Any] | None = None,
+             batching: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a run folder says about itself (``run.json``): the method, the model, and per feature
     whether it is a token feature and its vocabulary (names by id: ``vocab[key]`` when given,
     else the processor's ``code_vocab`` inverted, else ``None``: codes are then shown as ids),
-    plus ``annotations`` (``{feature: {code name: label}}``, e.g. planted codes) for reports."""
+    plus ``annotations`` (``{feature: {code name: label}}``, e.g. planted codes) for reports and
+    ``batching`` (whether and how the batches were sorted by length)."""
     vocab = dict(vocab or {})
     features = {}
     for key in getattr(model, "feature_keys", []):
@@ -121,7 +158,14 @@ def run_info(interpreter: Any, model: Any, vocab: Mapping[str, Any] | None = Non
     return {"format": RUN_FORMAT, "method": type(interpreter).__name__, "model": type(model).__name__,
             "features": features,
             "annotations": {k: {str(c): str(v) for c, v in m.items()} for k, m in (annotations or {}).items()},
-            "options": {k: _json_safe(v) for k, v in (attribute_kwargs or {}).items()}}
+            "options": {k: _json_safe(v) for k, v in (attribute_kwargs or {}).items()},
+            "batching": dict(batching or {})}
+
+
+def read_run_info(out: Path) -> dict[str, Any] | None:
+    """``run.json`` of a run folder, or ``None`` where there is none."""
+    path = Path(out) / RUN_INFO
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_run_info(out: Path, info: dict[str, Any], resume: bool) -> None:
@@ -140,19 +184,23 @@ def write_run_info(out: Path, info: dict[str, Any], resume: bool) -> None:
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
-    """A rank's journal: a format line, then one JSON line per finished shard. A line cut short by
-    a killed process (no newline, or not JSON) is skipped: its shard is redone."""
+    """A rank's journal: a format line, then one JSON line per finished shard. A line that is not
+    one of ours (cut short by a kill, garbage, something else's JSON, a missing format line) is
+    skipped: its shard, if any, is redone. Only a journal of another format is an error."""
     entries: dict[str, dict] = {}
     lines = path.read_bytes().split(b"\n")
-    for number, line in enumerate(lines[:-1]):  # the part after the last newline is a torn write
+    for line in lines[:-1]:  # the part after the last newline is a torn write
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if number == 0:
-            if entry.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a fastattr attribution journal (format {entry.get('format')!r})")
-        elif isinstance(entry, dict) and {"file", "batch", "sha256"} <= set(entry):
+        if not isinstance(entry, dict):
+            continue
+        if "format" in entry and len(entry) == 1:
+            if entry["format"] != FORMAT:
+                raise ValueError(f"{path} is not a fastattr attribution journal (format {entry['format']!r})")
+        elif {"file", "batch", "sha256", "patients", "ids"} <= set(entry) and isinstance(entry["file"], str) \
+                and isinstance(entry["batch"], int):
             entries[entry["file"]] = entry
     return entries
 
@@ -170,11 +218,58 @@ def _rank_parts(out: Path) -> dict[str, dict]:
     return shards
 
 
+class RunLockedError(RuntimeError):
+    """Another live process is writing the same run folder (and rank)."""
+
+
+class _Lock:
+    """An exclusive ``flock`` on a file of the run folder, held while a writer runs and released by
+    the operating system when the process ends however it ends (a SIGKILL included). The file
+    says who holds it; it is never deleted (deleting a lock file races with the next taker)."""
+
+    def __init__(self, path: Path, shared: bool = False) -> None:
+        self.path, self.fd = path, os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def say(self, holder: dict[str, Any]) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(holder).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _holder(path: Path) -> str:
+    try:
+        who = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        who = {}
+    if not who:
+        return "a process that has not said who it is yet"
+    return f"process {who.get('pid')} on host {who.get('host')}, started {who.get('started')}"
+
+
 class ShardStore:
     """The writing side of a run folder: checksummed safetensors shards, one per batch, and the
     lists that name them: while running, one append-only journal per rank (a line per shard, so
     writing a shard costs the same at the millionth patient as at the first); at the end rank 0
-    merges them into ``manifest.json``."""
+    merges them into ``manifest.json``.
+
+    One writer per run and rank: :meth:`lock` takes an OS lock that a second writer of the same
+    rank (or a writer of the same folder with another number of processes) fails on at once,
+    naming the holder; a killed writer's lock goes with it. Each journal line records the shard
+    file's identity when written; the merge checks it again, so a manifest never names bytes
+    another process replaced."""
 
     def __init__(self, out: Path, rank: int, world: int) -> None:
         self.out, self.rank, self.world = out, rank, world
@@ -182,6 +277,42 @@ class ShardStore:
         self.journal_path = out / f"manifest.rank{rank}.jsonl"
         self.shards: dict[str, dict] = {}
         self.mine: dict[str, dict] = {}
+        self._locks: list[_Lock] = []
+
+    def lock(self) -> None:
+        """Take this rank's lock and a shared lock for this number of processes, or raise
+        :class:`RunLockedError` naming who holds the run."""
+        mine = _Lock(self.out / f".lock.rank{self.rank}")
+        if not mine.held:
+            raise RunLockedError(f"{self.out} is being written by another fastattr run: rank {self.rank} is held by "
+                                 f"{_holder(self.out / f'.lock.rank{self.rank}')}. Wait for it to finish or stop it, "
+                                 "then run the same command again to resume (two writers of one folder would lose "
+                                 "the run)")
+        self._locks.append(mine)
+        world = _Lock(self.out / f".lock.world{self.world}", shared=True)
+        if not world.held:  # a writer with another number of processes is checking this one: let it win
+            self.release()
+            raise RunLockedError(f"{self.out} is being opened by another fastattr run at the same time; run again")
+        self._locks.append(world)
+        for other in self.out.glob(".lock.world*"):
+            if other.name == f".lock.world{self.world}":
+                continue
+            probe = _Lock(other)
+            if not probe.held:
+                self.release()
+                raise RunLockedError(f"{self.out} is being written by another fastattr run with "
+                                     f"{other.name.removeprefix('.lock.world')} processes (rank 0 held by "
+                                     f"{_holder(self.out / '.lock.rank0')}); wait for it to finish or stop it, "
+                                     "then run again to resume")
+            probe.release()
+        mine.say({"pid": os.getpid(), "host": socket.gethostname(), "rank": self.rank, "world": self.world,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    def release(self) -> None:
+        """Let go of the locks (also done by the OS when the process ends)."""
+        for held in self._locks:
+            held.release()
+        self._locks = []
 
     def recover(self, resume: bool) -> dict[int, dict]:
         """The finished shards of an earlier (possibly interrupted, possibly distributed) run,
@@ -192,7 +323,8 @@ class ShardStore:
             raise FileExistsError(f"{self.out} already holds an attribution run; pass resume=True to continue it")
         shards = dict(existing["shards"]) if existing else {}
         shards.update(_rank_parts(self.out))  # ranks of an interrupted run
-        self.shards = _verified(self.out, shards, repair=True)
+        self.shards = {n: {**e, "identity": _identity(self.out / e["file"])}
+                       for n, e in _verified(self.out, shards, repair=True).items()}
         self.mine = {n: e for n, e in self.shards.items() if e["batch"] % self.world == self.rank}
         lines = [json.dumps({"format": FORMAT})] + [json.dumps(e) for e in self.mine.values()]
         _write_atomic(self.journal_path, ("\n".join(lines) + "\n").encode())
@@ -206,17 +338,31 @@ class ShardStore:
         data = save(tensors, metadata={"ids": json.dumps(ids), "batch": str(index)})
         _write_atomic(self.out / name, data)
         entry = {"file": name, "batch": index, "patients": len(positions), "ids": ids, "positions": positions,
-                 "sha256": hashlib.sha256(data).hexdigest()}
-        with open(self.journal_path, "ab") as f:
-            f.write((json.dumps(entry) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
+                 "sha256": hashlib.sha256(data).hexdigest(), "identity": _identity(self.out / name)}
+        try:
+            with open(self.journal_path, "ab") as f:
+                f.write((json.dumps(entry) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # a line cut short is skipped on resume, and its shard redone
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _disk_full(self.out, self.journal_path.name, exc) from exc
+            raise
         self.mine[name] = entry
 
     def merge(self) -> None:
-        """Rank 0: one manifest of every shard, rank journals and never-listed shards removed."""
+        """Rank 0: one manifest of every shard, rank journals and never-listed shards removed.
+        A shard whose file is no longer the one its journal line describes (another process
+        replaced it) is checked by its checksum; if that fails it is left out, the journals are
+        kept and the run is not finished: running it again redoes that batch."""
         merged = dict(self.shards)
         merged.update(_rank_parts(self.out))
+        changed = [n for n, e in merged.items() if e.get("identity") != _identity_or_none(self.out / e["file"])]
+        lost = [n for n in changed if not _intact(self.out / merged[n]["file"], merged[n]["sha256"])]
+        if lost:
+            raise RuntimeError(f"{self.out}: {len(lost)} shard(s) ({', '.join(sorted(lost)[:3])}) were replaced by "
+                               "another process after this run wrote them; the run is not finished. Make sure one "
+                               "process writes the folder, then run the same command again: it redoes those batches")
         merged = dict(sorted(merged.items(), key=lambda item: item[1]["batch"]))
         _write_atomic(self.manifest_path, json.dumps({"format": FORMAT, "complete": True,
                                                       "patients": sum(e["patients"] for e in merged.values()),
@@ -226,6 +372,13 @@ class ShardStore:
         for stray in self.out.glob("shard-*.safetensors*"):  # written by a killed run, never listed
             if stray.name not in merged:
                 stray.unlink()
+
+
+def _identity_or_none(path: Path) -> list[int] | None:
+    try:
+        return _identity(path)
+    except FileNotFoundError:
+        return None
 
 
 @dataclass
