@@ -5,7 +5,9 @@ and runs the default tier (``-m "not slow"``) against each; every mutation must 
 
 Each bug is what a plausible edit could do: the token mask becomes all ones, the continuous mask
 is dropped, the embedding dim is not summed, the UNK baseline becomes padding, the target argmax
-is taken from a path point instead of the input, Chefer's R (or its row vector) starts at zeros.
+is taken from a path point instead of the input, Chefer's R (or its row vector) starts at zeros,
+Chefer's results take IG's shape rule, its length groups are put back or fed wrongly, stale
+attention gradients go unnoticed, the padding check's verdict is ignored.
 """
 import os
 import pathlib
@@ -39,6 +41,24 @@ M = [
  ("Chefer row vector started at zeros", "fastattr/core/relevance.py",
   "        v = torch.nn.functional.one_hot(rows.to(device).long(), tokens).to(dtype)",
   "        v = torch.zeros(batch, tokens, dtype=dtype, device=device)"),
+ ("Chefer results expanded by IG's rule (a tensor feature repeated to [B, F])", "fastattr/interpret/chefer.py",
+  "        return features.expand(done.relevance, nested_only=True)",
+  "        return features.expand(done.relevance)"),
+ ("Chefer group results put back without growing the token dim", "fastattr/interpret/features.py",
+  "                    grown[0] += self.value(key).shape[1] - part.value(key).shape[1]",
+  "                    pass"),
+ ("Chefer groups get the whole batch's other entries (labels)", "fastattr/interpret/chefer.py",
+  "self._pass({**select_samples(rest, index, features.size), **part.inputs()}",
+  "self._pass({**rest, **part.inputs()}"),
+ ("Chefer groups get the features with the masks fastattr appended", "fastattr/interpret/features.py",
+  "            parts = feature[:-1] if key in self.appended else feature",
+  "            parts = feature"),
+ ("stale attention gradients not looked for", "fastattr/interpret/chefer.py",
+  "isinstance(pair[1], torch.Tensor) and old.stale(pair[1])",
+  "isinstance(pair[1], torch.Tensor) and False"),
+ ("the padding check's verdict ignored", "fastattr/interpret/lengths.py",
+  "        return ok\n",
+  "        return True\n"),
 ]
 survivors = []
 for name, path, old, new in M:
