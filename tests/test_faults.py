@@ -179,6 +179,9 @@ class ReplacesAShard:
     def attribute(self, **batch):
         self.calls += 1
         if self.calls == self.last:
+            journal = self.out / "manifest.rank0.jsonl"
+            while b"shard-00000000" not in journal.read_bytes():  # shards are written behind the attribution
+                time.sleep(0.01)
             shard = self.out / "shard-00000000.safetensors"
             other = bytearray(shard.read_bytes())
             other[-2] ^= 0x55

@@ -238,3 +238,26 @@ def test_chefer_on_a_model_that_attends_to_padding_runs_padded(many_groups):
         chefer.attribute(pack_lengths=True, codes=x)
     with pytest.raises(ValueError, match="pack_lengths"):
         fastattr.CheferRelevance(model, pack_lengths="always")
+
+
+class Strict(TransformerClassifier):
+    """Takes a feature only in the form its schema gives ((time, value) here) and refuses an extra
+    element: a length group must reach the model as the caller's batch would."""
+
+    def forward(self, **batch):
+        for key in self.feature_keys:
+            assert isinstance(batch[key], tuple) and len(batch[key]) == 2, f"{key}: {len(batch[key])} elements"
+        return super().forward(**batch)
+
+
+def test_chefer_groups_reach_the_model_in_the_callers_form(many_groups):
+    torch.manual_seed(4)
+    model = Strict(FeatureSpec({"codes": FeatureProcessor(token=True, size=40, layout=("time", "value"))}),
+                   num_classes=3, dim=16).eval()
+    g = torch.Generator().manual_seed(4)
+    x = codes(7, 13, 40, g)
+    data = {"codes": (torch.rand(7, 13, generator=g).cumsum(1), x)}
+    chefer = fastattr.CheferRelevance(model)
+    got = chefer.attribute(**data)["codes"]
+    assert len(chefer.last_groups) > 1
+    assert rel_err(got, chefer_reference(model, **data)["codes"]) <= 1e-5

@@ -12,6 +12,7 @@ import torch
 
 from fastattr.core.backend import check_backend_name, resolve_backend
 from fastattr.core.relevance import chefer_relevance, check_layers, full_path_is_cheaper, propagate
+from fastattr.core.precision import check_precision, model_precision
 from fastattr.core.targets import resolve_targets, target_tensor
 from fastattr.interpret.features import (FeatureBatch, model_device, require_feature_protocol, require_methods,
                                          select_samples)
@@ -255,17 +256,21 @@ class CheferRelevance:
             model's logits and relevance ignore padding (checked once per model and feature
             layout; a model that fails runs padded, with a warning); ``True``: the same, but a
             failed check is an error; ``False``: always run the batch as given.
+        precision: the model's arithmetic, ``"fp32"`` (default: exact, PyHealth's), ``"tf32"`` or
+            ``"bf16"`` (:mod:`fastattr.core.precision`; the relevance recursion stays float32).
     """
 
     def __init__(self, model: torch.nn.Module, *, backend: str | None = None,
-                 pack_lengths: bool | str = "auto") -> None:
+                 pack_lengths: bool | str = "auto", precision: str = "fp32") -> None:
         require_feature_protocol(model, "CheferRelevance")
         require_methods(model, CHEFER_METHODS, "CheferRelevance")
         check_backend_name(backend)
         check_pack_lengths(pack_lengths)
+        check_precision(precision)
         self.model = model
         self.backend = backend
         self.pack_lengths = pack_lengths
+        self.precision = precision
         #: ``(probabilities [B, C], targets [B])`` of the last call's forward, for the cohort runner
         self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
         #: length groups of the last call: ``[(samples, padded sizes or None for the batch as given), ...]``
@@ -287,7 +292,8 @@ class CheferRelevance:
         return self.attribute(**data)
 
     def attribute(self, target_class_idx: int | torch.Tensor | None = None, *, backend: str | None = None,
-                  pack_lengths: bool | str | None = None, **data: Any) -> dict[str, torch.Tensor]:
+                  pack_lengths: bool | str | None = None, precision: str | None = None,
+                  **data: Any) -> dict[str, torch.Tensor]:
         """Relevance per feature key, ``[batch, tokens]`` as the model's ``get_relevance_tensor``
         gives it (expanded to a nested input's shape where the input has more dims).
 
@@ -296,6 +302,7 @@ class CheferRelevance:
                 the argmax of the logits. Ignored for a single logit.
             backend: ``"auto" | "torch" | "triton"`` for this call.
             pack_lengths: ``"auto" | True | False`` for this call (default: the constructor's).
+            precision: ``"fp32" | "tf32" | "bf16"`` for this call (default: the constructor's).
             **data: a dataloader batch, passed to the model as it is (or cut to a length group).
         """
         model = self.model
@@ -303,6 +310,8 @@ class CheferRelevance:
         use = resolve_backend(backend if backend is not None else self.backend, device)
         pack = self.pack_lengths if pack_lengths is None else pack_lengths
         check_pack_lengths(pack)
+        mode = self.precision if precision is None else precision
+        check_precision(mode)
         features = FeatureBatch.from_batch(model, data)
         key = layout_key(features)
         groups = self._lengths.plan(features, pack=pack, points=1, device=device)
@@ -312,22 +321,26 @@ class CheferRelevance:
             if target_class_idx is not None and not isinstance(target_class_idx, numbers.Integral):
                 per_sample = target_tensor(target_class_idx, features.size, torch.device("cpu"))
             rest = {k: v for k, v in data.items() if k not in features.keys}
-            passes = []
-            for index, sizes in groups:
-                part = features.subset(index, sizes)
-                target = per_sample[index] if isinstance(per_sample, torch.Tensor) else per_sample
-                passes.append((index, part, self._pass({**select_samples(rest, index, features.size), **part.inputs()}, target,
-                                                       use, key)))
-            packed = self._place(features, passes)
+            parts = [(index, features.subset(index, sizes)) for index, sizes in groups]
+
+            def run_groups(precision: str) -> _Pass | None:
+                return self._place(features, [
+                    (index, part, self._pass({**select_samples(rest, index, features.size), **part.inputs()},
+                                             per_sample[index] if isinstance(per_sample, torch.Tensor) else per_sample,
+                                             use, key, precision)) for index, part in parts])
+            packed = run_groups(mode)
             worst = None
-            if not self._lengths.known(key):
-                whole = self._pass(data, target_class_idx, use, key)
-                worst = _difference(whole, packed) if packed is not None else float("inf")
+            if not self._lengths.known(key):  # the padding check, in float32: the model, not rounding
+                whole = self._pass(data, target_class_idx, use, key, "fp32")
+                trimmed = packed if mode == "fp32" else run_groups("fp32")
+                worst = _difference(whole, trimmed) if trimmed is not None else float("inf")
+                whole = whole if mode == "fp32" else None
             if self._lengths.judge(key, worst, pack) and packed is not None:
                 self.last_groups = [(len(index), sizes) for index, sizes in groups]
                 return self._finish(features, packed)
         self.last_groups = [(features.size, None)]
-        return self._finish(features, whole if whole is not None else self._pass(data, target_class_idx, use, key))
+        return self._finish(features, whole if whole is not None else
+                            self._pass(data, target_class_idx, use, key, mode))
 
     # -- pieces ------------------------------------------------------------------------------
     def _finish(self, features: FeatureBatch, done: _Pass) -> dict[str, torch.Tensor]:
@@ -344,14 +357,15 @@ class CheferRelevance:
                 for name in ("logits", "prob", "targets")}
         return _Pass(relevance, **rows)
 
-    def _pass(self, data: dict[str, Any], target: Any, use: str, key: tuple) -> _Pass:
+    def _pass(self, data: dict[str, Any], target: Any, use: str, key: tuple, precision: str) -> _Pass:
         """Forward with hooks, backward from the target logits, relevance: PyHealth's algorithm on
         ``data``. A backward to the embedding outputs reaches every attention map the logits
         depend on through the inputs; where a map is reached only through weights, the pass is
         redone with the backward taken to the weights too (as PyHealth's is)."""
         model = self.model
         for reach_weights in (False, True):
-            logits, prob, targets, layers, stale, reached_weights = self._forward_backward(data, target, reach_weights)
+            logits, prob, targets, layers, stale, reached_weights = self._forward_backward(data, target, reach_weights,
+                                                                                            precision)
             if reached_weights or stale is None and _all_gradients(layers):
                 break
         if not isinstance(layers, dict) or not layers:
@@ -379,7 +393,7 @@ class CheferRelevance:
                 relevance = model.get_relevance_tensor({k: propagate(layers[k], None, use) for k in layers}, **data)
         return _Pass(relevance, logits, prob, targets)
 
-    def _forward_backward(self, data: dict[str, Any], target: Any, reach_weights: bool):
+    def _forward_backward(self, data: dict[str, Any], target: Any, reach_weights: bool, precision: str):
         """One forward with the attention hooks on (off again after, even on error), the targets
         and the backward; then the model's attention layers, read after the backward as PyHealth
         reads them. Returns ``(logits, probabilities, targets, layers, the first stale gradient
@@ -391,7 +405,7 @@ class CheferRelevance:
         handle = embed.register_forward_hook(_gradient_sinks(embedded)) if isinstance(embed, torch.nn.Module) else None
         model.set_attention_hooks(True)
         try:
-            with torch.enable_grad(), _HookedTensors() as hooked:
+            with torch.enable_grad(), _HookedTensors() as hooked, model_precision(precision, model_device(model)):
                 out = model(**data)
                 logits = out["logit"]
         finally:

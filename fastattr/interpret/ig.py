@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from fastattr.core.backend import check_backend_name
+from fastattr.core.precision import check_precision, model_precision
 from fastattr.core.integrated import check_baseline, check_finite, resolve_options, run_integrated_gradients
 from fastattr.core.quadrature import quadrature
 from fastattr.core.targets import resolve_targets
@@ -35,10 +36,13 @@ class IntegratedGradients:
             model's logits ignore padding (checked once per model and feature layout; a model
             that fails runs padded, with a warning); ``True``: the same, but a failed check is an
             error; ``False``: always run the padded batch.
+        precision: the model's arithmetic, ``"fp32"`` (default: exact, PyHealth's), ``"tf32"`` or
+            ``"bf16"`` (:mod:`fastattr.core.precision`; the path, the accumulation and the delta
+            stay float32).
     """
 
     def __init__(self, model: torch.nn.Module, use_embeddings: bool = True, steps: int = 50, *,
-                 backend: str | None = None, pack_lengths: bool | str = "auto") -> None:
+                 backend: str | None = None, pack_lengths: bool | str = "auto", precision: str = "fp32") -> None:
         purpose = "IntegratedGradients"
         require_feature_protocol(model, purpose)
         require_methods(model, ("forward",), purpose)
@@ -48,11 +52,13 @@ class IntegratedGradients:
         quadrature("uniform", steps)
         check_backend_name(backend)
         check_pack_lengths(pack_lengths)
+        check_precision(precision)
         self.model = model
         self.use_embeddings = use_embeddings
         self.steps = steps
         self.backend = backend
         self.pack_lengths = pack_lengths
+        self.precision = precision
         #: rows per forward the last ``attribute`` call settled on (the largest over its groups)
         self.last_internal_batch_size: int | None = None
         #: length groups of the last call: ``[(samples, padded sizes), ...]``
@@ -80,6 +86,7 @@ class IntegratedGradients:
         backend: str | None = None,
         progress: bool | None = None,
         pack_lengths: bool | str | None = None,
+        precision: str | None = None,
         **batch: Any,
     ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Attributions per feature key, each of the raw input value's shape.
@@ -98,12 +105,15 @@ class IntegratedGradients:
             backend: ``"auto" | "torch" | "triton"`` for this call.
             progress: progress bar over the path (``None``: only on a terminal).
             pack_lengths: ``"auto" | True | False`` for this call (default: the constructor's).
+            precision: ``"fp32" | "tf32" | "bf16"`` for this call (default: the constructor's).
             **batch: a dataloader batch; entries that are not feature keys are ignored.
         """
         model = self.model
         device = model_device(model)
         pack = self.pack_lengths if pack_lengths is None else pack_lengths
         check_pack_lengths(pack)
+        mode = self.precision if precision is None else precision
+        check_precision(mode)
         options = resolve_options(steps=self.steps if steps is None else steps, method=method,
                                   internal_batch_size=internal_batch_size,
                                   backend=backend if backend is not None else self.backend, device=device,
@@ -113,7 +123,7 @@ class IntegratedGradients:
             check_finite(f"batch[{key!r}]", value)
         baselines = self._baselines(baseline, features)
 
-        with torch.no_grad():
+        with torch.no_grad():  # float32 in every mode: the class explained and the probabilities stored are fp32's
             out = model.forward(**features.call())
         logits = out["logit"]
         logits = logits.unsqueeze(1) if logits.dim() == 1 else logits
@@ -138,7 +148,7 @@ class IntegratedGradients:
             part = features if index is None else features.subset(index, sizes)
             part_baselines = baselines if index is None else \
                 {k: features.cut(k, b, index, sizes) for k, b in baselines.items()}
-            result = run_integrated_gradients(self._forward(part, embed), *self._endpoints(part, part_baselines, embed),
+            result = run_integrated_gradients(self._forward(part, embed, mode), *self._endpoints(part, part_baselines, embed),
                                               options, targets=targets if index is None else targets[index.to(device)],
                                               extra=part.others(),
                                               sum_last_dim=self._summed(part, embed))
@@ -173,17 +183,21 @@ class IntegratedGradients:
         return ({k: x.detach().contiguous() for k, x in xs.items()},
                 {k: b.detach().expand_as(xs[k]).contiguous() for k, b in bs.items()})
 
-    def _forward(self, part: FeatureBatch, embed: Any):
-        """The model from a chunk's points (the path's values) and its rows of the other slots."""
+    def _forward(self, part: FeatureBatch, embed: Any, precision: str):
+        """The model from a chunk's points (the path's values) and its rows of the other slots, in
+        ``precision``."""
         model = self.model
+        device = model_device(model)
         continuous = set(part.keys) - part.token_keys() if embed is not None else set()
 
         def forward(points: dict[str, torch.Tensor], others: dict[str, tuple]) -> torch.Tensor:
-            values = dict(points)
-            if continuous:
-                values.update({k: v for k, v in embed({k: points[k] for k in continuous}).items() if k in continuous})
-            call = part.call(values, others)
-            return (model.forward_from_embedding(**call) if embed is not None else model.forward(**call))["logit"]
+            with model_precision(precision, device):
+                values = dict(points)
+                if continuous:
+                    values.update({k: v for k, v in embed({k: points[k] for k in continuous}).items()
+                                   if k in continuous})
+                call = part.call(values, others)
+                return (model.forward_from_embedding(**call) if embed is not None else model.forward(**call))["logit"]
         return forward
 
     def _padding_difference(self, features: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any,
@@ -201,8 +215,10 @@ class IntegratedGradients:
         return worst
 
     def _endpoint_logits(self, part: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any):
+        """The model's logits at the input and at the baseline, in float32 (the padding check is
+        about what the model computes, not about rounding)."""
         xs, bs = self._endpoints(part, baselines, embed)
-        forward = self._forward(part, embed)
+        forward = self._forward(part, embed, "fp32")
         others = part.others()
         return [forward(xs, others).float(), forward(bs, others).float()]
 

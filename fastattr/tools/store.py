@@ -162,6 +162,14 @@ def run_info(interpreter: Any, model: Any, vocab: Mapping[str, Any] | None = Non
             "batching": dict(batching or {})}
 
 
+def record_timing(out: Path, timing: Mapping[str, float]) -> None:
+    """Add the last (resumed) pass's timing to ``run.json``: wall seconds, seconds inside the
+    interpreter, patients attributed (rank 0's, under torchrun)."""
+    info = read_run_info(out)
+    if info is not None:
+        _write_atomic(Path(out) / RUN_INFO, json.dumps({**info, "timing": dict(timing)}, indent=1).encode())
+
+
 def read_run_info(out: Path) -> dict[str, Any] | None:
     """``run.json`` of a run folder, or ``None`` where there is none."""
     path = Path(out) / RUN_INFO
