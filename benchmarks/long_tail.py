@@ -234,7 +234,7 @@ def run_loops(args) -> None:
     PyHealth's attributions before anything is timed."""
     use_pyhealth = pyhealth_available()
     print(header(args, use_pyhealth) + f"; IG {args.layers} layers, Chefer {args.chefer_layers} layers")
-    for method in ("ig", "chefer"):
+    for method in args.methods:
         model, dataset, loader, layers = _loop_data(method, args, use_pyhealth)
         if method == "ig":
             ours = fastattr.IntegratedGradients(model, steps=args.steps)
@@ -373,6 +373,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 128, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--methods", nargs="+", choices=["ig", "chefer"], default=["ig", "chefer"])
     parser.add_argument("--token-budgets", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     args = parser.parse_args()
     if args.threads:
