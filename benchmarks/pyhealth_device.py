@@ -249,14 +249,14 @@ def run(args) -> None:
 
     for method in [m for m in ("ig", "chefer") if f"{m}-loops" in args.parts or "loops" in args.parts]:
         case = cases[f"{method}-tail"]
-        model, samples, loader = _build(ph, case, args.device)
+        model, samples, _ = _build(ph, case, args.device)
         theirs = (ph.IntegratedGradients(model, steps=50) if method == "ig" else ph.CheferRelevance(model)).attribute
         ours = (fastattr.IntegratedGradients(model, steps=50) if method == "ig" else fastattr.CheferRelevance(model))
-        count = len(samples) if method == "chefer" else args.ig_patients
-        one = [b for i, b in zip(range(count), loader(1))]
-        many = [b for i, b in zip(range((count + 31) // 32), loader(32))]
+        count = len(samples) if method == "chefer" else min(args.ig_patients, len(samples))
         subset = torch.utils.data.Subset(samples, range(count))
         loader32 = torch.utils.data.DataLoader(subset, batch_size=32, shuffle=False, collate_fn=ph.collate)
+        one = list(torch.utils.data.DataLoader(subset, batch_size=1, shuffle=False, collate_fn=ph.collate))
+        many = list(loader32)
 
         def loop(fn, batches):
             return [fn(**b)["codes"] for b in batches]
