@@ -5,6 +5,7 @@
     python -m benchmarks.long_tail chunks    # auto chunk size against every fixed chunk, over a grid
     python -m benchmarks.long_tail loops     # as users call it: batch-1 loop, batch-32 loop, attribute_dataset
     python -m benchmarks.long_tail tokens    # attribute_dataset over a batch-1 loader: padded positions per batch
+    python -m benchmarks.long_tail groups    # a batch-32 loop for each per-group cost: what GROUP_COST is chosen from
 
 Run it with the PyHealth environment's python to time PyHealth itself; without PyHealth the
 baseline is ``fastattr.loop`` (PyHealth's algorithms restated) on fastattr's own Transformer, and
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 import statistics
 import tempfile
 import time
@@ -24,56 +24,10 @@ import torch
 
 import fastattr
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
-from fastattr.tools.bench import pyhealth_available, time_interleaved
+from fastattr.tools.bench import cohort_data, pyhealth_available, rel_err, time_interleaved, to_device, user_call_rows
 from fastattr.tools.cohort import LengthSortedBatches, attribute_dataset, load_attributions
-from fastattr.tools.synthetic import long_tailed_lengths
 
 from benchmarks.timing import table
-
-
-def cohort_data(patients: int, median: int, longest: int, layers: int, heads: int, dim: int, device: str,
-                use_pyhealth: bool, seed: int = 0):
-    """A Transformer over one token feature and a map-style dataset of long-tailed patients with
-    its collate function: PyHealth's (Transformer, SampleDataset) or fastattr's own."""
-    sizes = long_tailed_lengths(patients, median=median, longest=longest, seed=seed)
-    rng = random.Random(seed)
-    if use_pyhealth:
-        from pyhealth.datasets import create_sample_dataset
-        from pyhealth.datasets.utils import collate_fn_dict_with_padding
-        from pyhealth.models import Transformer
-
-        samples = [{"patient_id": f"p{i}", "visit_id": "v", "label": i % 2,
-                    "codes": [f"c{rng.randrange(500)}" for _ in range(n)]} for i, n in enumerate(sizes)]
-        dataset = create_sample_dataset(samples=samples, input_schema={"codes": "sequence"},
-                                        output_schema={"label": "binary"}, dataset_name=f"tail{seed}")
-        torch.manual_seed(seed)
-        model = Transformer(dataset=dataset, embedding_dim=dim, heads=heads, num_layers=layers)
-        items = [dataset[i] for i in range(len(dataset))]
-        collate = collate_fn_dict_with_padding
-    else:
-        from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
-
-        torch.manual_seed(seed)
-        spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=502)}, {"label": "binary"})
-        model = TransformerClassifier(spec, num_classes=2, dim=dim, heads=heads, layers=layers)
-        items = [{"patient_id": f"p{i}", "codes": torch.tensor([rng.randrange(2, 502) for _ in range(n)]),
-                  "label": torch.tensor(i % 2)} for i, n in enumerate(sizes)]
-
-        def collate(batch):
-            codes = torch.nn.utils.rnn.pad_sequence([b["codes"] for b in batch], batch_first=True)
-            return {"patient_id": [b["patient_id"] for b in batch], "codes": codes,
-                    "label": torch.stack([b["label"] for b in batch])}
-    model = model.to(device).eval()
-    return model, items, collate
-
-
-def to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def header(args, use_pyhealth: bool) -> str:
@@ -227,72 +181,26 @@ def _loop_data(method: str, args, use_pyhealth: bool):
 
 
 def run_loops(args) -> None:
-    """The three ways a PyHealth user calls an interpreter, for both methods, with no options: a
-    loop over a batch-size-1 dataloader (PyHealth's docs recommend it for interpretability), a loop
-    over batch size 32, and ``fastattr.attribute_dataset`` over the batch-32 loader with its
-    defaults (against PyHealth looping over that loader). Every fastattr row is checked against
-    PyHealth's attributions before anything is timed."""
+    """Both methods as users call them (``fastattr.tools.bench.user_call_rows``: a batch-1 loop, a
+    batch-32 loop, ``attribute_dataset`` with its defaults), each checked against the baseline
+    before it is timed."""
     use_pyhealth = pyhealth_available()
     print(header(args, use_pyhealth) + f"; IG {args.layers} layers, Chefer {args.chefer_layers} layers")
     for method in args.methods:
-        model, dataset, loader, layers = _loop_data(method, args, use_pyhealth)
-        if method == "ig":
-            ours = fastattr.IntegratedGradients(model, steps=args.steps)
-            if use_pyhealth:
-                from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
-
-                theirs = PyHealthIG(model, steps=args.steps)
-                base = theirs.attribute
-            else:
-                base = lambda **b: step_loop_integrated_gradients(model, steps=args.steps, **b)
-        else:
-            ours = fastattr.CheferRelevance(model)
-            if use_pyhealth:
-                from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
-
-                base = PyHealthChefer(model).attribute
-            else:
-                base = lambda **b: full_chefer_relevance(model, **b)
-        base_name = "PyHealth" if use_pyhealth else "fastattr.loop"
-        one, many = loader(1), loader(args.batch)
-        lengths = torch.tensor([int((dataset[i]["codes"] != 0).sum()) if isinstance(dataset[i]["codes"], torch.Tensor)
-                                else len(dataset[i]["codes"]) for i in range(len(dataset))]).float()
-
-        def loop(fn, batches):
-            return [fn(**b)["codes"] for b in batches]
-
-        # correctness first: every row's attributions against the baseline's, patient by patient
-        ref_one, ref_many = loop(base, one), loop(base, many)
-        worst = {}
-        for name, got, ref in (("batch-1 loop", loop(ours.attribute, one), ref_one),
-                               ("batch-32 loop", loop(ours.attribute, many), ref_many)):
-            worst[name] = max(rel_err(g, r) for g, r in zip(got, ref))
-        with tempfile.TemporaryDirectory() as tmp:
-            attribute_dataset(ours, many, tmp, progress=False)
-            store = load_attributions(tmp)
-            flat = [row for batch in ref_many for row in batch]
-            worst["attribute_dataset"] = max(
-                rel_err(store[i]["attr/codes"][: int(lengths[i])], flat[i][: int(lengths[i])]) for i in range(len(flat)))
-        for name, err in worst.items():
-            assert err <= 1e-5, f"{method} {name} differs from {base_name} by {err:.2e}"
-
-        def job():
-            with tempfile.TemporaryDirectory() as tmp:
-                attribute_dataset(ours, many, tmp, progress=False)
-
-        rows = [("batch-1 loop", lambda: loop(base, one), lambda: loop(ours.attribute, one)),
-                ("batch-32 loop", lambda: loop(base, many), lambda: loop(ours.attribute, many)),
-                ("attribute_dataset, default options (vs the PyHealth batch-32 loop)", lambda: loop(base, many), job)]
-        print(f"\n{method}: {len(dataset)} patients, lengths median {lengths.median():.0f}, longest "
-              f"{lengths.max():.0f}, {layers} layers" + (f", steps {args.steps}" if method == "ig" else "")
-              + f", {args.repeats} interleaved repeats after a warm-up")
-        print(f"| how the user calls it | {base_name} | fastattr | speedup | max rel. err. |")
+        patients = args.ig_patients if method == "ig" else args.chefer_patients
+        layers = args.layers if method == "ig" else args.chefer_layers
+        rows = user_call_rows(method, patients, layers, args.heads, args.dim, args.steps, args.device, args.repeats,
+                              use_pyhealth, median=args.median, longest=args.longest, seed=args.seed)
+        base = rows[0]["baseline"]
+        print(f"\n{method}: {patients} patients, lengths median {args.median}, longest {rows[0]['seq_len']}, {layers} "
+              f"layers" + (f", steps {args.steps}" if method == "ig" else "") +
+              f", {args.repeats} interleaved repeats after a warm-up")
+        print(f"| how the user calls it | {base} | fastattr | speedup | max rel. err. |")
         print("|---|---|---|---|---|")
-        for name, theirs_fn, ours_fn in rows:
-            stats = time_interleaved({"theirs": theirs_fn, "ours": ours_fn}, args.repeats, args.device)
-            t, o = stats["theirs"]["median_ms"] / 1e3, stats["ours"]["median_ms"] / 1e3
-            err = worst["attribute_dataset" if name.startswith("attribute_dataset") else name]
-            print(f"| {name} | {t:.2f} s | {o:.2f} s | {t / o:.2f}x | {err:.1e} |", flush=True)
+        for theirs, ours in zip(rows[::2], rows[1::2]):
+            name = ours["workload"].split(": ", 1)[1]
+            print(f"| {name} | {theirs['median_ms'] / 1e3:.2f} s | {ours['median_ms'] / 1e3:.2f} s | "
+                  f"{ours['speedup_vs_baseline']:.2f}x | {ours['max_rel_err']:.1e} |", flush=True)
 
 
 def run_tokens(args) -> None:
@@ -319,6 +227,47 @@ def run_tokens(args) -> None:
         for name, st in stats.items():
             print(f"| {name} | {st['median_ms'] / 1e3:.2f} | {st['median_ms'] / stats[best]['median_ms']:.2f}x |",
                   flush=True)
+
+
+def run_groups(args) -> None:
+    """A loop over batches of 32 long-tailed patients, once per candidate per-group cost of the
+    length packing (``fastattr.core.packing.GROUP_COST[method][device]``): fewer, larger groups
+    pad more; more, smaller groups pay each group's fixed forward and backward."""
+    from fastattr.core import packing
+
+    use_pyhealth = pyhealth_available()
+    print(header(args, use_pyhealth) + f"; IG {args.layers} layers, Chefer {args.chefer_layers} layers")
+    device = torch.device(args.device).type
+    for method in args.methods:
+        model, dataset, loader, layers = _loop_data(method, args, use_pyhealth)
+        interp = fastattr.IntegratedGradients(model, steps=args.steps) if method == "ig" else \
+            fastattr.CheferRelevance(model)
+        batches = list(loader(args.batch))
+        key = "integrated_gradients" if method == "ig" else "chefer"
+        original = packing.GROUP_COST[key][device]
+
+        def loop(cost):
+            def run():
+                packing.GROUP_COST[key][device] = cost
+                try:
+                    return [interp.attribute(**b) for b in batches]
+                finally:
+                    packing.GROUP_COST[key][device] = original
+            return run
+        groups = {}
+        for cost in args.costs:
+            loop(cost)()
+            groups[cost] = len(interp.last_groups)
+        stats = time_interleaved({f"{c:g}": loop(c) for c in args.costs}, args.repeats, args.device)
+        best = min(stats, key=lambda k: stats[k]["median_ms"])
+        print(f"\n{method}: {len(dataset)} patients in batches of {args.batch}, {layers} layers; current "
+              f"GROUP_COST[{key!r}][{device!r}] = {original:g}")
+        print("| per-group cost (row-positions) | groups in the last batch | median s | vs best |")
+        print("|---|---|---|---|")
+        for cost in args.costs:
+            st = stats[f"{cost:g}"]
+            print(f"| {cost:g} | {groups[cost]} | {st['median_ms'] / 1e3:.3f} | "
+                  f"{st['median_ms'] / stats[best]['median_ms']:.2f}x |", flush=True)
 
 
 def run_chunks(args) -> None:
@@ -355,7 +304,7 @@ def run_chunks(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["batch", "cohort", "chunks", "loops", "tokens"])
+    parser.add_argument("what", choices=["batch", "cohort", "chunks", "loops", "tokens", "groups"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--median", type=int, default=15)
@@ -374,12 +323,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--methods", nargs="+", choices=["ig", "chefer"], default=["ig", "chefer"])
+    parser.add_argument("--costs", type=float, nargs="+", default=[0, 100, 300, 1000, 3000, 10000, 1e12])
     parser.add_argument("--token-budgets", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     {"batch": run_batch, "cohort": run_cohort, "chunks": run_chunks, "loops": run_loops,
-     "tokens": run_tokens}[args.what](args)
+     "tokens": run_tokens, "groups": run_groups}[args.what](args)
 
 
 if __name__ == "__main__":

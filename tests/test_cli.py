@@ -58,8 +58,15 @@ def test_bench_quick_csv_has_every_column_for_every_method(tmp_path):
     tail = [r for r in rows if r["workload"] == "integrated_gradients long-tailed"]
     assert {r["method"] for r in tail} == expected and {r["batch"] for r in tail} == {"8"}
     assert int(tail[0]["seq_len"]) > 8  # padded to the longest of a long-tailed batch (median 8)
+    calls = {f"{m} as users call it: {how}" for m in ("integrated_gradients", "chefer")
+             for how in ("batch-1 loop", "batch-32 loop", "attribute_dataset")}
     assert {r["workload"] for r in rows} == {"integrated_gradients", "chefer", "integrated_gradients long-tailed",
-                                             "chefer long-tailed"}
+                                             "chefer long-tailed"} | calls
+    for workload in calls:  # each timed against its baseline, after the check
+        here = [r for r in rows if r["workload"] == workload]
+        base = "pyhealth" if bench.pyhealth_available() else \
+            ("step-loop" if workload.startswith("integrated") else "full-R-loop")
+        assert {r["method"] for r in here} == {"fastattr", base} and {r["baseline"] for r in here} == {base}
     for row in rows:
         assert list(row) == bench.COLUMNS
         for column in ("median_ms", "min_ms", "max_ms", "speedup_vs_baseline", "max_rel_err"):

@@ -68,6 +68,46 @@ def build_model(length: int, batch: int, layers: int, heads: int, dim: int, devi
     return model.to(device).eval(), {"codes": codes.to(device)}
 
 
+def cohort_data(patients: int, median: int, longest: int, layers: int, heads: int, dim: int, device: str,
+                use_pyhealth: bool, seed: int = 0):
+    """A Transformer over one token feature and a map-style dataset of long-tailed patients with
+    its collate function: PyHealth's (Transformer, SampleDataset) or fastattr's own."""
+    sizes = long_tailed_lengths(patients, median=median, longest=longest, seed=seed)
+    rng = random.Random(seed)
+    if use_pyhealth:
+        from pyhealth.datasets import create_sample_dataset
+        from pyhealth.datasets.utils import collate_fn_dict_with_padding
+        from pyhealth.models import Transformer
+
+        samples = [{"patient_id": f"p{i}", "visit_id": "v", "label": i % 2,
+                    "codes": [f"c{rng.randrange(500)}" for _ in range(n)]} for i, n in enumerate(sizes)]
+        dataset = create_sample_dataset(samples=samples, input_schema={"codes": "sequence"},
+                                        output_schema={"label": "binary"}, dataset_name=f"tail{seed}")
+        torch.manual_seed(seed)
+        model = Transformer(dataset=dataset, embedding_dim=dim, heads=heads, num_layers=layers)
+        items = [dataset[i] for i in range(len(dataset))]
+        collate = collate_fn_dict_with_padding
+    else:
+        from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+
+        torch.manual_seed(seed)
+        spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=502)}, {"label": "binary"})
+        model = TransformerClassifier(spec, num_classes=2, dim=dim, heads=heads, layers=layers)
+        items = [{"patient_id": f"p{i}", "codes": torch.tensor([rng.randrange(2, 502) for _ in range(n)]),
+                  "label": torch.tensor(i % 2)} for i, n in enumerate(sizes)]
+
+        def collate(batch):
+            codes = torch.nn.utils.rnn.pad_sequence([b["codes"] for b in batch], batch_first=True)
+            return {"patient_id": [b["patient_id"] for b in batch], "codes": codes,
+                    "label": torch.stack([b["label"] for b in batch])}
+    model = model.to(device).eval()
+    return model, items, collate
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def captum_ig(model: Any, data: dict[str, torch.Tensor], steps: int, chunk: int) -> Callable[[], torch.Tensor]:
     """Captum's IntegratedGradients on the embedded ``codes`` (UNK baseline, trapezoid rule over
     ``steps + 1`` points, ``chunk`` rows per forward), summed over the embedding dim."""
@@ -83,8 +123,9 @@ def captum_ig(model: Any, data: dict[str, torch.Tensor], steps: int, chunk: int)
                                 method="riemann_trapezoid", internal_batch_size=chunk).sum(-1)
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach().double(), ref.detach().double()
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference over the reference's largest magnitude (float64, on the CPU)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
     return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
@@ -159,14 +200,14 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
     for backend in backends_here(device):
         name = f"fastattr[{backend}]"
         fns[name] = lambda b=backend: ig.attribute(backend=b, **data)
-        errors[name] = _rel_err(fns[name]()["codes"], reference)
+        errors[name] = rel_err(fns[name]()["codes"], reference)
     if use_captum:
         ig.attribute(**data)
         run_captum = captum_ig(model, data, steps, ig.last_internal_batch_size)
         # Captum's trapezoid weights over n points are 1/n with halved ends (they sum to (n-1)/n);
         # fastattr's riemann_trapezoid uses 1/(n-1): the two differ by exactly that factor.
         trap = ig.attribute(method="riemann_trapezoid", **data)["codes"] * (steps / (steps + 1))
-        errors["captum"] = _rel_err(run_captum(), trap)
+        errors["captum"] = rel_err(run_captum(), trap)
         fns["captum"] = run_captum
     for name, err in errors.items():
         if err > 1e-4:
@@ -184,7 +225,7 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
     for backend in backends_here(device):
         name = f"fastattr[{backend}]"
         fns[name] = lambda b=backend: chefer.attribute(backend=b, **data)
-        errors[name] = _rel_err(fns[name]()["codes"], reference)
+        errors[name] = rel_err(fns[name]()["codes"], reference)
         if errors[name] > 1e-4:
             raise AssertionError(f"Chefer: {name} differs from {ch_base_name} by {errors[name]:.2e}")
     stats = time_interleaved(fns, repeats, device)
@@ -192,6 +233,87 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
               "speedup_vs_baseline": stats[ch_base_name]["median_ms"] / s["median_ms"],
               "max_rel_err": errors[name], **s} for name, s in stats.items()]
     model.zero_grad(set_to_none=True)
+    return rows
+
+
+def user_call_rows(method: str, patients: int, layers: int, heads: int, dim: int, steps: int, device: str,
+                   repeats: int, use_pyhealth: bool, median: int = 15, longest: int = 400,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """The three ways a PyHealth user calls an interpreter, with no options, over ``patients``
+    long-tailed patients (log-normal lengths): a loop over a batch-size-1 dataloader (PyHealth's
+    docs recommend it for interpretability), a loop over batch size 32, and
+    ``fastattr.attribute_dataset`` over the batch-32 loader with its defaults (against the baseline
+    looping over that loader). Every fastattr row is checked patient by patient against the
+    baseline (PyHealth when it imports, else ``fastattr.loop``) before anything is timed."""
+    import tempfile
+
+    from fastattr.tools.cohort import attribute_dataset, load_attributions
+
+    model, items, collate = cohort_data(patients, median, longest, layers, heads, dim, device, use_pyhealth, seed)
+    if method == "ig":
+        ours = IntegratedGradients(model, steps=steps)
+        if use_pyhealth:
+            from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
+
+            base, base_name = PyHealthIG(model, steps=steps).attribute, "pyhealth"
+        else:
+            base, base_name = (lambda **b: step_loop_integrated_gradients(model, steps=steps, **b)), "step-loop"
+    else:
+        ours = CheferRelevance(model)
+        if use_pyhealth:
+            from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+
+            base, base_name = PyHealthChefer(model).attribute, "pyhealth"
+        else:
+            base, base_name = (lambda **b: full_chefer_relevance(model, **b)), "full-R-loop"
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    def loader(size: int):
+        return torch.utils.data.DataLoader(Items(), batch_size=size, shuffle=False,
+                                           collate_fn=lambda xs: to_device(collate(xs), device))
+    one, many = loader(1), loader(32)
+    lengths = [int((it["codes"] != 0).sum()) if isinstance(it["codes"], torch.Tensor) else len(it["codes"])
+               for it in items]
+
+    def loop(fn, batches):
+        return [fn(**b)["codes"] for b in batches]
+
+    reference = {"batch-1 loop": loop(base, one), "batch-32 loop": loop(base, many)}
+    errors = {name: max(rel_err(g, r) for g, r in zip(loop(ours.attribute, batches), reference[name]))
+              for name, batches in (("batch-1 loop", one), ("batch-32 loop", many))}
+    flat = [row for batch in reference["batch-32 loop"] for row in batch]
+    with tempfile.TemporaryDirectory() as tmp:
+        attribute_dataset(ours, many, tmp, progress=False)
+        store = load_attributions(tmp)
+        errors["attribute_dataset"] = max(rel_err(store[i]["attr/codes"][:n], flat[i][:n].cpu())
+                                          for i, n in enumerate(lengths))
+    for name, err in errors.items():
+        if err > 1e-4:
+            raise AssertionError(f"{method}: {name} differs from {base_name} by {err:.2e}; refusing to time it")
+
+    def job():
+        with tempfile.TemporaryDirectory() as tmp:
+            attribute_dataset(ours, many, tmp, progress=False)
+    common = {"device": device, "model": "pyhealth.Transformer" if use_pyhealth else "fastattr.TransformerClassifier",
+              "seq_len": max(lengths), "steps": steps if method == "ig" else 0, "batch": patients, "layers": layers,
+              "heads": heads, "dim": dim, "repeats": repeats, "torch": torch.__version__, "baseline": base_name}
+    rows = []
+    for name, theirs, batches in (("batch-1 loop", one, one), ("batch-32 loop", many, many),
+                                  ("attribute_dataset", many, None)):
+        stats = time_interleaved({"theirs": lambda b=theirs: loop(base, b),
+                                  "ours": (lambda b=batches: loop(ours.attribute, b)) if batches is not None else job},
+                                 repeats, device)
+        for who, s in stats.items():
+            rows.append({**common, "workload": f"{'integrated_gradients' if method == 'ig' else 'chefer'} "
+                         f"as users call it: {name}", "method": base_name if who == "theirs" else "fastattr",
+                         "speedup_vs_baseline": stats["theirs"]["median_ms"] / s["median_ms"],
+                         "max_rel_err": 0.0 if who == "theirs" else errors[name], **s})
     return rows
 
 
@@ -203,7 +325,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r for r in rows if not r["workload"].endswith("long-tailed")]  # one batch each: a table, not a curve
+    rows = [r for r in rows if not r["workload"].endswith("long-tailed") and "as users call it" not in r["workload"]]
     workloads = sorted({r["workload"] for r in rows})
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
     for ax, workload in zip(axes[0], workloads):
@@ -226,10 +348,12 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> bool:
 def run(quick: bool = False, device: str | None = None, out: str | Path = "fastattr-bench",
         lengths: list[int] | None = None, steps: int | None = None, batch: int | None = None,
         layers: int | None = None, heads: int | None = None, dim: int | None = None,
-        repeats: int | None = None, long_tail: bool = True) -> list[dict[str, Any]]:
+        repeats: int | None = None, long_tail: bool = True, user_calls: bool = True) -> list[dict[str, Any]]:
     """Run the sweep over sequence lengths, then (``long_tail``) the long-tailed workload (a batch
-    of 32 patients, log-normal lengths with median 15 codes, padded to the longest); print the
-    table, write ``bench.csv`` and ``bench.png``."""
+    of 32 patients, log-normal lengths with median 15 codes, padded to the longest), then
+    (``user_calls``) both methods as users call them (:func:`user_call_rows`: IG over 64
+    long-tailed patients, Chefer over 256 with 4 layers; quick: 8 and 32); print the table, write
+    ``bench.csv`` and ``bench.png``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lengths = lengths or ([16, 32] if quick else [32, 64, 128, 256])
     steps = steps or (8 if quick else 50)
@@ -248,6 +372,10 @@ def run(quick: bool = False, device: str | None = None, out: str | Path = "fasta
     if long_tail:  # what users have: long-tailed lengths, padded to each batch's longest
         rows += bench_case(8 if quick else 15, steps, 8 if quick else 32, layers, heads, dim, device, repeats,
                            use_pyhealth, use_captum, long_tail=True)
+    if user_calls:  # batch-1 loop, batch-32 loop, attribute_dataset with its defaults
+        for method, patients, depth in (("ig", 8 if quick else 64, layers), ("chefer", 32 if quick else 256, 4)):
+            rows += user_call_rows(method, patients, depth, heads, dim, steps, device, 1 if quick else 3, use_pyhealth,
+                                   longest=64 if quick else 400)
     print("| workload | seq_len | method | median ms | min-max ms | speedup | peak MiB | rel. err |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

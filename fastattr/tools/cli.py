@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths to sweep")
     bench.add_argument("--no-long-tail", action="store_true",
                        help="skip the long-tailed workload (32 patients, log-normal lengths, padded to the longest)")
+    bench.add_argument("--no-user-calls", action="store_true",
+                       help="skip both methods as users call them (batch-1 loop, batch-32 loop, attribute_dataset)")
     for name, help_text in (("steps", "IG steps"), ("batch", "batch size"), ("layers", "Transformer layers"),
                             ("heads", "attention heads"), ("dim", "embedding dim"), ("repeats", "timed repeats")):
         bench.add_argument(f"--{name}", type=int, default=None, help=help_text)
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--lengths must all be >= 1")
         bench_module.run(quick=args.quick, device=args.device, out=args.out, lengths=args.lengths, steps=args.steps,
                          batch=args.batch, layers=args.layers, heads=args.heads, dim=args.dim, repeats=args.repeats,
-                         long_tail=not args.no_long_tail)
+                         long_tail=not args.no_long_tail, user_calls=not args.no_user_calls)
     if args.command in ("export", "summarize", "report"):
         return run_tables(parser, args)
     if args.command == "attribute":
