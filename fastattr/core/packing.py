@@ -25,8 +25,11 @@ import torch
 # (one) were slower.
 #
 # Chefer: one forward with attention hooks, one backward and the relevance per group, one row per
-# sample. CHEFER_CPU_GROUP_COST is measured (see its note); on CUDA not measured yet: the IG
-# figure is used (the same unit, one forward and backward per group there too).
+# sample. Measured on the 2-core reference CPU (`python -m benchmarks.long_tail groups`, PyHealth's
+# 4-layer, dim-64 Transformer, 512 long-tailed patients in batches of 32, benchmarks/RESULTS.md):
+# 300 was fastest (3 groups in a batch); 100 and 1,000 were 1.18x and 1.07x slower, 0 (a group
+# per length) 2.9x, one group (no packing) 5.8x. On CUDA not measured yet: the IG figure is used
+# (the same unit, one forward and backward per group there too).
 GROUP_COST = {
     "integrated_gradients": {"cpu": 3000.0, "cuda": 50000.0},
     "chefer": {"cpu": 300.0, "cuda": 50000.0},
