@@ -24,7 +24,8 @@ import torch
 
 import fastattr
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
-from fastattr.tools.bench import cohort_data, pyhealth_available, rel_err, time_interleaved, to_device, user_call_rows
+from fastattr.tools.bench import (cohort_data, cohort_loaders, pyhealth_available, rel_err, time_interleaved,
+                                  to_device, user_call_rows)
 from fastattr.tools.cohort import LengthSortedBatches, attribute_dataset, load_attributions
 
 from benchmarks.timing import table
@@ -159,25 +160,13 @@ def run_cohort(args) -> None:
 
 
 def _loop_data(method: str, args, use_pyhealth: bool):
-    """The model, the long-tailed dataset and a loader factory for one method of ``loops``."""
+    """The model, its samples and a loader factory (PyHealth's get_dataloader when PyHealth
+    imports) for one method of ``loops``, ``tokens`` and ``groups``."""
     patients = args.ig_patients if method == "ig" else args.chefer_patients
     layers = args.layers if method == "ig" else args.chefer_layers
-    model, items, collate = cohort_data(patients, args.median, args.longest, layers, args.heads, args.dim,
-                                        args.device, use_pyhealth, seed=args.seed)
-
-    class Dataset(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(items)
-
-        def __getitem__(self, i):
-            return items[i]
-
-    dataset = Dataset()
-
-    def loader(batch_size: int):
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                           collate_fn=lambda xs: to_device(collate(xs), args.device))
-    return model, dataset, loader, layers
+    model, items, loader = cohort_loaders(patients, args.median, args.longest, layers, args.heads, args.dim,
+                                          args.device, use_pyhealth, seed=args.seed)
+    return model, items, loader, layers
 
 
 def run_loops(args) -> None:

@@ -104,6 +104,27 @@ def cohort_data(patients: int, median: int, longest: int, layers: int, heads: in
     return model, items, collate
 
 
+def cohort_loaders(patients: int, median: int, longest: int, layers: int, heads: int, dim: int, device: str,
+                   use_pyhealth: bool, seed: int = 0):
+    """:func:`cohort_data`'s model and samples with a loader factory ``loader(batch_size)`` as users
+    make one: PyHealth's own ``get_dataloader(dataset, batch_size, shuffle=False)`` over its
+    dataset, or a ``DataLoader`` over fastattr's samples padding each batch to its longest."""
+    model, items, collate = cohort_data(patients, median, longest, layers, heads, dim, device, use_pyhealth, seed)
+    if use_pyhealth:
+        from pyhealth.datasets import get_dataloader
+
+        return model, items, lambda size: get_dataloader(model.dataset, batch_size=size, shuffle=False)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+    return model, items, lambda size: torch.utils.data.DataLoader(
+        Items(), batch_size=size, shuffle=False, collate_fn=lambda xs: to_device(collate(xs), device))
+
+
 def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -240,7 +261,8 @@ def user_call_rows(method: str, patients: int, layers: int, heads: int, dim: int
                    repeats: int, use_pyhealth: bool, median: int = 15, longest: int = 400,
                    seed: int = 0) -> list[dict[str, Any]]:
     """The three ways a PyHealth user calls an interpreter, with no options, over ``patients``
-    long-tailed patients (log-normal lengths): a loop over a batch-size-1 dataloader (PyHealth's
+    long-tailed patients (log-normal lengths), with the loaders users make (PyHealth's
+    ``get_dataloader`` when PyHealth imports): a loop over a batch-size-1 dataloader (PyHealth's
     docs recommend it for interpretability), a loop over batch size 32, and
     ``fastattr.attribute_dataset`` over the batch-32 loader with its defaults (against the baseline
     looping over that loader). Every fastattr row is checked patient by patient against the
@@ -249,7 +271,7 @@ def user_call_rows(method: str, patients: int, layers: int, heads: int, dim: int
 
     from fastattr.tools.cohort import attribute_dataset, load_attributions
 
-    model, items, collate = cohort_data(patients, median, longest, layers, heads, dim, device, use_pyhealth, seed)
+    model, items, loader = cohort_loaders(patients, median, longest, layers, heads, dim, device, use_pyhealth, seed)
     if method == "ig":
         ours = IntegratedGradients(model, steps=steps)
         if use_pyhealth:
@@ -267,16 +289,6 @@ def user_call_rows(method: str, patients: int, layers: int, heads: int, dim: int
         else:
             base, base_name = (lambda **b: full_chefer_relevance(model, **b)), "full-R-loop"
 
-    class Items(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(items)
-
-        def __getitem__(self, i):
-            return items[i]
-
-    def loader(size: int):
-        return torch.utils.data.DataLoader(Items(), batch_size=size, shuffle=False,
-                                           collate_fn=lambda xs: to_device(collate(xs), device))
     one, many = loader(1), loader(32)
     lengths = [int((it["codes"] != 0).sum()) if isinstance(it["codes"], torch.Tensor) else len(it["codes"])
                for it in items]

@@ -223,16 +223,29 @@ COHORT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 
 def _sort_source(dataloader: Any) -> tuple[Any, int, Any] | str:
     """``(dataset, batch size, collate_fn)`` of a loader whose samples can be read by position and
-    regrouped without changing which samples it yields, or why not."""
+    regrouped without changing which samples it yields, or why not.
+
+    That is a ``DataLoader`` over a map-style dataset with its sequential sampler, or over an
+    iterable dataset that can also be indexed and that the loader says it iterates in index
+    order: PyHealth's ``get_dataloader(dataset, batch_size, shuffle=False)`` (its datasets are
+    iterable, with ``__getitem__`` and ``__len__``, and its loader keeps ``shuffle_samples``)."""
     if not isinstance(dataloader, torch.utils.data.DataLoader):
         return f"the loader ({type(dataloader).__name__}) is not a torch DataLoader"
-    if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
-        return "its dataset is an iterable dataset (no positions to sort by)"
-    if not isinstance(dataloader.sampler, torch.utils.data.SequentialSampler) or dataloader.batch_size is None:
+    dataset = dataloader.dataset
+    if dataloader.batch_size is None:
+        return "it has a batch sampler of its own"
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        indexable = callable(getattr(dataset, "__getitem__", None)) and callable(getattr(dataset, "__len__", None))
+        if not indexable:
+            return "its dataset is an iterable dataset (no positions to sort by)"
+        if getattr(dataloader, "shuffle_samples", None) is not False:
+            return ("its dataset is iterable and the loader does not say it iterates in index order "
+                    "(PyHealth's get_dataloader(..., shuffle=False) does)")
+    elif not isinstance(dataloader.sampler, torch.utils.data.SequentialSampler):
         return "it has a sampler of its own (shuffle=True, a subset or a batch sampler)"
     if dataloader.drop_last:
         return "it drops its last batch (drop_last=True)"
-    return dataloader.dataset, dataloader.batch_size, dataloader.collate_fn
+    return dataset, dataloader.batch_size, dataloader.collate_fn
 
 
 def _batching(dataloader: Any, model: Any, sort_by_length: Any, batch_tokens: int | None,
