@@ -28,18 +28,21 @@ def check_precision(precision: str | None) -> None:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
 
 
-@contextlib.contextmanager
-def model_precision(precision: str, device: torch.device) -> Iterator[None]:
-    """Run the model's calls inside in ``precision`` on ``device`` (see the module docstring)."""
+def model_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """A context running the model's calls inside in ``precision`` on ``device`` (see the module
+    docstring); for fp32 (and tf32 off CUDA) one that does nothing."""
     if precision == "bf16":
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            yield
-    elif precision == "tf32" and device.type == "cuda":
-        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-    else:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "tf32" and device.type == "cuda":
+        return _tf32()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
         yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numbers
 import threading
 import weakref
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -130,14 +130,15 @@ class _HookedTensors:
 
     _lock = threading.Lock()
     _users = 0
-    _original: Any = None
-    _local = threading.local()
+    _original: Any = None  # what Tensor.register_hook was when first wrapped; kept, so a call that
+    _local = threading.local()  # began in the wrapper just before it was taken out still completes
 
     def __enter__(self) -> list[torch.Tensor]:
         cls = type(self)
         with cls._lock:
             if cls._users == 0:
-                cls._original = torch.Tensor.register_hook
+                if torch.Tensor.register_hook is not _recording_register_hook:
+                    cls._original = torch.Tensor.register_hook
                 torch.Tensor.register_hook = _recording_register_hook
             cls._users += 1
         self.outer = getattr(cls._local, "found", None)
@@ -151,7 +152,6 @@ class _HookedTensors:
             cls._users -= 1
             if cls._users == 0:
                 torch.Tensor.register_hook = cls._original
-                cls._original = None
 
 
 def _recording_register_hook(tensor: torch.Tensor, hook: Any) -> Any:
@@ -279,6 +279,7 @@ class CheferRelevance:
         self._row_picks: dict[tuple, bool] = {}  # per layout: is get_relevance_tensor a row pick
         self._state = _ModuleState(model)
         self._read: list[tuple[weakref.ref, int]] = []  # the gradients the last pass read, while they live
+        self._hooks_tensors = False  # whether the model's last forward registered gradient hooks on tensors
         model.eval()
 
     def __call__(self, **data: Any) -> dict[str, torch.Tensor]:
@@ -327,11 +328,11 @@ class CheferRelevance:
                 return self._place(features, [
                     (index, part, self._pass({**select_samples(rest, index, features.size), **part.inputs()},
                                              per_sample[index] if isinstance(per_sample, torch.Tensor) else per_sample,
-                                             use, key, precision)) for index, part in parts])
+                                             use, key, precision, device)) for index, part in parts])
             packed = run_groups(mode)
             worst = None
             if not self._lengths.known(key):  # the padding check, in float32: the model, not rounding
-                whole = self._pass(data, target_class_idx, use, key, "fp32")
+                whole = self._pass(data, target_class_idx, use, key, "fp32", device)
                 trimmed = packed if mode == "fp32" else run_groups("fp32")
                 worst = _difference(whole, trimmed) if trimmed is not None else float("inf")
                 whole = whole if mode == "fp32" else None
@@ -340,7 +341,7 @@ class CheferRelevance:
                 return self._finish(features, packed)
         self.last_groups = [(features.size, None)]
         return self._finish(features, whole if whole is not None else
-                            self._pass(data, target_class_idx, use, key, mode))
+                            self._pass(data, target_class_idx, use, key, mode, device))
 
     # -- pieces ------------------------------------------------------------------------------
     def _finish(self, features: FeatureBatch, done: _Pass) -> dict[str, torch.Tensor]:
@@ -357,7 +358,8 @@ class CheferRelevance:
                 for name in ("logits", "prob", "targets")}
         return _Pass(relevance, **rows)
 
-    def _pass(self, data: dict[str, Any], target: Any, use: str, key: tuple, precision: str) -> _Pass:
+    def _pass(self, data: dict[str, Any], target: Any, use: str, key: tuple, precision: str,
+              device: torch.device) -> _Pass:
         """Forward with hooks, backward from the target logits, relevance: PyHealth's algorithm on
         ``data``. A backward to the embedding outputs reaches every attention map the logits
         depend on through the inputs; where a map is reached only through weights, the pass is
@@ -365,7 +367,7 @@ class CheferRelevance:
         model = self.model
         for reach_weights in (False, True):
             logits, prob, targets, layers, stale, reached_weights = self._forward_backward(data, target, reach_weights,
-                                                                                            precision)
+                                                                                            precision, device)
             if reached_weights or stale is None and _all_gradients(layers):
                 break
         if not isinstance(layers, dict) or not layers:
@@ -376,16 +378,16 @@ class CheferRelevance:
                              "call: this backward did not reach it")
         self._read = [(weakref.ref(grad), grad._version) for pairs in layers.values() for _, grad in pairs]
         batch = logits.shape[0]
-        device = next(iter(layers.values()))[0][0].device
+        maps = next(iter(layers.values()))[0][0].device
         stated = getattr(model, "get_relevance_rows", None)
         if callable(stated):
             rows = stated(**data)
-            relevance = {k: chefer_relevance(layers[k], rows[k].to(device), backend=use) for k in layers}
+            relevance = {k: chefer_relevance(layers[k], rows[k].to(maps), backend=use) for k in layers}
         else:
             picks = None
-            small = all(full_path_is_cheaper(batch, n, len(layers[k]), device) for k, n in tokens.items())
+            small = all(full_path_is_cheaper(batch, n, len(layers[k]), maps) for k, n in tokens.items())
             if not small and self._row_picks.get(key, True):  # unknown, or a row pick before
-                picks = detect_row_picks(model, tokens, batch, data, device, known=key in self._row_picks)
+                picks = detect_row_picks(model, tokens, batch, data, maps, known=key in self._row_picks)
                 self._row_picks[key] = picks is not None
             if picks is not None:
                 relevance = {k: propagate(layers[k], rows, use).gather(1, cols) for k, (rows, cols) in picks.items()}
@@ -393,19 +395,25 @@ class CheferRelevance:
                 relevance = model.get_relevance_tensor({k: propagate(layers[k], None, use) for k in layers}, **data)
         return _Pass(relevance, logits, prob, targets)
 
-    def _forward_backward(self, data: dict[str, Any], target: Any, reach_weights: bool, precision: str):
+    def _forward_backward(self, data: dict[str, Any], target: Any, reach_weights: bool, precision: str,
+                          device: torch.device):
         """One forward with the attention hooks on (off again after, even on error), the targets
         and the backward; then the model's attention layers, read after the backward as PyHealth
         reads them. Returns ``(logits, probabilities, targets, layers, the first stale gradient
         as (key, layer) or None, whether the backward went to the weights)``."""
         model = self.model
         embedded: list[torch.Tensor] = []
+        handle = None
         embed = getattr(model, "get_embedding_model", None)
         embed = embed() if callable(embed) else None
-        handle = embed.register_forward_hook(_gradient_sinks(embedded)) if isinstance(embed, torch.nn.Module) else None
+        # The embedding outputs are collected (and made to require grad) unless the model is known
+        # to hook its maps and no embedding weight is frozen: then its maps require grad anyway.
+        if isinstance(embed, torch.nn.Module) and not (
+                self._hooks_tensors and all(p.requires_grad for p in embed.parameters())):
+            handle = embed.register_forward_hook(_gradient_sinks(embedded))
         model.set_attention_hooks(True)
         try:
-            with torch.enable_grad(), _HookedTensors() as hooked, model_precision(precision, model_device(model)):
+            with torch.enable_grad(), _HookedTensors() as hooked, model_precision(precision, device):
                 out = model(**data)
                 logits = out["logit"]
         finally:
@@ -414,7 +422,9 @@ class CheferRelevance:
                 handle.remove()
         # The backward ends at the tensors the model hooked (its attention maps); a model that
         # keeps gradients some other way (module hooks) gets it down to the embedding outputs,
-        # which every attention map lies above, frozen embedding weights or not.
+        # which every attention map lies above, frozen embedding weights or not (and a model that
+        # stopped hooking tensors, to its weights).
+        self._hooks_tensors = bool(hooked)
         sinks = hooked or embedded
         if logits.dim() == 1:
             logits = logits.unsqueeze(1)

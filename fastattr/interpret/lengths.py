@@ -72,7 +72,11 @@ class LengthGroups:
         it is (packing off, or nothing to trim)."""
         if pack is False:
             return None
-        groups = plan_groups(features.lengths(), features.padded_spans(), points, group_cost(self.method, device))
+        lengths = features.lengths()
+        if features.size == 1:  # one sample: trimmed to its own lengths, if it is padded at all
+            own = lengths[0].tolist()
+            return None if own == features.padded_sizes() else [(torch.zeros(1, dtype=torch.long), own)]
+        groups = plan_groups(lengths, features.padded_spans(), points, group_cost(self.method, device))
         if len(groups) == 1 and groups[0][1] == features.padded_sizes():
             return None
         return groups
