@@ -475,3 +475,18 @@ def test_loaders_that_cannot_be_sorted_keep_their_order_and_say_so_once(tmp_path
         attribute_dataset(ig, loader, tmp_path / "bad", sort_by_length="yes")
     with pytest.raises(ValueError, match="batch_tokens applies only"):
         attribute_dataset(ig, loader, tmp_path / "bad", sort_by_length=False, batch_tokens=64)
+
+
+def test_a_run_begun_in_the_loaders_order_resumes_in_it(tmp_path):
+    # begun with sort_by_length=False (or by a fastattr that did not sort), resumed with the
+    # defaults: the same batches, not a new length-sorted cut the interrupted shards do not match
+    cohort = SyntheticCohort(patients=30, seed=15, lengths="lognormal", median_codes=6, longest=40)
+    ig = fastattr.IntegratedGradients(tiny_model(cohort), steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        attribute_dataset(FailsAt(ig, 2), loader(cohort, batch_size=6), tmp_path / "run", sort_by_length=False,
+                          progress=False)
+    resumed = FailsAt(ig, 100)
+    attribute_dataset(resumed, loader(cohort, batch_size=6), tmp_path / "run", progress=False)
+    assert resumed.calls == 3 and load_attributions(tmp_path / "run").info["batching"] == {"sorted": False}
+    attribute_dataset(ig, loader(cohort, batch_size=6), tmp_path / "whole", sort_by_length=False, progress=False)
+    same_runs(tmp_path / "run", tmp_path / "whole")

@@ -260,6 +260,8 @@ def _batching(dataloader: Any, model: Any, sort_by_length: Any, batch_tokens: in
     if isinstance(dataloader, LengthSortedBatches):
         return dataloader, {"sorted": True, "batch_size": dataloader.batch_size,
                             "batch_tokens": dataloader.batch_tokens, "window": dataloader.window}
+    if sort_by_length == "auto" and recorded is not None and not recorded.get("sorted"):
+        sort_by_length = False  # a run begun in the loader's order resumes in it
     if sort_by_length is False:
         if batch_tokens is not None:
             raise ValueError("batch_tokens applies only when batches are sorted by length (sort_by_length='auto' "
@@ -273,12 +275,14 @@ def _batching(dataloader: Any, model: Any, sort_by_length: Any, batch_tokens: in
                       "pass sort_by_length=False to say that is intended", stacklevel=3)
         return dataloader, {"sorted": False}
     dataset, size, collate = source
-    if recorded and recorded.get("sorted") and batch_tokens is None:
-        size, batch_tokens = recorded.get("batch_size"), recorded.get("batch_tokens")  # resume as it was cut
+    window = SORT_WINDOW
+    if recorded and recorded.get("sorted") and batch_tokens is None:  # resume as it was cut
+        size, batch_tokens = recorded.get("batch_size"), recorded.get("batch_tokens")
+        window = recorded.get("window", SORT_WINDOW)
     elif batch_tokens is None and size == 1:
         batch_tokens = COHORT_BATCH_TOKENS.get(model_device(model).type, COHORT_BATCH_TOKENS["cuda"])
     batches = LengthSortedBatches(dataset, model, batch_size=None if batch_tokens else size,
-                                  batch_tokens=batch_tokens, collate_fn=collate)
+                                  batch_tokens=batch_tokens, collate_fn=collate, window=window)
     return batches, {"sorted": True, "batch_size": batches.batch_size, "batch_tokens": batches.batch_tokens,
                      "window": batches.window}
 
@@ -364,7 +368,9 @@ def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], ou
     out = Path(out)
     rank, world, started = _distributed()
     out.mkdir(parents=True, exist_ok=True)
-    recorded = (read_run_info(out) or {}).get("batching") if resume else None
+    info = read_run_info(out) if resume else None
+    # how an interrupted run's batches were cut (runs written before run.json said so were in order)
+    recorded = None if info is None else info.get("batching", {"sorted": False})
     dataloader, batching = _batching(dataloader, model, sort_by_length, batch_tokens, recorded)
     device = model_device(model) if isinstance(model, torch.nn.Module) else None
     store = ShardStore(out, rank, world)
