@@ -340,17 +340,10 @@ class FeatureBatch:
         this batch's raw shapes: exact zeros wherever a part was trimmed (padding)."""
         out = {}
         for key, shape in self.raw_shapes.items():
-            first = next((p[1][key] for p in parts if key in p[1]), None)
-            if first is None:
-                continue
-            full = first.new_zeros(shape)
-            for index, result in parts:
-                part = result[key]
-                region = (index.to(full.device),) + tuple(slice(0, s) for s in part.shape[1:])
-                full[region] = part
-            out[key] = full
+            pieces = [(index, result[key]) for index, result in parts if key in result]
+            if pieces:
+                out[key] = _scatter(pieces, shape)
         return out
-
 
     def place_relevance(self, parts: list[tuple[torch.Tensor, FeatureBatch, Mapping[str, torch.Tensor]]]
                         ) -> dict[str, torch.Tensor] | None:
@@ -363,24 +356,28 @@ class FeatureBatch:
         out = {}
         keys = set(parts[0][2])
         for key in keys:
-            spans = self.layouts[key].padded_dims(self.value(key), self.mask(key)) if key in self.features else 0
+            trimmed = key in self.features and self.layouts[key].padded_dims(self.value(key), self.mask(key)) > 0
             shape = None
             for index, part, result in parts:
                 r = result.get(key)
                 if not isinstance(r, torch.Tensor) or r.dim() == 0 or r.shape[0] != len(index) or set(result) != keys:
                     return None
                 grown = list(r.shape[1:])
-                if spans and grown:
+                if trimmed and grown:
                     grown[0] += self.value(key).shape[1] - part.value(key).shape[1]
                 if shape not in (None, grown):
                     return None
                 shape = grown
-            full = parts[0][2][key].new_zeros((self.size, *shape))
-            for index, _, result in parts:
-                r = result[key]
-                full[(index.to(full.device),) + tuple(slice(0, n) for n in r.shape[1:])] = r
-            out[key] = full
+            out[key] = _scatter([(index, result[key]) for index, _, result in parts], (self.size, *shape))
         return out
+
+
+def _scatter(pieces: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """``[(sample index, rows), ...]`` into zeros of ``shape``, each in its leading corner."""
+    full = pieces[0][1].new_zeros(shape)
+    for index, rows in pieces:
+        full[(index.to(full.device),) + tuple(slice(0, n) for n in rows.shape[1:])] = rows
+    return full
 
 
 def _any_except(present: torch.Tensor, d: int) -> torch.Tensor:
