@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
+from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier, save_checkpoint
+from fastattr.tools.synthetic import SyntheticCohort
 
 
 def pyhealth_import_error() -> str | None:
@@ -74,3 +77,25 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest absolute difference relative to the reference's largest magnitude (float64)."""
     got, ref = got.detach().double(), ref.detach().double()
     return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def tiny_model(cohort: SyntheticCohort) -> TransformerClassifier:
+    """A seeded one-layer Transformer over a synthetic cohort's codes (the cohort and fault tests)."""
+    torch.manual_seed(0)
+    spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=len(cohort.names))}, {"label": "binary"})
+    return TransformerClassifier(spec, num_classes=2, dim=16, heads=2, layers=1).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved :func:`tiny_model` with its cohort, as ``fastattr attribute --checkpoint`` reads it."""
+    cohort = SyntheticCohort(patients=10, seed=3)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(tiny_model(cohort), path, cohort={"seed": 3, "vocab": cohort.vocab})
+    return path
+
+
+def cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m fastattr ARGS`` in a real process, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "fastattr", *map(str, args)], capture_output=True, text=True,
+                          **kwargs)

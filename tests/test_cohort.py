@@ -16,14 +16,10 @@ from safetensors import safe_open
 import fastattr
 from fastattr.core import packing
 from fastattr.tools.cohort import CohortDataset, LengthSortedBatches, attribute_dataset, load_attributions
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint, save_checkpoint
+from fastattr.tools.models import load_checkpoint
 from fastattr.tools.synthetic import SyntheticCohort
 
-
-def tiny_model(cohort):
-    torch.manual_seed(0)
-    spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=len(cohort.names))}, {"label": "binary"})
-    return TransformerClassifier(spec, num_classes=2, dim=16, heads=2, layers=1).eval()
+from conftest import cli, tiny_model
 
 
 def loader(cohort, batch_size=8):
@@ -38,19 +34,6 @@ def same_runs(a: Path, b: Path) -> None:
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    cohort = SyntheticCohort(patients=10, seed=3)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(tiny_model(cohort), path, cohort={"seed": 3, "vocab": cohort.vocab})
-    return path
-
-
-def cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "fastattr", *map(str, args)], capture_output=True, text=True,
-                          **kwargs)
 
 
 def test_roundtrip_lazy_load_by_id(tmp_path):

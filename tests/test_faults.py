@@ -17,32 +17,15 @@ import torch
 import fastattr
 from fastattr.tools import store as run_store
 from fastattr.tools.cohort import CohortDataset, attribute_dataset, load_attributions
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint, save_checkpoint
+from fastattr.tools.models import load_checkpoint
 from fastattr.tools.store import DiskFullError, RunLockedError, ShardStore
 from fastattr.tools.synthetic import SyntheticCohort
 
-
-def tiny_model(cohort):
-    torch.manual_seed(0)
-    spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=len(cohort.names))}, {"label": "binary"})
-    return TransformerClassifier(spec, num_classes=2, dim=16, heads=2, layers=1).eval()
+from conftest import cli, tiny_model
 
 
 def loader(cohort, batch_size=8):
     return torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=batch_size, collate_fn=CohortDataset.collate)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    cohort = SyntheticCohort(patients=10, seed=3)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(tiny_model(cohort), path, cohort={"seed": 3, "vocab": cohort.vocab})
-    return path
-
-
-def cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "fastattr", *map(str, args)], capture_output=True, text=True,
-                          **kwargs)
 
 
 def same_as_direct(run: Path, checkpoint: Path, size: int, steps: int, rows=(0, 1, 2, 3)) -> None:
