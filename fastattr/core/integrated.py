@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastattr.core.backend import resolve_backend
+from fastattr.core.checks import check_count
 from fastattr.core.quadrature import is_equal_weight, quadrature
 from fastattr.core.targets import resolve_targets
 from fastattr.kernels import interpolate as ops
@@ -95,9 +96,7 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 
 def check_internal_batch_size(internal_batch_size: int | None) -> None:
     """Raise ``ValueError`` unless ``internal_batch_size`` is ``None`` or an integer >= 1."""
-    if internal_batch_size is not None and (isinstance(internal_batch_size, bool) or
-                                            not isinstance(internal_batch_size, int) or internal_batch_size < 1):
-        raise ValueError(f"internal_batch_size must be an integer >= 1; got {internal_batch_size!r}")
+    check_count("internal_batch_size", internal_batch_size, optional=True)
 
 
 def _logits_2d(logits: Any) -> torch.Tensor:

@@ -342,7 +342,7 @@ class FeatureBatch:
         for key, shape in self.raw_shapes.items():
             pieces = [(index, result[key]) for index, result in parts if key in result]
             if pieces:
-                out[key] = _scatter(pieces, shape)
+                out[key] = scatter_rows(pieces, shape)
         return out
 
     def place_relevance(self, parts: list[tuple[torch.Tensor, FeatureBatch, Mapping[str, torch.Tensor]]]
@@ -368,12 +368,13 @@ class FeatureBatch:
                 if shape not in (None, grown):
                     return None
                 shape = grown
-            out[key] = _scatter([(index, result[key]) for index, _, result in parts], (self.size, *shape))
+            out[key] = scatter_rows([(index, result[key]) for index, _, result in parts], (self.size, *shape))
         return out
 
 
-def _scatter(pieces: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """``[(sample index, rows), ...]`` into zeros of ``shape``, each in its leading corner."""
+def scatter_rows(pieces: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """``[(sample index, rows), ...]`` into zeros of ``shape``: each piece's rows at its samples,
+    in the leading corner of the other dims (the rest, trimmed padding, stays exactly zero)."""
     full = pieces[0][1].new_zeros(shape)
     for index, rows in pieces:
         full[(index.to(full.device),) + tuple(slice(0, n) for n in rows.shape[1:])] = rows

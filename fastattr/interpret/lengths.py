@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fastattr.core.packing import group_cost, plan_groups
-from fastattr.interpret.features import FeatureBatch
+from fastattr.interpret.features import FeatureBatch, scatter_rows
 
 # Results of a trimmed group may differ from the padded batch's by float rounding only (other
 # shapes, other summation order); a model whose output depends on padding differs far more.
@@ -72,11 +72,7 @@ class LengthGroups:
         it is (packing off, or nothing to trim)."""
         if pack is False:
             return None
-        lengths = features.lengths()
-        if features.size == 1:  # one sample: trimmed to its own lengths, if it is padded at all
-            own = lengths[0].tolist()
-            return None if own == features.padded_sizes() else [(torch.zeros(1, dtype=torch.long), own)]
-        groups = plan_groups(lengths, features.padded_spans(), points, group_cost(self.method, device))
+        groups = plan_groups(features.lengths(), features.padded_spans(), points, group_cost(self.method, device))
         if len(groups) == 1 and groups[0][1] == features.padded_sizes():
             return None
         return groups
@@ -108,8 +104,4 @@ class LengthGroups:
 
 def place_rows(size: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Per-sample rows ``[(index, rows [len(index), ...]), ...]`` of groups back in batch order."""
-    first = parts[0][1]
-    out = first.new_empty((size, *first.shape[1:]))
-    for index, rows in parts:
-        out[index.to(out.device)] = rows
-    return out
+    return scatter_rows(parts, (size, *parts[0][1].shape[1:]))

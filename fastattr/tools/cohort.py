@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from fastattr.core.checks import check_count
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.features import FeatureBatch, FeatureLayout, batch_size, model_device, select_samples
 from fastattr.tools.store import (Attributions, RunLockedError, ShardStore, load_attributions, read_run_info,
@@ -171,9 +172,9 @@ class LengthSortedBatches:
         if (batch_size is None) == (batch_tokens is None):
             raise ValueError("give exactly one of batch_size (samples per batch) and batch_tokens (padded positions "
                              "per batch)")
-        for name, value in (("batch_size", batch_size), ("batch_tokens", batch_tokens), ("window", window)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        check_count("batch_size", batch_size, optional=True)
+        check_count("batch_tokens", batch_tokens, optional=True)
+        check_count("window", window)
         self.dataset, self.model = dataset, model
         self.batch_size, self.batch_tokens, self.window = batch_size, batch_tokens, window
         self.collate_fn = collate_fn or torch.utils.data.default_collate
@@ -254,9 +255,7 @@ def _batching(dataloader: Any, model: Any, sort_by_length: Any, batch_tokens: in
     how they were made (stored in ``run.json``, and reused when a run is resumed with defaults)."""
     if not (sort_by_length is True or sort_by_length is False or sort_by_length == "auto"):
         raise ValueError(f"sort_by_length must be 'auto', True or False; got {sort_by_length!r}")
-    if batch_tokens is not None and (isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int)
-                                     or batch_tokens < 1):
-        raise ValueError(f"batch_tokens must be an integer >= 1; got {batch_tokens!r}")
+    check_count("batch_tokens", batch_tokens, optional=True)
     if isinstance(dataloader, LengthSortedBatches):
         return dataloader, {"sorted": True, "batch_size": dataloader.batch_size,
                             "batch_tokens": dataloader.batch_tokens, "window": dataloader.window}

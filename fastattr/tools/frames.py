@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastattr.core.checks import check_count
 
 
 class Attributions(Protocol):
@@ -243,8 +244,7 @@ def export(store: Attributions, path: str | Path, format: str | None = None, *,
     format = format or path.suffix.lstrip(".").lower()
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS} (or the file name end in .parquet / .csv); got {format!r}")
-    if isinstance(row_group_rows, bool) or not isinstance(row_group_rows, int) or row_group_rows < 1:
-        raise ValueError(f"row_group_rows must be an integer >= 1; got {row_group_rows!r}")
+    check_count("row_group_rows", row_group_rows)
     pa = _need("pyarrow")
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)

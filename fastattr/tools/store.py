@@ -13,6 +13,7 @@ state or the new one, and listing a shard costs the same at the end of a long ru
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -58,22 +59,32 @@ def _disk_full(out: Path, what: str, exc: OSError) -> DiskFullError:
                          "from the batches already finished")
 
 
+@contextlib.contextmanager
+def _space_for(out: Path, what: str) -> Iterator[None]:
+    """Writes inside that find the disk (or quota) full raise one :class:`DiskFullError` naming ``out``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(out, what, exc) from exc
+        raise
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """``data`` to ``path`` through a temporary file in the same folder, fsynced, then renamed over
     it: readers see the old file or the new one. A failed write leaves no temporary file; a full
     disk is a :class:`DiskFullError` naming the folder."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(path.parent, path.name, exc) from exc
-        raise
+    with _space_for(path.parent, path.name):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _identity(path: Path) -> list[int]:
@@ -178,9 +189,8 @@ def read_run_info(out: Path) -> dict[str, Any] | None:
 
 def write_run_info(out: Path, info: dict[str, Any], resume: bool) -> None:
     """Write ``run.json``, or check a resumed run was made with the same features and vocabulary."""
-    path = out / RUN_INFO
-    if path.exists() and resume:
-        old = json.loads(path.read_text())
+    old = read_run_info(out) if resume else None
+    if old is not None:
         known = {"IntegratedGradients", "CheferRelevance"}  # a wrapper of one (a test's counter) is not another method
         parts = ("method", "features") if {old.get("method"), info["method"]} <= known else ("features",)
         for part in parts:
@@ -188,7 +198,7 @@ def write_run_info(out: Path, info: dict[str, Any], resume: bool) -> None:
                 what = "method" if part == "method" else "features or vocabulary"
                 raise ValueError(f"{out} holds a run whose {what} differs from this call's ({RUN_INFO}); resume it "
                                  "with the same interpreter, model and vocab, or use another folder")
-    _write_atomic(path, json.dumps(info, indent=1).encode())
+    _write_atomic(out / RUN_INFO, json.dumps(info, indent=1).encode())
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -347,15 +357,11 @@ class ShardStore:
         _write_atomic(self.out / name, data)
         entry = {"file": name, "batch": index, "patients": len(positions), "ids": ids, "positions": positions,
                  "sha256": hashlib.sha256(data).hexdigest(), "identity": _identity(self.out / name)}
-        try:
+        with _space_for(self.out, self.journal_path.name):  # a line cut short is skipped on resume, its shard redone
             with open(self.journal_path, "ab") as f:
                 f.write((json.dumps(entry) + "\n").encode())
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as exc:  # a line cut short is skipped on resume, and its shard redone
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full(self.out, self.journal_path.name, exc) from exc
-            raise
         self.mine[name] = entry
 
     def merge(self) -> None:
@@ -419,10 +425,9 @@ class Attributions(Mapping[int, dict[str, torch.Tensor]]):
                 + (" (only the rank manifests of an unfinished run: run the same attribution again to resume and "
                    "finish it)" if unfinished else " (write one with fastattr attribute or attribute_dataset)"))
         self.complete = bool(manifest.get("complete"))
-        info_path = self.out / RUN_INFO
         #: ``run.json``: method, model, per-feature token-ness and vocabulary, annotations (``None``
         #: for a run written before fastattr stored it).
-        self.info: dict[str, Any] | None = json.loads(info_path.read_text()) if info_path.exists() else None
+        self.info: dict[str, Any] | None = read_run_info(self.out)
         self.shards = dict(sorted(manifest["shards"].items(), key=lambda item: item[1]["batch"]))
         self._checked: set[str] = set()
         located: dict[int, tuple[_Location, str, str | None]] = {}
