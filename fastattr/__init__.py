@@ -6,15 +6,18 @@ from fastattr.interpret.ig import IntegratedGradients
 from fastattr.core.integrated import integrated_gradients
 from fastattr.core.quadrature import METHODS, quadrature
 from fastattr.core.relevance import chefer_relevance
+from fastattr.metrics import Evaluator, evaluate_attribution
 
 __all__ = [
     "CheferRelevance",
+    "Evaluator",
     "IntegratedGradients",
     "METHODS",
     "apply_self_attention_rules",
     "attribute_dataset",
     "avg_heads",
     "chefer_relevance",
+    "evaluate_attribution",
     "integrated_gradients",
     "load_attributions",
     "quadrature",

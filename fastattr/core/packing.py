@@ -33,6 +33,7 @@ import torch
 GROUP_COST = {
     "integrated_gradients": {"cpu": 3000.0, "cuda": 50000.0},
     "chefer": {"cpu": 300.0, "cuda": 50000.0},
+    "evaluator": {"cpu": 300.0, "cuda": 50000.0},
 }
 
 

@@ -16,7 +16,8 @@ from fastattr.core.precision import check_precision, model_precision
 from fastattr.core.targets import resolve_targets, target_tensor
 from fastattr.interpret.features import (FeatureBatch, model_device, require_feature_protocol, require_methods,
                                          select_samples)
-from fastattr.interpret.lengths import LengthGroups, check_pack_lengths, layout_key, place_rows, relative_difference
+from fastattr.interpret.lengths import (Group, GroupedTask, LengthGroups, check_pack_lengths, layout_key, place_rows,
+                                        relative_difference)
 
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
 
@@ -275,6 +276,8 @@ class CheferRelevance:
         self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
         #: length groups of the last call: ``[(samples, padded sizes or None for the batch as given), ...]``
         self.last_groups: list[tuple[int, list[int] | None]] = []
+        #: which output ``last_predictions`` holds: ``"y_prob"``, or ``"logit"`` for a model without one
+        self.last_output: str | None = None
         self._lengths = LengthGroups(model, "chefer", "logits and relevance")
         self._row_picks: dict[tuple, bool] = {}  # per layout: is get_relevance_tensor a row pick
         self._state = _ModuleState(model)
@@ -315,38 +318,35 @@ class CheferRelevance:
         check_precision(mode)
         features = FeatureBatch.from_batch(model, data)
         key = layout_key(features)
-        groups = self._lengths.plan(features, pack=pack, points=1, device=device)
-        whole = None
-        if groups is not None:
-            per_sample = target_class_idx
-            if target_class_idx is not None and not isinstance(target_class_idx, numbers.Integral):
-                per_sample = target_tensor(target_class_idx, features.size, torch.device("cpu"))
-            rest = {k: v for k, v in data.items() if k not in features.keys}
-            parts = [(index, features.subset(index, sizes)) for index, sizes in groups]
-
-            def run_groups(precision: str) -> _Pass | None:
-                return self._place(features, [
-                    (index, part, self._pass({**select_samples(rest, index, features.size), **part.inputs()},
-                                             per_sample[index] if isinstance(per_sample, torch.Tensor) else per_sample,
-                                             use, key, precision, device)) for index, part in parts])
-            packed = run_groups(mode)
-            worst = None
-            if not self._lengths.known(key):  # the padding check, in float32: the model, not rounding
-                whole = self._pass(data, target_class_idx, use, key, "fp32", device)
-                trimmed = packed if mode == "fp32" else run_groups("fp32")
-                worst = _difference(whole, trimmed) if trimmed is not None else float("inf")
-                whole = whole if mode == "fp32" else None
-            if self._lengths.judge(key, worst, pack) and packed is not None:
-                self.last_groups = [(len(index), sizes) for index, sizes in groups]
-                return self._finish(features, packed)
-        self.last_groups = [(features.size, None)]
-        return self._finish(features, whole if whole is not None else
-                            self._pass(data, target_class_idx, use, key, mode, device))
-
-    # -- pieces ------------------------------------------------------------------------------
-    def _finish(self, features: FeatureBatch, done: _Pass) -> dict[str, torch.Tensor]:
+        task = self._task(features, data, target_class_idx, use, key, mode, device)
+        done, groups = self._lengths.execute(features, key, task, pack=pack, points=1, device=device)
+        self.last_groups = [(features.size, None)] if groups is None else [(len(i), sizes) for i, sizes in groups]
         self.last_predictions = (done.prob, done.targets)
         return features.expand(done.relevance, nested_only=True)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _task(self, features: FeatureBatch, data: dict[str, Any], target: Any, use: str, key: tuple, mode: str,
+              device: torch.device) -> GroupedTask:
+        """Chefer's pass on a length group (the group's rows of the caller's batch, features cut) or on
+        the batch as given, its putting back, and its padding check (logits and relevance, run in
+        float32 whatever the precision: the check is about the model, not rounding)."""
+        per_sample = target
+        if target is not None and not isinstance(target, numbers.Integral):
+            per_sample = target_tensor(target, features.size, torch.device("cpu"))
+        rest = {k: v for k, v in data.items() if k not in features.keys}
+
+        def pass_in(precision: str):
+            def run(group: Group | None, part: FeatureBatch) -> _Pass:
+                if group is None:
+                    return self._pass(data, target, use, key, precision, device)
+                index = group[0]
+                return self._pass({**select_samples(rest, index, features.size), **part.inputs()},
+                                  per_sample[index] if isinstance(per_sample, torch.Tensor) else per_sample,
+                                  use, key, precision, device)
+            return run
+        run = pass_in(mode)
+        return GroupedTask(run, lambda parts: self._place(features, parts), difference=_difference,
+                           check_run=run if mode == "fp32" else pass_in("fp32"))
 
     def _place(self, features: FeatureBatch, passes: list[tuple[torch.Tensor, FeatureBatch, _Pass]]) -> _Pass | None:
         """The groups' passes as one pass over the whole batch; ``None`` when the relevance of
@@ -433,6 +433,7 @@ class CheferRelevance:
             raise ValueError("the batch is empty (batch size 0)")
         targets = resolve_targets(target, logits.detach(), batch, classes, logits.device)
         prob = out.get("y_prob", logits) if isinstance(out, dict) else logits
+        self.last_output = "y_prob" if isinstance(out, dict) and "y_prob" in out else "logit"
         prob = prob.detach().float().reshape(batch, -1)
         del out
         score = logits.gather(1, targets.unsqueeze(1)).sum()  # sum(one_hot(target) * logits): the same gradient

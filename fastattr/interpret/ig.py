@@ -11,7 +11,8 @@ from fastattr.core.integrated import check_baseline, check_finite, resolve_optio
 from fastattr.core.quadrature import quadrature
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.features import FeatureBatch, model_device, require_feature_protocol, require_methods
-from fastattr.interpret.lengths import Group, LengthGroups, check_pack_lengths, layout_key, place_rows, relative_difference
+from fastattr.interpret.lengths import (Group, GroupedTask, LengthGroups, check_pack_lengths, layout_key, place_rows,
+                                        relative_difference)
 
 
 class IntegratedGradients:
@@ -65,6 +66,8 @@ class IntegratedGradients:
         self.last_groups: list[tuple[int, list[int]]] = []
         #: ``(probabilities [B, C], targets [B])`` of the last call's forward, for the cohort runner
         self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: which output ``last_predictions`` holds: ``"y_prob"``, or ``"logit"`` for a model without one
+        self.last_output: str | None = None
         self._lengths = LengthGroups(model, "integrated_gradients", "logits")
         model.eval()
 
@@ -129,6 +132,7 @@ class IntegratedGradients:
         logits = logits.unsqueeze(1) if logits.dim() == 1 else logits
         targets = resolve_targets(target_class_idx, logits, features.size, logits.shape[1], device)
         prob = out.get("y_prob", logits) if isinstance(out, dict) else logits
+        self.last_output = "y_prob" if isinstance(out, dict) and "y_prob" in out else "logit"
         self.last_predictions = (prob.detach().float().reshape(features.size, -1), targets)
 
         embed = None
@@ -137,33 +141,35 @@ class IntegratedGradients:
             if embed is None:
                 raise TypeError("IntegratedGradients with use_embeddings=True needs model.get_embedding_model() "
                                 "to return the embedding module; it returned None")
-        groups = self._lengths.plan(features, pack=pack, points=len(options.alphas), device=device)
-        if groups is not None:
-            key = layout_key(features, embed is not None)
-            worst = None if self._lengths.known(key) else self._padding_difference(features, baselines, embed, groups)
-            groups = groups if self._lengths.judge(key, worst, pack) else None
+        task = self._task(features, baselines, embed, targets, options, mode)
+        (attributions, delta, rows), groups = self._lengths.execute(
+            features, layout_key(features, embed is not None), task,
+            pack=pack, points=len(options.alphas), device=device)
         self.last_groups = [(features.size, None)] if groups is None else [(len(i), sizes) for i, sizes in groups]
-        parts, deltas, rows = [], [], []
-        for index, sizes in groups or [(None, None)]:
-            part = features if index is None else features.subset(index, sizes)
-            part_baselines = baselines if index is None else \
-                {k: features.cut(k, b, index, sizes) for k, b in baselines.items()}
-            result = run_integrated_gradients(self._forward(part, embed, mode), *self._endpoints(part, part_baselines, embed),
-                                              options, targets=targets if index is None else targets[index.to(device)],
-                                              extra=part.others(),
-                                              sum_last_dim=self._summed(part, embed))
-            parts.append((index, part.expand(result.attributions)))
-            deltas.append((index, result.delta))
-            rows.append(result.chunk_rows)
-        self.last_internal_batch_size = max(rows)
-        if groups is None:
-            (_, attributions), (_, delta) = parts[0], deltas[0]
-        else:
-            attributions = features.place(parts)
-            delta = place_rows(features.size, deltas) if return_convergence_delta else None
+        self.last_internal_batch_size = rows
         return (attributions, delta) if return_convergence_delta else attributions
 
     # -- pieces ------------------------------------------------------------------------------
+    def _task(self, features: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any, targets: torch.Tensor,
+              options: Any, mode: str) -> GroupedTask:
+        """IG on a length group (or the padded batch), its putting back, and its padding check (the
+        endpoint logits, probed before any group runs)."""
+        device = targets.device
+
+        def run(group: Group | None, part: FeatureBatch) -> tuple[dict[str, torch.Tensor], Any, int]:
+            cut = baselines if group is None else {k: features.cut(k, b, *group) for k, b in baselines.items()}
+            result = run_integrated_gradients(self._forward(part, embed, mode), *self._endpoints(part, cut, embed),
+                                              options, targets=targets if group is None else targets[group[0].to(device)],
+                                              extra=part.others(), sum_last_dim=self._summed(part, embed))
+            return part.expand(result.attributions), result.delta, result.chunk_rows
+
+        def place(parts: list) -> tuple[dict[str, torch.Tensor], Any, int]:
+            delta = place_rows(features.size, [(i, r[1]) for i, _, r in parts]) if options.return_convergence_delta \
+                else None
+            return features.place([(i, r[0]) for i, _, r in parts]), delta, max(r[2] for _, _, r in parts)
+
+        return GroupedTask(run, place, probe=lambda groups: self._padding_difference(features, baselines, embed, groups))
+
     def _embedded(self, part: FeatureBatch, embed: Any) -> set[str]:
         return part.token_keys() if embed is not None else set()
 

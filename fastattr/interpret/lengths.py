@@ -1,18 +1,23 @@
-"""Length-aware execution, one mechanism for both interpreters.
+"""Length-aware execution, one mechanism for every user: IG, Chefer and the faithfulness evaluator.
 
 A clinical batch is padded to its longest patient. Where a model's output provably ignores padding,
 each group of samples of similar length runs trimmed to its own longest along every padded dim,
 and the results go back to the batch's shape with exact zeros at the trimmed positions.
 :class:`LengthGroups` plans the groups (:func:`fastattr.core.packing.plan_groups`, with the
 method's measured per-group cost) and keeps, per model and feature layout, the verdict of a check
-that trimming changes nothing (the interpreter measures it the first time: IG compares logits at
-the input and the baseline, Chefer logits and relevance), warning or raising when it fails. :class:`fastattr.interpret.features.FeatureBatch` does the cutting and
-the putting back.
+that trimming changes nothing (measured the first time: IG compares logits at the input and the
+baseline, Chefer logits and relevance, the evaluator probabilities), warning or raising when it
+fails. :meth:`LengthGroups.execute` is the whole sequence (plan, run each group, put the results
+back, judge and cache the verdict, fall back to the padded batch); each user hands it a
+:class:`GroupedTask`, the functions that differ. :class:`fastattr.interpret.features.FeatureBatch`
+does the cutting and the putting back.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -24,6 +29,32 @@ from fastattr.interpret.features import FeatureBatch, scatter_rows
 PACK_RTOL = 1e-4
 
 Group = tuple[torch.Tensor, list[int]]
+Result = TypeVar("Result")
+
+
+@dataclass
+class GroupedTask(Generic[Result]):
+    """What one user of :meth:`LengthGroups.execute` does with a batch.
+
+    Attributes:
+        run: ``run(group, part)``: the work on ``part``, the samples of ``group = (index, padded
+            sizes)`` cut from the batch (``group`` is ``None`` and ``part`` the batch itself for the
+            padded run).
+        place: the groups' results ``[(index, part, result), ...]`` as one result for the whole
+            batch, or ``None`` when they cannot be put back in one shape.
+        difference: the padding check after the groups ran: the worst relative difference between
+            the padded batch's result and the placed groups' (both made by ``check_run``).
+        probe: a cheaper padding check made before any group runs (``probe(groups) -> worst``);
+            when given, ``difference`` is not used.
+        check_run: what the padding check runs (default ``run``; Chefer checks in float32 whatever
+            the precision). When it is ``run``, the check's padded result is reused.
+    """
+
+    run: Callable[[Group | None, FeatureBatch], Result]
+    place: Callable[[list[tuple[torch.Tensor, FeatureBatch, Result]]], Result | None]
+    difference: Callable[[Result, Result], float] | None = None
+    probe: Callable[[list[Group]], float] | None = None
+    check_run: Callable[[Group | None, FeatureBatch], Result] | None = None
 
 
 def check_pack_lengths(pack_lengths: Any) -> None:
@@ -77,6 +108,36 @@ class LengthGroups:
             return None
         return groups
 
+    def execute(self, features: FeatureBatch, key: tuple, task: GroupedTask[Result], *, pack: Any, points: int,
+                device: torch.device) -> tuple[Result, list[Group] | None]:
+        """Run ``task`` on ``features`` in length groups where that is exact, else on the padded batch.
+
+        Returns the result for the whole batch and the groups that ran (``None``: the padded batch).
+        The first batch of a model and layout (``key``, see :func:`layout_key`) is checked: by
+        ``task.probe`` before the groups run, else by running the padded batch too and comparing
+        (``task.difference``); the verdict is cached and a failed check falls back to the padded
+        batch (warning once with ``"auto"``, raising with ``True``).
+        """
+        groups = self.plan(features, pack=pack, points=points, device=device)
+        if groups is not None and self.known(key) and not self.judge(key, None, pack):
+            groups = None
+        if groups is not None and not self.known(key) and task.probe is not None:
+            groups = groups if self.judge(key, task.probe(groups), pack) else None
+        if groups is None:
+            return task.run(None, features), None
+        parts = [(group, features.subset(*group)) for group in groups]
+        packed = task.place([(group[0], part, task.run(group, part)) for group, part in parts])
+        if not self.known(key):
+            check = task.check_run or task.run
+            whole = check(None, features)
+            trimmed = packed if check is task.run else task.place([(g[0], p, check(g, p)) for g, p in parts])
+            worst = task.difference(whole, trimmed) if trimmed is not None else float("inf")
+            if not self.judge(key, worst, pack):
+                return (whole if check is task.run else task.run(None, features)), None
+        if packed is None:
+            return task.run(None, features), None
+        return packed, groups
+
     def known(self, key: tuple) -> bool:
         """Whether the model was checked for this layout (``key``: see :func:`layout_key`)."""
         return key in self.verdicts
@@ -93,7 +154,7 @@ class LengthGroups:
             if worst > PACK_RTOL and pack == "auto":
                 warnings.warn(f"pack_lengths='auto': {name}'s {self.what} change when padding is trimmed (relative "
                               f"difference {worst:.2e} > {PACK_RTOL:g}), so its output depends on padding; this model "
-                              "runs on the padded batch, as in PyHealth", stacklevel=3)
+                              "runs on the padded batch, as in PyHealth", stacklevel=4)
         ok, worst = self.verdicts[key]
         if not ok and pack is True:
             raise ValueError(f"pack_lengths=True, but {name}'s {self.what} change when padding is trimmed (relative "

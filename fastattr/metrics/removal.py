@@ -1,0 +1,194 @@
+"""The removal-based faithfulness engine: every ablation of a batch stacked, deduplicated and run in
+length groups.
+
+PyHealth's Evaluator runs one forward of the whole padded batch per (metric, percentage). Here the
+ablated rows of every (metric, percentage) are built at once from vectorised masks
+(:mod:`fastattr.metrics.masks`, :mod:`fastattr.metrics.ablation`); rows of samples whose score is
+thrown away (``IGNORE``) are never built; a sample's identical ablated rows (a short patient gets
+the same mask at 1% and 5%) run once; and the remaining rows run through the same length-grouped
+execution IG and Chefer use (:meth:`fastattr.interpret.lengths.LengthGroups.execute`), each group
+trimmed to its longest row, in as few forwards as memory allows. Exact where PyHealth's numbers are
+defined by its model: the probabilities differ from its padded batch's by float rounding only
+(rows of an eval-mode model do not interact; trimming is checked per model and layout).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastattr.interpret.features import FeatureBatch, FeatureLayout, model_device, select_samples
+from fastattr.interpret.lengths import GroupedTask, LengthGroups, layout_key, place_rows, relative_difference
+from fastattr.metrics.ablation import ablate_rows
+from fastattr.metrics.filters import SampleClass, SampleFilterFn, classify, probabilities
+from fastattr.metrics.masks import top_masks
+
+METRICS = ("comprehensiveness", "sufficiency")
+
+# Padded positions per no-grad forward on the CPU (rows x positions); on CUDA every row of a group
+# runs in one forward, retried in halves on out-of-memory.
+CPU_FORWARD_POSITIONS = 16384
+
+
+@dataclass
+class Originals:
+    """The unablated batch as the metrics see it: the explained class's probability (0 for
+    ``IGNORE``), the class, and each sample's :class:`SampleClass`."""
+
+    probs: torch.Tensor
+    targets: torch.Tensor
+    classes: torch.Tensor
+
+
+class RemovalScorer:
+    """Probability drops of many ablations of a batch, for one model and configuration.
+
+    Args:
+        model: the model (called as ``model(**batch)``, returning ``y_prob`` or ``logit``).
+        kind: the classifier type (:func:`fastattr.metrics.filters.classifier_type`).
+        percentages: the percentages of attributions removed (or kept).
+        strategy: ``"zero" | "mean" | "noise"``.
+        sample_filter: which samples are scored, and how.
+        pack_lengths: ``"auto" | True | False``: run rows in length groups (see IG's option).
+        internal_batch_size: rows per forward (default: see ``CPU_FORWARD_POSITIONS``).
+    """
+
+    def __init__(self, model: Any, kind: str, percentages: Sequence[float], strategy: str,
+                 sample_filter: SampleFilterFn, *, pack_lengths: bool | str = "auto",
+                 internal_batch_size: int | None = None) -> None:
+        self.model, self.kind, self.percentages = model, kind, list(percentages)
+        self.strategy, self.sample_filter = strategy, sample_filter
+        self.pack_lengths, self.internal_batch_size = pack_lengths, internal_batch_size
+        self.lengths = LengthGroups(model, "evaluator", "probabilities")
+        self.last_rows = 0  # ablated rows the last call ran (after skipping and deduplicating)
+
+    # -- the two phases ----------------------------------------------------------------------
+    def originals(self, inputs: Mapping[str, Any], prob: torch.Tensor | None = None) -> Originals:
+        """The unablated probabilities (``prob [B, C]`` when known, else one grouped forward), classified."""
+        if prob is None:
+            prob = self.probabilities(inputs)
+        return Originals(*classify(prob.clone(), self.kind, self.sample_filter))
+
+    def drops(self, inputs: Mapping[str, Any], attributions: Mapping[str, torch.Tensor], metrics: Sequence[str],
+              originals: Originals) -> dict[str, torch.Tensor]:
+        """Per metric, ``[P, B]`` drops of the explained class's probability (0 for ``IGNORE``)."""
+        keep = (originals.classes != SampleClass.IGNORE).nonzero().squeeze(1)
+        size = originals.probs.shape[0]
+        out = {m: originals.probs.new_zeros(len(self.percentages), size) for m in metrics}
+        self.last_rows = 0
+        if keep.numel() == 0:
+            return out
+        negative = originals.classes == SampleClass.NEGATIVE
+        ablated = self._ablated(inputs, attributions, metrics, negative, keep)
+        rows, inverse, samples = _unique_rows(ablated, keep, random=self.strategy == "noise")
+        batch = _stacked(self.model, inputs, keep[samples], {k: v[rows, samples] for k, v in ablated.items()})
+        self.last_rows = len(rows)
+        probs = self.probabilities(batch, originals.targets[keep[samples]])[inverse].reshape(-1, len(keep))
+        start = originals.probs[keep]
+        sign = torch.where(negative[keep], -1.0, 1.0).to(start.dtype)
+        drop = (start * sign) - (probs * sign)  # PyHealth's: negated probabilities for NEGATIVE samples
+        for m, metric in enumerate(metrics):
+            out[metric][:, keep] = drop[m * len(self.percentages):(m + 1) * len(self.percentages)]
+        return out
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _ablated(self, inputs: Mapping[str, Any], attributions: Mapping[str, torch.Tensor], metrics: Sequence[str],
+                 negative: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per attributed key, the ablated values ``[M * P, V, ...]`` of the kept samples: the top q%
+        removed (comprehensiveness) or all but the top q% removed (sufficiency)."""
+        out = {}
+        for key, attr in attributions.items():
+            signed = torch.where(negative.view(-1, *[1] * (attr.dim() - 1)), -attr, attr) if negative.any() else attr
+            masks = top_masks(signed, self.percentages)
+            removal = torch.cat([masks if m == "comprehensiveness" else 1 - masks for m in metrics])
+            value = value_of(self.model, key, inputs[key])
+            out[key] = ablate_rows(value.index_select(0, keep), removal.index_select(1, keep), self.strategy, value)
+        return out
+
+    def probabilities(self, batch: Mapping[str, Any], targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's probabilities of every row of ``batch`` (``[N, C]``, or ``[N]`` of ``targets``),
+        run in length groups where that is exact."""
+        features = FeatureBatch.from_batch(self.model, batch)
+        size = features.size
+        rest = {k: v for k, v in batch.items() if k not in features.keys}
+
+        def run(group: Any, part: FeatureBatch) -> torch.Tensor:
+            rows = dict(batch) if group is None else {**select_samples(rest, group[0], size), **part.inputs()}
+            chosen = targets if group is None or targets is None else targets[group[0].to(targets.device)]
+            return self._forward(rows, chosen, part)
+
+        task = GroupedTask(run, lambda parts: place_rows(size, [(i, r) for i, _, r in parts]),
+                           difference=relative_difference)
+        device = model_device(self.model)
+        result, _ = self.lengths.execute(features, layout_key(features), task, pack=self.pack_lengths, points=1,
+                                         device=device)
+        return result
+
+    def _forward(self, rows: dict[str, Any], targets: torch.Tensor | None, part: FeatureBatch) -> torch.Tensor:
+        """No-grad forwards of ``rows`` in chunks (halved on CUDA out-of-memory)."""
+        size = part.size
+        positions = max(1, sum(int(torch.tensor(part.value(k).shape[1:]).prod()) for k in part.keys))
+        device = model_device(self.model)
+        chunk = self.internal_batch_size or (size if device.type == "cuda" else max(1, CPU_FORWARD_POSITIONS // positions))
+        outs, start = [], 0
+        with torch.no_grad():
+            while start < size:
+                piece = slice(start, min(size, start + chunk))
+                try:
+                    prob = probabilities(self.model(**select_samples(rows, piece, size)), self.kind)
+                except torch.cuda.OutOfMemoryError:
+                    if chunk == 1:
+                        raise
+                    chunk = max(1, chunk // 2)
+                    torch.cuda.empty_cache()
+                    continue
+                if targets is not None:
+                    prob = prob.gather(-1, targets[piece].to(prob.device).unsqueeze(-1)).squeeze(-1)
+                outs.append(prob)
+                start = piece.stop
+        return torch.cat(outs)
+
+
+def value_of(model: Any, key: str, feature: Any) -> torch.Tensor:
+    """The value tensor of ``feature``: by its schema for a model feature key, else the tensor itself."""
+    if key in getattr(model, "feature_keys", ()):
+        return FeatureLayout.of(model, key).value(feature)
+    if not isinstance(feature, torch.Tensor):
+        raise TypeError(f"inputs[{key!r}] is not one of the model's feature keys, so it must be a tensor to be "
+                        f"ablated; got {type(feature).__name__}")
+    return feature
+
+
+def with_value(model: Any, key: str, feature: Any, value: torch.Tensor) -> Any:
+    """``feature`` with its value replaced (by schema for a feature key); a bare tensor stays bare."""
+    if isinstance(feature, torch.Tensor):
+        return value
+    return FeatureLayout.of(model, key).replace_value(feature, value)
+
+
+def _unique_rows(ablated: dict[str, torch.Tensor], keep: torch.Tensor, *, random: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct ablated rows of each sample: ``(row, sample)`` positions (into ``[R, V]``) of one
+    representative each, and for every ``(row, sample)`` (flattened row-major) its representative.
+    Rows with noise are never identical: no search."""
+    total, kept = next(iter(ablated.values())).shape[:2]
+    flat_index = torch.arange(total * kept)
+    if random:
+        return flat_index // kept, flat_index, flat_index % kept
+    sample = torch.arange(kept, dtype=torch.float64).expand(total, kept).reshape(total * kept, 1)
+    columns = [v.reshape(total * kept, -1).cpu().double() for v in ablated.values()]
+    _, inverse = torch.unique(torch.cat([sample, *columns], dim=1), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), total * kept, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, flat_index, reduce="amin")
+    return first // kept, inverse, first % kept
+
+
+def _stacked(model: Any, inputs: Mapping[str, Any], samples: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A batch of the rows ``samples`` of ``inputs`` (ids, labels and time slots included) with
+    ``values`` in the value slot of their keys."""
+    batch = select_samples(inputs, samples)
+    for key, value in values.items():
+        batch[key] = with_value(model, key, batch[key], value)
+    return batch
