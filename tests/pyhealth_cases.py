@@ -15,11 +15,17 @@ SCHEMAS = {
 }
 
 
-def _sample(kind: str, rng: random.Random, i: int, num_classes: int) -> dict:
+def _label(rng: random.Random, i: int, num_classes: int, mode: str):
+    if mode == "multilabel":
+        return [f"l{c}" for c in rng.sample(range(num_classes), rng.randint(1, num_classes))]
+    return rng.randrange(num_classes) if mode == "multiclass" else i % 2
+
+
+def _sample(kind: str, rng: random.Random, i: int, num_classes: int, mode: str) -> dict:
     def codes(prefix: str, lo: int, hi: int) -> list[str]:
         return [f"{prefix}{rng.randrange(30)}" for _ in range(rng.randint(lo, hi))]
 
-    sample = {"patient_id": f"p{i}", "visit_id": f"v{i}", "label": rng.randrange(num_classes) if num_classes > 2 else i % 2}
+    sample = {"patient_id": f"p{i}", "visit_id": f"v{i}", "label": _label(rng, i, num_classes, mode)}
     if kind == "seq":
         sample.update(conditions=codes("c", 2, 9), procedures=codes("p", 1, 5))
     elif kind == "nested":
@@ -39,13 +45,22 @@ def _sample(kind: str, rng: random.Random, i: int, num_classes: int) -> dict:
 
 def build(kind: str, model_name: str, num_classes: int = 2, n: int = 12, batch: int = 5, seed: int = 0, **model_kwargs):
     """Return (model, batch) for a PyHealth model on a small random dataset of ``kind``."""
+    model, loader = build_loader(kind, model_name, num_classes, n, batch, seed, **model_kwargs)
+    return model, next(iter(loader))
+
+
+def build_loader(kind: str, model_name: str, num_classes: int = 2, n: int = 12, batch: int = 5, seed: int = 0,
+                 mode: str | None = None, **model_kwargs):
+    """Return (model, PyHealth dataloader) on a small random dataset of ``kind``; ``mode``: the label
+    kind (default binary for 2 classes, else multiclass; or "multilabel")."""
     from pyhealth.datasets import create_sample_dataset, get_dataloader
     import pyhealth.models as models
     from pyhealth.models.stagenet_mha import StageAttentionNet
 
     rng = random.Random(seed)
-    samples = [_sample(kind, rng, i, num_classes) for i in range(n)]
-    output = {"label": "binary" if num_classes == 2 else "multiclass"}
+    mode = mode or ("binary" if num_classes == 2 else "multiclass")
+    samples = [_sample(kind, rng, i, num_classes, mode) for i in range(n)]
+    output = {"label": mode}
     dataset = create_sample_dataset(samples=samples, input_schema=SCHEMAS[kind], output_schema=output,
                                     dataset_name=f"{kind}-{seed}")
     torch.manual_seed(seed)
@@ -56,5 +71,4 @@ def build(kind: str, model_name: str, num_classes: int = 2, n: int = 12, batch: 
         for p in model.parameters():
             p.mul_(1.5)
     model.eval()
-    loader = get_dataloader(dataset, batch_size=batch, shuffle=False)
-    return model, next(iter(loader))
+    return model, get_dataloader(dataset, batch_size=batch, shuffle=False)

@@ -276,8 +276,9 @@ class CheferRelevance:
         self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
         #: length groups of the last call: ``[(samples, padded sizes or None for the batch as given), ...]``
         self.last_groups: list[tuple[int, list[int] | None]] = []
-        #: which output ``last_predictions`` holds: ``"y_prob"``, or ``"logit"`` for a model without one
-        self.last_output: str | None = None
+        #: whether ``last_predictions`` hold the model's ``y_prob`` from a float32 forward of the batch as the
+        #: caller gave it (or of its length groups, checked equal)
+        self.last_predictions_as_given = False
         self._lengths = LengthGroups(model, "chefer", "logits and relevance")
         self._row_picks: dict[tuple, bool] = {}  # per layout: is get_relevance_tensor a row pick
         self._state = _ModuleState(model)
@@ -433,7 +434,7 @@ class CheferRelevance:
             raise ValueError("the batch is empty (batch size 0)")
         targets = resolve_targets(target, logits.detach(), batch, classes, logits.device)
         prob = out.get("y_prob", logits) if isinstance(out, dict) else logits
-        self.last_output = "y_prob" if isinstance(out, dict) and "y_prob" in out else "logit"
+        self.last_predictions_as_given = isinstance(out, dict) and "y_prob" in out and precision == "fp32"
         prob = prob.detach().float().reshape(batch, -1)
         del out
         score = logits.gather(1, targets.unsqueeze(1)).sum()  # sum(one_hot(target) * logits): the same gradient

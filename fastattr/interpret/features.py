@@ -253,6 +253,15 @@ class FeatureBatch:
             return torch.zeros(self.size, 0, dtype=torch.long)
         return torch.stack(columns, dim=1).cpu()
 
+    def leading_present(self) -> torch.Tensor:
+        """``[B, K]`` bool: per sample, whether the first position along each padded feature's first
+        padded dim holds data (not padding), from the masks; K counts the features with padded dims."""
+        columns = [_any_except(self.mask(k).ne(0), 1)[:, 0] for k, span in zip(self.features, self.padded_spans())
+                   if span]
+        if not columns:
+            return torch.ones(self.size, 0, dtype=torch.bool)
+        return torch.stack(columns, dim=1).cpu()
+
     def padded_spans(self) -> list[int]:
         """How many columns of :meth:`lengths` each feature owns, in feature order."""
         return [self.layouts[k].padded_dims(self.value(k), self.mask(k)) for k in self.features]
@@ -411,9 +420,19 @@ def select_samples(batch: Mapping[str, Any], rows: slice | torch.Tensor, size: i
     def cut(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
             return value[rows] if picks is None else value.index_select(0, rows.to(value.device))
-        if isinstance(value, (list, tuple)) and len(value) == size and not (value and isinstance(value[0], torch.Tensor)):
+        if _per_sample(value, size):
             return value[rows] if picks is None else type(value)(value[i] for i in picks)
         if isinstance(value, tuple):
             return tuple(cut(v) for v in value)
         return value
     return {k: cut(v) for k, v in batch.items()}
+
+
+def _per_sample(value: Any, size: int) -> bool:
+    """A list of one item per sample (ids), or a tuple of them; a tuple holding a tensor or ``None``
+    is a feature's slots (StageNet's ``(None, values)``), never samples."""
+    if not isinstance(value, (list, tuple)) or len(value) != size:
+        return False
+    if isinstance(value, tuple):
+        return not any(v is None or isinstance(v, torch.Tensor) for v in value)
+    return not (value and isinstance(value[0], torch.Tensor))

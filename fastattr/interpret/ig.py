@@ -66,8 +66,9 @@ class IntegratedGradients:
         self.last_groups: list[tuple[int, list[int]]] = []
         #: ``(probabilities [B, C], targets [B])`` of the last call's forward, for the cohort runner
         self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
-        #: which output ``last_predictions`` holds: ``"y_prob"``, or ``"logit"`` for a model without one
-        self.last_output: str | None = None
+        #: whether ``last_predictions`` hold the model's ``y_prob`` from a float32 forward of the batch as the
+        #: caller gave it (IG's forward appends PyHealth's masks where the schema has none: then not)
+        self.last_predictions_as_given = False
         self._lengths = LengthGroups(model, "integrated_gradients", "logits")
         model.eval()
 
@@ -132,7 +133,7 @@ class IntegratedGradients:
         logits = logits.unsqueeze(1) if logits.dim() == 1 else logits
         targets = resolve_targets(target_class_idx, logits, features.size, logits.shape[1], device)
         prob = out.get("y_prob", logits) if isinstance(out, dict) else logits
-        self.last_output = "y_prob" if isinstance(out, dict) and "y_prob" in out else "logit"
+        self.last_predictions_as_given = isinstance(out, dict) and "y_prob" in out and not features.appended
         self.last_predictions = (prob.detach().float().reshape(features.size, -1), targets)
 
         embed = None

@@ -92,10 +92,12 @@ class LengthGroups:
         model: the interpreter's model (named in warnings and errors).
         method: ``"integrated_gradients"`` or ``"chefer"``: which measured group cost applies.
         what: what the check compares, for the messages ("logits", "logits and relevance").
+        quiet: no warning when the check fails under ``"auto"`` (the evaluator: rows whose scores
+            depend on the padded width are PyHealth's definition, not a defect the user can mend).
     """
 
-    def __init__(self, model: Any, method: str, what: str) -> None:
-        self.model, self.method, self.what = model, method, what
+    def __init__(self, model: Any, method: str, what: str, *, quiet: bool = False) -> None:
+        self.model, self.method, self.what, self.quiet = model, method, what, quiet
         self.verdicts: dict[tuple, tuple[bool, float]] = {}
 
     def plan(self, features: FeatureBatch, *, pack: Any, points: int, device: torch.device) -> list[Group] | None:
@@ -122,17 +124,17 @@ class LengthGroups:
         if groups is not None and self.known(key) and not self.judge(key, None, pack):
             groups = None
         if groups is not None and not self.known(key) and task.probe is not None:
-            groups = groups if self.judge(key, task.probe(groups), pack) else None
+            groups = groups if self.judge(key, task.probe(groups), pack, _exercised(groups, features)) else None
         if groups is None:
             return task.run(None, features), None
         parts = [(group, features.subset(*group)) for group in groups]
         packed = task.place([(group[0], part, task.run(group, part)) for group, part in parts])
-        if not self.known(key):
+        if not self.known(key) and task.probe is None:
             check = task.check_run or task.run
             whole = check(None, features)
             trimmed = packed if check is task.run else task.place([(g[0], p, check(g, p)) for g, p in parts])
             worst = task.difference(whole, trimmed) if trimmed is not None else float("inf")
-            if not self.judge(key, worst, pack):
+            if not self.judge(key, worst, pack, _exercised(groups, features)):
                 return (whole if check is task.run else task.run(None, features)), None
         if packed is None:
             return task.run(None, features), None
@@ -142,16 +144,20 @@ class LengthGroups:
         """Whether the model was checked for this layout (``key``: see :func:`layout_key`)."""
         return key in self.verdicts
 
-    def judge(self, key: tuple, worst: float | None, pack: Any) -> bool:
+    def judge(self, key: tuple, worst: float | None, pack: Any, conclusive: bool = True) -> bool:
         """Whether trimming is allowed for ``key``. The first call records ``worst`` (the check's
         largest relative difference; ``None`` once known) and, when it fails with ``"auto"``,
-        warns once; with ``pack=True`` a failed check raises."""
+        warns once; with ``pack=True`` a failed check raises. A passed check that did not trim
+        every padded dim (``conclusive=False``) allows this batch's groups but records nothing: a
+        dependence on padding along an untrimmed dim could not have shown."""
         name = type(self.model).__name__
         if key not in self.verdicts:
             if worst is None:
                 raise ValueError("the padding check's result is needed the first time a layout is seen")
+            if worst <= PACK_RTOL and not conclusive:
+                return True
             self.verdicts[key] = (worst <= PACK_RTOL, worst)
-            if worst > PACK_RTOL and pack == "auto":
+            if worst > PACK_RTOL and pack == "auto" and not self.quiet:
                 warnings.warn(f"pack_lengths='auto': {name}'s {self.what} change when padding is trimmed (relative "
                               f"difference {worst:.2e} > {PACK_RTOL:g}), so its output depends on padding; this model "
                               "runs on the padded batch, as in PyHealth", stacklevel=4)
@@ -161,6 +167,12 @@ class LengthGroups:
                              f"difference {worst:.2e} > {PACK_RTOL:g}): trimming would change its attributions. Use "
                              "pack_lengths='auto' or False for this model")
         return ok
+
+
+def _exercised(groups: list[Group], features: FeatureBatch) -> bool:
+    """Whether the groups trim every padded dim of the batch somewhere (so the check can see it)."""
+    full = features.padded_sizes()
+    return all(any(sizes[d] < size for _, sizes in groups) for d, size in enumerate(full))
 
 
 def place_rows(size: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

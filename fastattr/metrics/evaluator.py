@@ -109,10 +109,10 @@ class Evaluator:
 
     def _predictions(self, method: Any, batch: dict[str, Any]) -> torch.Tensor | None:
         """The probabilities a fastattr interpreter's forward of ``batch`` gave, when they are the
-        model's ``y_prob`` in float32 for every sample (else ``None``: the evaluator runs its own)."""
+        model's ``y_prob`` of the batch as given, in float32 (else ``None``: the evaluator runs its own)."""
         known = getattr(method, "last_predictions", None)
-        if getattr(method, "model", None) is not self.model or getattr(method, "last_output", None) != "y_prob" or \
-                getattr(method, "precision", "fp32") != "fp32" or not isinstance(known, tuple):
+        if getattr(method, "model", None) is not self.model or getattr(method, "last_predictions_as_given", False) \
+                is not True or not isinstance(known, tuple):
             return None
         prob = known[0]
         sizes = {len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}

@@ -69,9 +69,11 @@ def build_model(length: int, batch: int, layers: int, heads: int, dim: int, devi
 
 
 def cohort_data(patients: int, median: int, longest: int, layers: int, heads: int, dim: int, device: str,
-                use_pyhealth: bool, seed: int = 0):
+                use_pyhealth: bool, seed: int = 0, classes: int = 2):
     """A Transformer over one token feature and a map-style dataset of long-tailed patients with
-    its collate function: PyHealth's (Transformer, SampleDataset) or fastattr's own."""
+    its collate function: PyHealth's (Transformer, SampleDataset) or fastattr's own; binary labels,
+    or multiclass with ``classes`` > 2."""
+    mode = "binary" if classes == 2 else "multiclass"
     sizes = long_tailed_lengths(patients, median=median, longest=longest, seed=seed)
     rng = random.Random(seed)
     if use_pyhealth:
@@ -79,10 +81,10 @@ def cohort_data(patients: int, median: int, longest: int, layers: int, heads: in
         from pyhealth.datasets.utils import collate_fn_dict_with_padding
         from pyhealth.models import Transformer
 
-        samples = [{"patient_id": f"p{i}", "visit_id": "v", "label": i % 2,
+        samples = [{"patient_id": f"p{i}", "visit_id": "v", "label": i % classes,
                     "codes": [f"c{rng.randrange(500)}" for _ in range(n)]} for i, n in enumerate(sizes)]
         dataset = create_sample_dataset(samples=samples, input_schema={"codes": "sequence"},
-                                        output_schema={"label": "binary"}, dataset_name=f"tail{seed}")
+                                        output_schema={"label": mode}, dataset_name=f"tail{seed}-{classes}")
         torch.manual_seed(seed)
         model = Transformer(dataset=dataset, embedding_dim=dim, heads=heads, num_layers=layers)
         items = [dataset[i] for i in range(len(dataset))]
@@ -91,10 +93,10 @@ def cohort_data(patients: int, median: int, longest: int, layers: int, heads: in
         from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
         torch.manual_seed(seed)
-        spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=502)}, {"label": "binary"})
-        model = TransformerClassifier(spec, num_classes=2, dim=dim, heads=heads, layers=layers)
+        spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=502)}, {"label": mode})
+        model = TransformerClassifier(spec, num_classes=classes, dim=dim, heads=heads, layers=layers)
         items = [{"patient_id": f"p{i}", "codes": torch.tensor([rng.randrange(2, 502) for _ in range(n)]),
-                  "label": torch.tensor(i % 2)} for i, n in enumerate(sizes)]
+                  "label": torch.tensor(i % classes)} for i, n in enumerate(sizes)]
 
         def collate(batch):
             codes = torch.nn.utils.rnn.pad_sequence([b["codes"] for b in batch], batch_first=True)
@@ -105,11 +107,12 @@ def cohort_data(patients: int, median: int, longest: int, layers: int, heads: in
 
 
 def cohort_loaders(patients: int, median: int, longest: int, layers: int, heads: int, dim: int, device: str,
-                   use_pyhealth: bool, seed: int = 0):
+                   use_pyhealth: bool, seed: int = 0, classes: int = 2):
     """:func:`cohort_data`'s model and samples with a loader factory ``loader(batch_size)`` as users
     make one: PyHealth's own ``get_dataloader(dataset, batch_size, shuffle=False)`` over its
     dataset, or a ``DataLoader`` over fastattr's samples padding each batch to its longest."""
-    model, items, collate = cohort_data(patients, median, longest, layers, heads, dim, device, use_pyhealth, seed)
+    model, items, collate = cohort_data(patients, median, longest, layers, heads, dim, device, use_pyhealth, seed,
+                                        classes)
     if use_pyhealth:
         from pyhealth.datasets import get_dataloader
 
