@@ -7,7 +7,9 @@ Each bug is what a plausible edit could do: the token mask becomes all ones, the
 is dropped, the embedding dim is not summed, the UNK baseline becomes padding, the target argmax
 is taken from a path point instead of the input, Chefer's R (or its row vector) starts at zeros,
 Chefer's results take IG's shape rule, its length groups are put back or fed wrongly, stale
-attention gradients go unnoticed, the padding check's verdict is ignored.
+attention gradients go unnoticed, the padding check's verdict is ignored; the evaluator shares one
+padding verdict across kinds of ablated rows, drops the NEGATIVE sign, the keep-one-code rule or the
+tie rule.
 """
 import os
 import pathlib
@@ -59,6 +61,18 @@ M = [
  ("the padding check's verdict ignored", "fastattr/interpret/lengths.py",
   "        return ok\n",
   "        return True\n"),
+ ("evaluator: one padding verdict for every kind of ablated row", "fastattr/metrics/removal.py",
+  "            key = layout_key(features, phase, tuple(kind.tolist()))",
+  "            key = layout_key(features, phase)"),
+ ("evaluator: NEGATIVE samples scored without negated probabilities", "fastattr/metrics/removal.py",
+  "        sign = torch.where(negative[keep], -1.0, 1.0).to(start.dtype)",
+  "        sign = torch.ones_like(start)"),
+ ("evaluator: a sample whose codes are all removed keeps none", "fastattr/metrics/ablation.py",
+  "    if bool(emptied.any()):",
+  "    if False:"),
+ ("evaluator: masks without PyHealth's tie rule", "fastattr/metrics/masks.py",
+  "    if bool(tied.any()):",
+  "    if False:"),
 ]
 survivors = []
 for name, path, old, new in M:

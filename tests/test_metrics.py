@@ -118,7 +118,13 @@ def test_rows_that_depend_on_the_padded_width_run_padded():
     row = torch.tensor([[0, 5, 6, 0, 0, 0]])
     with torch.no_grad():
         assert (model(codes=row)["y_prob"] - model(codes=row[:, :3])["y_prob"]).abs().max() > 1e-3
-    evaluator = metrics.Evaluator(model, sample_filter=mixed_filter)
+    evaluator = metrics.Evaluator(model)  # 3 classes: every sample scored, POSITIVE
+    # first, rows that all keep their first code (sufficiency of attributions highest there): their
+    # verdict (trimming is exact) must not be taken for rows whose first code is removed
+    first = batch_of(15, 12, 9)
+    del first["labs"]
+    highest_first = {"codes": torch.linspace(1, 0, 12).expand(15, 12).contiguous()}
+    evaluator.evaluate(first, highest_first, metrics=["sufficiency"])
     for seed in range(4):
         batch = batch_of(15, 12 + seed, seed, min_len=1)
         del batch["labs"]
@@ -126,7 +132,8 @@ def test_rows_that_depend_on_the_padded_width_run_padded():
         got = evaluator.evaluate(batch, attributions, return_per_percentage=True)
         for name in got:
             ref, _ = loop_removal_scores(model, batch, attributions, sufficiency=name == "sufficiency",
-                                         kind="multiclass", sample_filter=mixed_filter, percentages=PERCENTAGES)
+                                         kind="multiclass", sample_filter=evaluator.sample_filter,
+                                         percentages=PERCENTAGES)
             for p in ref:
                 torch.testing.assert_close(got[name][p], ref[p], rtol=0, atol=1e-6)
 

@@ -124,14 +124,14 @@ class RemovalScorer:
         if phase == "original":
             return self._grouped(batch, features, targets, layout_key(features, phase))
         kinds, which = torch.unique(features.leading_present(), dim=0, return_inverse=True)
-        if len(kinds) == 1:
-            return self._grouped(batch, features, targets, layout_key(features, phase, tuple(kinds[0].tolist())))
         parts = []
         for k, kind in enumerate(kinds):
+            key = layout_key(features, phase, tuple(kind.tolist()))
+            if len(kinds) == 1:
+                return self._grouped(batch, features, targets, key)
             index = (which == k).nonzero().squeeze(1)
             rows = select_samples(batch, index, features.size)
             chosen = None if targets is None else targets[index.to(targets.device)]
-            key = layout_key(features, phase, tuple(kind.tolist()))
             parts.append((index, self._grouped(rows, FeatureBatch.from_batch(self.model, rows), chosen, key)))
         return place_rows(features.size, parts)
 
