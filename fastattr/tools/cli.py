@@ -4,11 +4,27 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastattr`` command line: one parser builder per command."""
+    parser = argparse.ArgumentParser(prog="fastattr", description="Fast, exact attribution for clinical models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_attribute, _add_evaluate, _add_tables, _add_bench):
+        add(sub)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastattr", description="Fast, exact attribution for clinical models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"bench": run_bench, "attribute": _checked_attribute, "evaluate": run_evaluate, "demo": run_demo,
+                "export": run_tables, "summarize": run_tables, "report": run_tables}
+    return handlers[args.command](parser, args)
+
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help="train a small Transformer on a synthetic cohort and explain it")
     demo.add_argument("--quick", action="store_true", help="smaller cohort and shorter training (CI, tests)")
     demo.add_argument("--patients", type=int, default=None, help="cohort size (default 2000, quick 1000)")
@@ -18,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     demo.add_argument("--out", default="fastattr-demo", help="folder for the HTML/PNG pictures and results.json")
     demo.add_argument("--save-model", default=None, help="also save the trained model here (for fastattr attribute)")
+
+
+def _add_attribute(sub: Any) -> None:
     attribute = sub.add_parser("attribute", help="attribute a whole cohort with a saved fastattr model, to shards "
                                "(resumable; run under torchrun to spread it over processes)")
     attribute.add_argument("--cohort", choices=["synthetic"], default="synthetic", help="the embedded cohort generator")
@@ -38,6 +57,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "fastattr's sums stay fp32; the README states what each costs in fidelity)")
     attribute.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     attribute.add_argument("--no-resume", action="store_true", help="refuse to continue a run found in --out")
+
+
+def _add_evaluate(sub: Any) -> None:
+    evaluate = sub.add_parser("evaluate", help="score every patient of a run for faithfulness (comprehensiveness, "
+                              "sufficiency, per-percentage drops, a random baseline) into RUN/faithfulness")
+    evaluate.add_argument("run", help="a run folder written by fastattr attribute / attribute_dataset")
+    evaluate.add_argument("--checkpoint", required=True, help="the model the run explains (fastattr demo --save-model)")
+    evaluate.add_argument("--percentages", type=float, nargs="+", default=None,
+                          help="percentages of each patient's attributions removed or kept (default 1 5 10 20 50)")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    evaluate.add_argument("--no-resume", action="store_true", help="refuse to continue scores found in RUN/faithfulness")
+
+
+def _add_tables(sub: Any) -> None:
     export = sub.add_parser("export", help="write a run's attributions as one long table (a row per sample, feature "
                             "and position, codes decoded), streamed to parquet or CSV")
     export.add_argument("run", help="a run folder written by fastattr attribute / attribute_dataset")
@@ -55,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--output", default=None, help="HTML file (default: report.html in the first run's folder)")
     report.add_argument("--top", type=int, default=20, help="codes in the top lists (default 20)")
     report.add_argument("--patients", type=int, default=6, help="heat maps of the highest-probability samples")
+
+
+def _add_bench(sub: Any) -> None:
     bench = sub.add_parser("bench", help="time fastattr against PyHealth and Captum on this machine")
     bench.add_argument("--quick", action="store_true", help="a small sweep (CI, tests)")
     bench.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
@@ -67,44 +103,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, help_text in (("steps", "IG steps"), ("batch", "batch size"), ("layers", "Transformer layers"),
                             ("heads", "attention heads"), ("dim", "embedding dim"), ("repeats", "timed repeats")):
         bench.add_argument(f"--{name}", type=int, default=None, help=help_text)
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        from fastattr.tools import bench as bench_module
 
-        for name in ("steps", "batch", "layers", "heads", "dim", "repeats"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                parser.error(f"--{name} must be >= 1; got {value}")
-        if args.lengths and min(args.lengths) < 1:
-            parser.error("--lengths must all be >= 1")
-        bench_module.run(quick=args.quick, device=args.device, out=args.out, lengths=args.lengths, steps=args.steps,
-                         batch=args.batch, layers=args.layers, heads=args.heads, dim=args.dim, repeats=args.repeats,
-                         long_tail=not args.no_long_tail, user_calls=not args.no_user_calls)
-    if args.command in ("export", "summarize", "report"):
-        return run_tables(parser, args)
-    if args.command == "attribute":
-        if args.size < 1 or args.batch_size < 1 or args.steps < 1:
-            parser.error("--size, --batch-size and --steps must be >= 1")
-        if args.batch_tokens is not None and (args.batch_tokens < 1 or not args.sort_by_length):
-            parser.error("--batch-tokens must be >= 1 and cannot go with --no-sort-by-length")
-        return run_attribute(args)
-    if args.command == "demo":
-        from fastattr.tools import demo as demo_module
 
-        for name in ("patients", "updates", "steps"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                parser.error(f"--{name} must be >= 1; got {value}")
-        demo_module.run(
-            patients=args.patients or (1000 if args.quick else 2000),
-            seed=args.seed,
-            steps=args.steps,
-            updates=args.updates or (300 if args.quick else 600),
-            device=args.device,
-            out=args.out,
-            repeats=1 if args.quick else 3,
-            save_model=args.save_model,
-        )
+def run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from fastattr.tools import bench as bench_module
+
+    for name in ("steps", "batch", "layers", "heads", "dim", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1; got {value}")
+    if args.lengths and min(args.lengths) < 1:
+        parser.error("--lengths must all be >= 1")
+    bench_module.run(quick=args.quick, device=args.device, out=args.out, lengths=args.lengths, steps=args.steps,
+                     batch=args.batch, layers=args.layers, heads=args.heads, dim=args.dim, repeats=args.repeats,
+                     long_tail=not args.no_long_tail, user_calls=not args.no_user_calls)
+    return 0
+
+
+def _checked_attribute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.size < 1 or args.batch_size < 1 or args.steps < 1:
+        parser.error("--size, --batch-size and --steps must be >= 1")
+    if args.batch_tokens is not None and (args.batch_tokens < 1 or not args.sort_by_length):
+        parser.error("--batch-tokens must be >= 1 and cannot go with --no-sort-by-length")
+    return run_attribute(args)
+
+
+def run_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from fastattr.tools import demo as demo_module
+
+    for name in ("patients", "updates", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1; got {value}")
+    demo_module.run(patients=args.patients or (1000 if args.quick else 2000), seed=args.seed, steps=args.steps,
+                    updates=args.updates or (300 if args.quick else 600), device=args.device, out=args.out,
+                    repeats=1 if args.quick else 3, save_model=args.save_model)
+    return 0
+
+
+def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``fastattr evaluate RUN --checkpoint model.pt``: errors of the inputs and a folder another
+    process is scoring end with one line and status 2; Ctrl-C with 130 (the scores so far stay)."""
+    import torch
+
+    from fastattr.tools.models import load_checkpoint
+    from fastattr.tools.scores import evaluate_run
+    from fastattr.tools.store import DiskFullError, RunLockedError
+
+    if args.percentages is not None and any(not 0 < p <= 100 for p in args.percentages):
+        parser.error("--percentages must lie in (0, 100]")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, _ = load_checkpoint(args.checkpoint, map_location=device)
+        options = {"percentages": args.percentages} if args.percentages else {}
+        scores = evaluate_run(args.run, model, resume=not args.no_resume, **options)
+    except (DiskFullError, RunLockedError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"fastattr evaluate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastattr evaluate: interrupted; run the same command again to resume {args.run}", file=sys.stderr)
+        return 130
+    rows = scores.all()
+    valid = rows["valid"]
+    print(f"scored {int(valid.sum())} of {len(valid)} patients of {args.run}: comprehensiveness "
+          f"{rows['comprehensiveness'][valid].mean():.4f}, sufficiency {rows['sufficiency'][valid].mean():.4f} "
+          f"(means over the scored); wrote {scores.out}")
     return 0
 
 

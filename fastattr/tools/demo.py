@@ -12,12 +12,13 @@ from tqdm.auto import tqdm
 
 from fastattr.tools.bench import time_interleaved
 from fastattr.tools.cohort import CohortDataset, attribute_dataset
-from fastattr.tools.report import missing_extras, write_report
+from fastattr.tools.figures import missing_extras
+from fastattr.tools.report import write_report
 from fastattr.interpret.chefer import CheferRelevance
-from fastattr.tools.faithfulness import comprehensiveness, sufficiency
 from fastattr.interpret.ig import IntegratedGradients
 from fastattr.loop import step_loop_integrated_gradients
 from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, save_checkpoint
+from fastattr.tools.scores import evaluate_run
 from fastattr.tools.synthetic import SyntheticCohort
 
 
@@ -74,6 +75,28 @@ def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600
     torch.manual_seed(seed)
     cohort = SyntheticCohort(patients=patients, seed=seed)
     split = int(0.8 * patients)
+    model, accuracy = _trained(cohort, split, updates, dev, seed, save_model)
+    ig, chefer = IntegratedGradients(model, steps=steps), CheferRelevance(model)
+    results = {"accuracy": accuracy, **_recovery_table(model, cohort, split, ig, chefer, explain, dev, seed, steps)}
+    results.update(_speed_line(model, cohort, ig, steps, repeats, dev, seed))
+    runs = _cohort_runs(cohort, split, ig, chefer, out)
+    results["faithfulness"] = _faithfulness_table(model, runs)
+    missing = missing_extras()
+    report = None if missing else write_report(
+        [runs["ig"], runs["chefer"]], out / "report.html", labels=["IG", "Chefer"], patients=show,
+        title=f"fastattr demo: {patients - split} held-out patients, IG and Chefer")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    if report is None:
+        print(f"wrote {out / 'results.json'}; the HTML report and the tables need {', '.join(missing)}: "
+              'pip install "fastattr[report]", then fastattr report ' f"{runs['ig']} {runs['chefer']}")
+    else:
+        print(f"wrote {out / 'results.json'} and the report {report}")
+    return results
+
+
+def _trained(cohort: SyntheticCohort, split: int, updates: int, dev: torch.device, seed: int,
+             save_model: str | Path | None) -> tuple[TransformerClassifier, float]:
+    """The demo's Transformer trained on the first ``split`` patients, and its held-out accuracy."""
     spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=len(cohort.names))}, {"label": "binary"})
     model = TransformerClassifier(spec, num_classes=2, dim=32, heads=2, layers=2).to(dev)
     start = time.perf_counter()
@@ -81,49 +104,49 @@ def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600
     train_s = time.perf_counter() - start
     if save_model is not None:
         save_checkpoint(model, save_model, cohort={"seed": seed, "vocab": cohort.vocab})
-
-    test = cohort.batch(range(split, patients))
-    codes = test["codes"].to(dev)
+    test = cohort.batch(range(split, cohort.patients))
     with torch.no_grad():
-        prob = model(codes=codes)["y_prob"].squeeze(1).cpu()
+        prob = model(codes=test["codes"].to(dev))["y_prob"].squeeze(1).cpu()
     accuracy = ((prob > 0.5).long() == test["label"]).float().mean().item()
-    print(f"cohort: {patients} patients (seed {seed}); planted codes "
+    print(f"cohort: {cohort.patients} patients (seed {seed}); planted codes "
           f"{', '.join(f'{cohort.names[c]} (+{e:.1f})' for c, e in cohort.truth.planted.items())}; planted pairs "
           f"{', '.join(f'{cohort.names[a]}&{cohort.names[b]} (+{e:.1f})' for (a, b), e in cohort.truth.pairs.items())}; "
           f"distractors {', '.join(cohort.names[d] for d in cohort.truth.distractors)}")
     print(f"trained {updates} updates in {train_s:.1f} s (last loss {loss:.3f}); held-out accuracy {accuracy:.3f}")
+    return model, accuracy
 
-    # Patients the model calls positive and that carry acting planted truth: there the truth is
-    # what the model should be using.
+
+def _recovery_table(model: torch.nn.Module, cohort: SyntheticCohort, split: int, ig: IntegratedGradients,
+                    chefer: CheferRelevance, explain: int, dev: torch.device, seed: int, steps: int) -> dict:
+    """How often each method ranks a planted code first / in the top 3, on held-out patients the
+    model calls positive that carry acting planted truth (there the truth is what the model should use)."""
+    test = cohort.batch(range(split, cohort.patients))
+    codes = test["codes"].to(dev)
+    with torch.no_grad():
+        prob = model(codes=codes)["y_prob"].squeeze(1).cpu()
     truths = [present_truth(cohort, set(row.tolist())) for row in test["codes"]]
     chosen = [i for i in range(len(truths)) if truths[i] and prob[i] > 0.5][:explain]
     if not chosen:
         raise RuntimeError("no held-out patient is predicted positive with a planted code; train longer (--updates)")
     batch = {"codes": codes[chosen]}
     truth_rows = [truths[i] for i in chosen]
-    ig = IntegratedGradients(model, steps=steps)
-    chefer = CheferRelevance(model)
     ig_attr = ig.attribute(**batch)["codes"].detach()
-    chefer_attr = chefer.attribute(**batch)["codes"].detach()
-    random_attr = torch.rand(ig_attr.shape, generator=torch.Generator().manual_seed(seed)).to(dev)
-    scores = {"ig": recovery(ig_attr.cpu(), batch["codes"].cpu(), truth_rows),
-              "chefer": recovery(chefer_attr.cpu(), batch["codes"].cpu(), truth_rows),
-              "random": recovery(random_attr.cpu(), batch["codes"].cpu(), truth_rows)}
+    attributions = {"ig": ig_attr, "chefer": chefer.attribute(**batch)["codes"].detach(),
+                    "random": torch.rand(ig_attr.shape, generator=torch.Generator().manual_seed(seed)).to(dev)}
+    scores = {name: recovery(attr.cpu(), batch["codes"].cpu(), truth_rows) for name, attr in attributions.items()}
     print(f"\nexplained {len(chosen)} held-out patients predicted positive that carry planted truth "
           f"(IG steps={steps}):")
-    print("| method | planted code ranked first | planted code in top 3 | comprehensiveness (higher better) "
-          "| sufficiency (lower better) |")
-    print("|---|---|---|---|---|")
-    for name, attr in (("ig", ig_attr), ("chefer", chefer_attr), ("random", random_attr)):
-        comp, valid = comprehensiveness(model, batch, {"codes": attr})
-        suff, _ = sufficiency(model, batch, {"codes": attr})
-        scores[name]["comprehensiveness"] = comp[valid].mean().item()
-        scores[name]["sufficiency"] = suff[valid].mean().item()
-        s = scores[name]
-        print(f"| {name} | {s['top1']:.0%} | {s['top3']:.0%} | {s['comprehensiveness']:.3f} | {s['sufficiency']:.3f} |")
+    print("| method | planted code ranked first | planted code in top 3 |")
+    print("|---|---|---|")
+    for name, s in scores.items():
+        print(f"| {name} | {s['top1']:.0%} | {s['top3']:.0%} |")
+    return {"patients_explained": len(chosen), "recovery": scores}
 
-    # The speed line runs on what users have: 32 patients of long-tailed length (log-normal,
-    # median 15 codes) padded to the batch's longest, from the same generator and vocabulary.
+
+def _speed_line(model: torch.nn.Module, cohort: SyntheticCohort, ig: IntegratedGradients, steps: int, repeats: int,
+                dev: torch.device, seed: int) -> dict:
+    """IG against the one-step-at-a-time loop on what users have: 32 patients of long-tailed length
+    (log-normal, median 15 codes) padded to the batch's longest, same generator and vocabulary."""
     tail = SyntheticCohort(patients=32, seed=seed + 1, vocab=cohort.vocab, lengths="lognormal", median_codes=15,
                            longest=256).batch(range(32), pad_to_longest=True)
     tail = {"codes": tail["codes"].to(dev)}
@@ -136,10 +159,16 @@ def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600
           f"longest {tail_lengths.max():.0f}, padded to it), {steps} steps, median of {repeats} interleaved after a "
           f"warm-up: fastattr {fast * 1e3:.0f} ms, one-step-at-a-time loop {loop * 1e3:.0f} ms: "
           f"{loop / fast:.2f}x faster")
+    return {"ig_fastattr_s": fast, "ig_loop_s": loop, "speedup": loop / fast, "device": dev.type,
+            "speed_batch": {"patients": 32, "median_codes": tail_lengths.median().item(),
+                            "longest": int(tail_lengths.max()), "padded_to": tail["codes"].shape[1]}}
 
-    # The cohort report: every held-out patient attributed with both methods to a run folder (the
-    # path to tables and summaries), then one HTML page comparing them with the truth marked.
-    held_out = CohortDataset(cohort, range(split, patients))
+
+def _cohort_runs(cohort: SyntheticCohort, split: int, ig: IntegratedGradients, chefer: CheferRelevance,
+                 out: Path) -> dict[str, Path]:
+    """Every held-out patient attributed with both methods to a run folder (the path to tables,
+    summaries, faithfulness scores and the report)."""
+    held_out = CohortDataset(cohort, range(split, cohort.patients))
     runs = {}
     for name, interpreter in (("ig", ig), ("chefer", chefer)):
         runs[name] = out / "runs" / name
@@ -147,20 +176,27 @@ def run(patients: int = 2000, seed: int = 0, steps: int = 50, updates: int = 600
         loader = torch.utils.data.DataLoader(held_out, batch_size=64, collate_fn=CohortDataset.collate)
         attribute_dataset(interpreter, loader, runs[name], vocab={"codes": cohort.names},
                           annotations=cohort.annotations(), progress=None)
-    missing = missing_extras()
-    report = None if missing else write_report(
-        [runs["ig"], runs["chefer"]], out / "report.html", labels=["IG", "Chefer"], patients=show,
-        title=f"fastattr demo: {len(held_out)} held-out patients, IG and Chefer")
-    results = {"accuracy": accuracy, "patients_explained": len(chosen), "recovery": scores,
-               "ig_fastattr_s": fast, "ig_loop_s": loop, "speedup": loop / fast, "device": dev.type,
-               "speed_batch": {"patients": 32, "median_codes": tail_lengths.median().item(),
-                               "longest": int(tail_lengths.max()), "padded_to": tail["codes"].shape[1]}}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nattributed the {len(held_out)} held-out patients with IG and Chefer: {runs['ig']}, {runs['chefer']} "
-          f"(fastattr summarize / export RUN)")
-    if report is None:
-        print(f"wrote {out / 'results.json'}; the HTML report and the tables need {', '.join(missing)}: "
-              'pip install "fastattr[report]", then fastattr report ' f"{runs['ig']} {runs['chefer']}")
-    else:
-        print(f"wrote {out / 'results.json'} and the report {report}")
-    return results
+          f"(fastattr summarize / export / evaluate RUN)")
+    return runs
+
+
+def _faithfulness_table(model: torch.nn.Module, runs: dict[str, Path]) -> dict:
+    """PyHealth's comprehensiveness and sufficiency of every held-out patient of both runs (each on
+    its own codes; under the default filter, the patients predicted positive), beside a random
+    attribution of the same patients."""
+    table = {}
+    for name, run in runs.items():
+        rows = evaluate_run(run, model, progress=None).all()
+        valid = rows["valid"]
+        table[name] = {m: rows[m][valid].mean().item() for m in ("comprehensiveness", "sufficiency")}
+        table["random"] = {m: rows[f"random/{m}"][valid].mean(1).mean().item() for m in ("comprehensiveness",
+                                                                                          "sufficiency")}
+        table["scored"] = int(valid.sum())
+    print(f"\nfaithfulness of every held-out patient's attributions ({table['scored']} of {len(valid)} scored: "
+          "predicted positive; each on its own codes; fastattr evaluate RUN):")
+    print("| method | comprehensiveness (higher better) | sufficiency (lower better) |")
+    print("|---|---|---|")
+    for name in ("ig", "chefer", "random"):
+        print(f"| {name} | {table[name]['comprehensiveness']:.3f} | {table[name]['sufficiency']:.3f} |")
+    return table

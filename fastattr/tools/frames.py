@@ -165,6 +165,19 @@ class _Names:
         return self.arrays[key].take(pa.array(codes.numpy()))
 
 
+def sample_scores(store: Attributions) -> dict[str, torch.Tensor] | None:
+    """Per sample position, the faithfulness scores ``fastattr evaluate`` stored for the run:
+    ``comprehensiveness`` and ``sufficiency`` (NaN where the patient was not scored); ``None``
+    when the run was not scored."""
+    from fastattr.tools.scores import load_scores
+
+    scores = load_scores(store)
+    if scores is None:
+        return None
+    rows = scores.all()
+    return {m: torch.where(rows["valid"], rows[m], torch.tensor(float("nan"))) for m in FAITHFULNESS}
+
+
 def tables(store: Attributions, features: Sequence[str] | None = None, *,
            progress: bool | None = False) -> Iterator[Any]:
     """The run's long table (module docstring), one ``pyarrow.Table`` per shard, in batch order."""
@@ -172,6 +185,7 @@ def tables(store: Attributions, features: Sequence[str] | None = None, *,
     require_info(store)
     keys = _features(store, features)
     names = _Names(store)
+    scores = sample_scores(store)
     for positions, ids, tensors in tqdm(store.shards_with_positions(), total=len(store.shards), unit="shard",
                                         desc="reading shards", disable=None if progress is None else not progress):
         size = len(positions)
@@ -185,12 +199,14 @@ def tables(store: Attributions, features: Sequence[str] | None = None, *,
             if e is None or len(e.rows) == 0:
                 continue
             rows = pa.array(e.rows.numpy())
-            parts.append(pa.table({
+            columns = {
                 "sample": sample[e.rows].numpy(), "patient_id": pid.take(rows), "visit_id": vid.take(rows),
                 "feature": pa.array([key] * len(e.rows), pa.string()),
                 "visit": e.visit.int().numpy(), "position": e.position.int().numpy(),
                 "code_id": e.codes.numpy(), "code": names.take(key, e.codes), "attribution": e.values.numpy(),
-                "probability": prob[e.rows].numpy(), "target": target[e.rows].numpy()}))
+                "probability": prob[e.rows].numpy(), "target": target[e.rows].numpy()}
+            columns.update({m: v[sample[e.rows]].numpy() for m, v in (scores or {}).items()})
+            parts.append(pa.table(columns))
         if parts:
             yield _concat(parts)
 
@@ -335,6 +351,9 @@ class _Grid:
 
 
 STATS = ("samples", "occurrences", "sum", "sum_abs", "top")
+FAITHFULNESS = ("comprehensiveness", "sufficiency")
+# with stored faithfulness scores: per code, the scored samples carrying it and the sums of their scores
+SCORED_STATS = ("scored", *FAITHFULNESS)
 
 
 @dataclass
@@ -365,7 +384,7 @@ class CodeSummary:
             width = max(g.data.shape[1] for g in grids.values())
             if width == 0:
                 continue
-            stats = {s: grids[s].sized(classes, width) for s in STATS}
+            stats = {s: grid.sized(classes, width) for s, grid in grids.items()}
             names = code_names(self.store, key, width)
             groups = [(c, self.class_totals[c:c + 1], {s: v[c] for s, v in stats.items()}) for c in range(classes)] \
                 if by_class else [(None, self.class_totals, {s: v.sum(0) for s, v in stats.items()})]
@@ -383,6 +402,10 @@ class CodeSummary:
                         "importance": agg["sum_abs"][code] / total if total else 0.0,
                         "top_count": int(agg["top"][code]), "top_share": agg["top"][code] / total if total else 0.0,
                         "annotation": annotations.get(key, {}).get(names[code], "")})
+                    if "scored" in agg:
+                        scored = agg["scored"][code]
+                        row.update({f"mean_{m}": agg[m][code] / scored if scored else float("nan")
+                                    for m in FAITHFULNESS})
                     rows.append(row)
         rows.sort(key=lambda r: (r.get("class", 0), -r["importance"], self.features.index(r["feature"]), r["code_id"]))
         return rows
@@ -395,7 +418,8 @@ def summarize_codes(store: Attributions, features: Sequence[str] | None = None, 
     process and the same run made under torchrun give identical sums."""
     require_info(store)
     keys = _features(store, features)
-    grids = {k: {s: _Grid() for s in STATS} for k in keys}
+    scores = sample_scores(store)
+    grids = {k: {s: _Grid() for s in STATS + (SCORED_STATS if scores is not None else ())} for k in keys}
     totals = torch.zeros(0, dtype=torch.float64)
     n = len(store)
     top_f = np.full(n, -1, dtype=np.int32) if per_sample else None
@@ -422,6 +446,8 @@ def summarize_codes(store: Attributions, features: Sequence[str] | None = None, 
             g["occurrences"].add(c, codes, occurrences)
             g["sum"].add(c, codes, sums)
             g["sum_abs"].add(c, codes, sums.abs())
+            if scores is not None:
+                _add_scores(g, scores, torch.as_tensor(positions)[rows], c, codes)
             groups.append((f, rows, codes, sums))
         if groups:
             rows = torch.cat([g[1] for g in groups])
@@ -444,6 +470,16 @@ def summarize_codes(store: Attributions, features: Sequence[str] | None = None, 
                        top_f, top_c, sample_cls, sample_p)
 
 
+def _add_scores(g: dict[str, _Grid], scores: dict[str, torch.Tensor], samples: torch.Tensor, cls: torch.Tensor,
+                codes: torch.Tensor) -> None:
+    """Per (class, code): the scored samples carrying the code, and the sums of their scores."""
+    values = {m: scores[m][samples] for m in FAITHFULNESS}
+    scored = ~values[FAITHFULNESS[0]].isnan()
+    g["scored"].add(cls[scored], codes[scored], torch.ones(int(scored.sum()), dtype=torch.float64))
+    for m, v in values.items():
+        g[m].add(cls[scored], codes[scored], v[scored])
+
+
 def summarize(store: Attributions, by_class: bool = False, features: Sequence[str] | None = None, *,
               progress: bool | None = False):
     """Per-code cohort statistics of a run, in one streaming pass over its shards, as a pandas
@@ -456,7 +492,9 @@ def summarize(store: Attributions, by_class: bool = False, features: Sequence[st
     ``mean_abs_attribution`` (over the samples carrying it), ``importance`` (mean absolute
     attribution over all samples, 0 where absent: frequency x strength), ``top_count`` and
     ``top_share`` (samples whose highest attribution is on this code, and their share of all
-    samples), ``annotation`` (the run's annotations, e.g. "planted").
+    samples), ``annotation`` (the run's annotations, e.g. "planted"); for a run scored with
+    ``fastattr evaluate``, ``mean_comprehensiveness`` and ``mean_sufficiency`` of the scored
+    samples carrying the code (NaN where none).
 
     ``class`` is the explained class, or for a model with a single output (binary; it always
     explains the positive logit) the predicted label, probability >= 0.5. The frame's
@@ -467,6 +505,8 @@ def summarize(store: Attributions, by_class: bool = False, features: Sequence[st
     columns = ["feature", "code_id", "code"] + (["class"] if by_class else []) + \
         ["samples", "frequency", "occurrences", "mean_attribution", "mean_abs_attribution", "importance",
          "top_count", "top_share", "annotation"]
+    if "scored" in next(iter(summary.grids.values()), {}):
+        columns += [f"mean_{m}" for m in FAITHFULNESS]
     frame = pd.DataFrame(summary.table(by_class), columns=columns)
     frame.attrs["class_rule"] = summary.class_rule
     frame.attrs["samples"] = int(summary.class_totals.sum())

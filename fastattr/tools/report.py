@@ -6,14 +6,12 @@ codes' per-sample attributions, the top codes per class, heat maps of the sample
 highest predicted probability, and, where the run carries annotations (the synthetic cohort's planted codes and
 distractors), where each annotated code ranks. Given two runs of the same cohort (IG and Chefer),
 their agreement: rank correlation of code importance, overlap of the top-k codes, and how often
-both put a patient's highest attribution on the same code.
+both put a patient's highest attribution on the same code. Runs scored with ``fastattr evaluate``
+add a faithfulness section (:mod:`fastattr.tools.faithfulness_report`).
 """
 from __future__ import annotations
 
-import base64
 import html
-import importlib
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,45 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from fastattr.tools.faithfulness_report import faithfulness_section
+from fastattr.tools.figures import figure, png, pyplot
 from fastattr.tools.frames import CodeSummary, code_names, entries, has_vocab, sample_values, summarize_codes
 from fastattr.tools.store import Attributions, open_run
 
 COLORS = {"planted": "#c0392b", "planted pair": "#e67e22", "distractor": "#8e44ad", "": "#4a78b5"}
 HEAT_POSITIONS = 48  # positions shown per patient heat map
-
-
-# What the report extra (pip install "fastattr[report]") brings: the figures, and the tables.
-EXTRA_MODULES = ("matplotlib", "pandas", "pyarrow")
-
-
-def missing_extras() -> list[str]:
-    """The modules of the ``report`` extra that cannot be imported here."""
-    missing = []
-    for name in EXTRA_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    return missing
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError('fastattr report needs matplotlib: pip install "fastattr[report]"') from exc
-    return plt
-
-
-def _png(fig) -> str:
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _color(annotation: str) -> str:
@@ -103,7 +69,7 @@ def _load(run: str | Path | Attributions, label: str | None, progress: bool | No
 # -- figures -----------------------------------------------------------------------------------------
 
 def _fig_top(run: _Run, top: list[dict[str, Any]]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     labels = [run.code_label(r) for r in top][::-1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.32 * len(top) + 1.4), sharey=True,
                                       gridspec_kw={"width_ratios": [3, 1.2]})
@@ -119,7 +85,7 @@ def _fig_top(run: _Run, top: list[dict[str, Any]]) -> str:
     fig.suptitle(f"{run.label}: top {len(top)} codes by cohort importance (+/-: sign of the mean attribution)",
                  fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _legend(ax, annotations: set[str]) -> None:
@@ -132,7 +98,7 @@ def _legend(ax, annotations: set[str]) -> None:
 
 
 def _fig_distribution(run: _Run, top: list[dict[str, Any]], values: dict) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(top) + 1.4))
     data = [values[(r["feature"], r["code_id"])] for r in top][::-1]
     import matplotlib
@@ -150,11 +116,11 @@ def _fig_distribution(run: _Run, top: list[dict[str, Any]], values: dict) -> str
     ax.set_title(f"{run.label}: per-sample attribution of the top codes (each over up to "
                  f"{max(len(d) for d in data) if data else 0} samples carrying it)", fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _fig_by_class(run: _Run, per_class: list[tuple[int, int, list[dict[str, Any]]]]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(per_class), figsize=(5 * len(per_class), 0.3 * 10 + 1.6), squeeze=False)
     for ax, (cls, count, rows) in zip(axes[0], per_class):
         labels = [run.code_label(r) for r in rows][::-1]
@@ -165,7 +131,7 @@ def _fig_by_class(run: _Run, per_class: list[tuple[int, int, list[dict[str, Any]
         ax.set_xlabel("mean attribution (samples carrying it)")
     fig.suptitle(f"{run.label}: top 10 codes by importance within each class", fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _patient_cells(run: _Run, position: int) -> tuple[list[str], list[float], list[str]]:
@@ -186,7 +152,7 @@ def _patient_cells(run: _Run, position: int) -> tuple[list[str], list[float], li
 
 
 def _fig_patients(run: _Run, chosen: list[int]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(chosen), 1, figsize=(12, 1.25 * len(chosen) + 0.8), squeeze=False)
     probability = run.summary.sample_probability
     cells = [_patient_cells(run, position) for position in chosen]
@@ -210,11 +176,11 @@ def _fig_patients(run: _Run, chosen: list[int]) -> str:
                  "(red: towards it, "
                  "blue: away; annotated codes in colour)", fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _fig_agreement(a: _Run, b: _Run, common: list[tuple[str, int]], ia: dict, ib: dict) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 6))
     ra = average_ranks(-np.array([ia[k] for k in common]))
     rb = average_ranks(-np.array([ib[k] for k in common]))
@@ -233,7 +199,7 @@ def _fig_agreement(a: _Run, b: _Run, common: list[tuple[str, int]], ia: dict, ib
     ax.set_title(f"code importance ranks: {a.label} vs {b.label}", fontsize=10)
     _legend(ax, set(marks))
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 # -- page ----------------------------------------------------------------------------------------------
@@ -244,11 +210,6 @@ table{border-collapse:collapse;font-size:.86em;margin:.6em 0}td,th{border:1px so
 th{background:#f3f3f3}td.l,th.l{text-align:left}figure{margin:1em 0}img{max-width:100%}
 figcaption{font-size:.86em;color:#555}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em}
 .tag{display:inline-block;padding:0 6px;border-radius:3px;color:#fff;font-size:.8em}"""
-
-
-def _figure(png: str, alt: str, caption: str) -> str:
-    return (f"<figure><img alt='{html.escape(alt)}' src='data:image/png;base64,{png}'>"
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def _tag(annotation: str) -> str:
@@ -289,13 +250,13 @@ def _run_section(run: _Run, top: int, patients: int, limit: int, progress: bool 
         return parts
     rank_of = {(r["feature"], r["code_id"]): i + 1 for i, r in enumerate(run.rows)}
     parts.append("<h3>Which codes drive the predictions</h3>")
-    parts.append(_figure(_fig_top(run, best), f"{run.label} top codes",
+    parts.append(figure(_fig_top(run, best), f"{run.label} top codes",
                          "Importance is the mean absolute attribution of a code over all samples (0 where absent), "
                          "so it weighs how strongly and how often a code acts; the right panel shows how many samples "
                          "carry it."))
     parts.append(_table(run, best))
     values = sample_values(store, [(r["feature"], r["code_id"]) for r in best], limit=limit, progress=progress)
-    parts.append(_figure(_fig_distribution(run, best, values), f"{run.label} attribution distribution",
+    parts.append(figure(_fig_distribution(run, best, values), f"{run.label} attribution distribution",
                          "Boxes: quartiles of the per-sample attribution of each top code over the samples carrying "
                          "it; whiskers 1.5 IQR; dots beyond them."))
     classes = [(c, int(n)) for c, n in enumerate(summary.class_totals) if n > 0]
@@ -304,7 +265,7 @@ def _run_section(run: _Run, top: int, patients: int, limit: int, progress: bool 
     per_class = [(c, n, [r for r in by_class if r["class"] == c][:10]) for c, n in sorted(classes)]
     parts.append("<h3>For whom: per class</h3>")
     parts.append(f"<p>Class: the {html.escape(summary.class_rule)}.</p>")
-    parts.append(_figure(_fig_by_class(run, per_class), f"{run.label} per class",
+    parts.append(figure(_fig_by_class(run, per_class), f"{run.label} per class",
                          "Within each class, the ten most important codes and their mean attribution in the samples "
                          "carrying them."))
     if store.info.get("annotations"):
@@ -317,7 +278,7 @@ def _run_section(run: _Run, top: int, patients: int, limit: int, progress: bool 
     chosen = [int(i) for i in order[:patients]]
     if chosen:
         parts.append("<h3>The samples with the highest predicted probability</h3>")
-        parts.append(_figure(_fig_patients(run, chosen), f"{run.label} confident patients",
+        parts.append(figure(_fig_patients(run, chosen), f"{run.label} confident patients",
                              "Each row is one sample's codes in order, coloured by attribution on its own scale "
                              f"(first {HEAT_POSITIONS} positions); p is the predicted probability of the explained "
                              "class."))
@@ -352,7 +313,7 @@ def _agreement_section(a: _Run, b: _Run) -> list[str]:
     if not same_samples:
         parts.append("<p class=note>The runs hold different samples (count or patient ids differ): per-sample "
                      "agreement is left out.</p>")
-    parts.append(_figure(_fig_agreement(a, b, common, ia, ib), "importance rank agreement",
+    parts.append(figure(_fig_agreement(a, b, common, ia, ib), "importance rank agreement",
                          "Each dot is a code present in both runs, placed by its importance rank in each (log "
                          "scales; top-5 and annotated codes labelled). Dots on the diagonal: the methods agree."))
     return parts
@@ -394,6 +355,7 @@ def write_report(runs: str | Path | Attributions | Sequence[str | Path | Attribu
              "towards the explained class.</p>"]
     if len(loaded) == 2:
         parts += _agreement_section(*loaded)
+    parts += faithfulness_section([(run.label, run.store) for run in loaded])
     for run in loaded:
         parts += _run_section(run, top, patients, limit, progress)
     parts.append("<p style='color:#777;font-size:.8em'>Written by fastattr.</p></body></html>")
