@@ -41,6 +41,8 @@ class Attributions(Protocol):
 
     def shards_with_positions(self) -> Iterator[tuple[list[int], dict[str, list], dict[str, torch.Tensor]]]: ...
 
+    def scores(self) -> Any: ...
+
 FORMATS = ("parquet", "csv")
 ROW_GROUP_ROWS = 1 << 18
 
@@ -169,9 +171,7 @@ def sample_scores(store: Attributions) -> dict[str, torch.Tensor] | None:
     """Per sample position, the faithfulness scores ``fastattr evaluate`` stored for the run:
     ``comprehensiveness`` and ``sufficiency`` (NaN where the patient was not scored); ``None``
     when the run was not scored."""
-    from fastattr.tools.scores import load_scores
-
-    scores = load_scores(store)
+    scores = store.scores()
     if scores is None:
         return None
     rows = scores.all()

@@ -28,21 +28,19 @@ from fastattr.metrics.evaluator import Evaluator
 from fastattr.metrics.filters import SampleFilterFn
 from fastattr.metrics.metric import PERCENTAGES, finish
 from fastattr.metrics.removal import METRICS
-from fastattr.tools.store import Attributions, ShardStore, _write_atomic, load_attributions, open_run
+from fastattr.tools.store import SCORES_FOLDER, Attributions, ShardStore, write_atomic, load_attributions, open_run
 
-FOLDER = "faithfulness"
 SCORES_INFO = "scores.json"
 
 
 def scores_folder(run: str | Path | Attributions) -> Path:
     """Where a run's faithfulness scores are kept."""
-    return (run.out if isinstance(run, Attributions) else Path(run)) / FOLDER
+    return (run.out if isinstance(run, Attributions) else Path(run)) / SCORES_FOLDER
 
 
 def load_scores(run: str | Path | Attributions) -> Attributions | None:
     """The stored scores of ``run`` (a mapping from sample position to its scores), or ``None``."""
-    folder = scores_folder(run)
-    return load_attributions(folder) if (folder / "manifest.json").exists() else None
+    return open_run(run).scores()
 
 
 def evaluate_run(run: str | Path | Attributions, model: Any, *, percentages: Sequence[float] = PERCENTAGES,
@@ -72,7 +70,7 @@ def evaluate_run(run: str | Path | Attributions, model: Any, *, percentages: Seq
         done = writer.recover(resume)
         info = {"percentages": list(percentages), "ablation_strategy": ablation_strategy, "metrics": list(METRICS),
                 "features": keys, "method": (store.info or {}).get("method"), "seed": seed}
-        _write_atomic(out / SCORES_INFO, json.dumps(info, indent=1).encode())
+        write_atomic(out / SCORES_INFO, json.dumps(info, indent=1).encode())
         bar = tqdm(total=len(store), desc="faithfulness", unit="patient", disable=None if progress is None else not progress)
         for index, (positions, ids, tensors) in enumerate(store.shards_with_positions()):
             if index not in done:

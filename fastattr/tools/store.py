@@ -70,7 +70,7 @@ def _space_for(out: Path, what: str) -> Iterator[None]:
         raise
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """``data`` to ``path`` through a temporary file in the same folder, fsynced, then renamed over
     it: readers see the old file or the new one. A failed write leaves no temporary file; a full
     disk is a :class:`DiskFullError` naming the folder."""
@@ -178,7 +178,7 @@ def record_timing(out: Path, timing: Mapping[str, float]) -> None:
     interpreter, patients attributed (rank 0's, under torchrun)."""
     info = read_run_info(out)
     if info is not None:
-        _write_atomic(Path(out) / RUN_INFO, json.dumps({**info, "timing": dict(timing)}, indent=1).encode())
+        write_atomic(Path(out) / RUN_INFO, json.dumps({**info, "timing": dict(timing)}, indent=1).encode())
 
 
 def read_run_info(out: Path) -> dict[str, Any] | None:
@@ -198,7 +198,7 @@ def write_run_info(out: Path, info: dict[str, Any], resume: bool) -> None:
                 what = "method" if part == "method" else "features or vocabulary"
                 raise ValueError(f"{out} holds a run whose {what} differs from this call's ({RUN_INFO}); resume it "
                                  "with the same interpreter, model and vocab, or use another folder")
-    _write_atomic(out / RUN_INFO, json.dumps(info, indent=1).encode())
+    write_atomic(out / RUN_INFO, json.dumps(info, indent=1).encode())
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -345,7 +345,7 @@ class ShardStore:
                        for n, e in _verified(self.out, shards, repair=True).items()}
         self.mine = {n: e for n, e in self.shards.items() if e["batch"] % self.world == self.rank}
         lines = [json.dumps({"format": FORMAT})] + [json.dumps(e) for e in self.mine.values()]
-        _write_atomic(self.journal_path, ("\n".join(lines) + "\n").encode())
+        write_atomic(self.journal_path, ("\n".join(lines) + "\n").encode())
         return {entry["batch"]: entry for entry in self.shards.values()}
 
     def write(self, index: int, tensors: dict[str, torch.Tensor], ids: dict[str, list[str]],
@@ -354,7 +354,7 @@ class ShardStore:
         once named; both are on disk, fsynced, before the next batch starts)."""
         name = f"shard-{index:08d}.safetensors"
         data = save(tensors, metadata={"ids": json.dumps(ids), "batch": str(index)})
-        _write_atomic(self.out / name, data)
+        write_atomic(self.out / name, data)
         entry = {"file": name, "batch": index, "patients": len(positions), "ids": ids, "positions": positions,
                  "sha256": hashlib.sha256(data).hexdigest(), "identity": _identity(self.out / name)}
         with _space_for(self.out, self.journal_path.name):  # a line cut short is skipped on resume, its shard redone
@@ -378,7 +378,7 @@ class ShardStore:
                                "another process after this run wrote them; the run is not finished. Make sure one "
                                "process writes the folder, then run the same command again: it redoes those batches")
         merged = dict(sorted(merged.items(), key=lambda item: item[1]["batch"]))
-        _write_atomic(self.manifest_path, json.dumps({"format": FORMAT, "complete": True,
+        write_atomic(self.manifest_path, json.dumps({"format": FORMAT, "complete": True,
                                                       "patients": sum(e["patients"] for e in merged.values()),
                                                       "shards": merged}, indent=1).encode())
         for part_path in [*self.out.glob("manifest.rank*.json"), *self.out.glob("manifest.rank*.jsonl")]:
@@ -399,6 +399,10 @@ def _identity_or_none(path: Path) -> list[int] | None:
 class _Location:
     shard: str
     row: int
+
+
+# Where fastattr evaluate keeps a run's faithfulness scores: a run folder of their own inside the run.
+SCORES_FOLDER = "faithfulness"
 
 
 class Attributions(Mapping[int, dict[str, torch.Tensor]]):
@@ -502,6 +506,12 @@ class Attributions(Mapping[int, dict[str, torch.Tensor]]):
             row += entry["patients"]
             with self._open(name) as f:
                 yield positions, entry["ids"], {k: f.get_tensor(k) for k in f.keys()}
+
+    def scores(self) -> Attributions | None:
+        """The faithfulness scores ``fastattr evaluate`` stored for this run (``RUN/faithfulness``,
+        see :mod:`fastattr.tools.scores`), opened like a run, or ``None``."""
+        folder = self.out / SCORES_FOLDER
+        return Attributions(folder) if (folder / "manifest.json").exists() else None
 
     def to_dataframe(self, features: list[str] | None = None):
         """The run as one long pandas table: a row per (sample, feature, visit, position) that is
