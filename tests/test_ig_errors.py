@@ -143,3 +143,14 @@ def test_non_integer_or_out_of_range_targets_are_refused(target, error, match):
         fastattr.IntegratedGradients(model, steps=2).attribute(target_class_idx=target, **batch)
     with pytest.raises(error, match=match):
         fastattr.CheferRelevance(model).attribute(target_class_idx=target, **batch)
+
+
+@pytest.mark.parametrize("method", ["ig", "chefer"])
+def test_pyhealth_2_0s_class_index_warns_and_explains_the_argmax(method):
+    model, batch = own_model("transformer", num_classes=3)
+    interpreter = fastattr.IntegratedGradients(model, steps=3) if method == "ig" else fastattr.CheferRelevance(model)
+    plain = interpreter.attribute(**batch)
+    with pytest.warns(UserWarning, match="class_index is PyHealth 2.0's name.*target_class_idx"):
+        renamed = interpreter.attribute(**batch, class_index=1)
+    for key in plain:
+        torch.testing.assert_close(renamed[key], plain[key])

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from fastattr.core.backend import check_backend_name, resolve_backend
+from fastattr.core.checks import warn_renamed_target
 from fastattr.core.relevance import chefer_relevance, check_layers, full_path_is_cheaper, propagate
 from fastattr.core.precision import check_precision, model_precision
 from fastattr.core.targets import resolve_targets, target_tensor
@@ -311,6 +312,7 @@ class CheferRelevance:
             **data: a dataloader batch, passed to the model as it is (or cut to a length group).
         """
         model = self.model
+        warn_renamed_target(data, model.feature_keys)
         device = model_device(model)
         use = resolve_backend(backend if backend is not None else self.backend, device)
         pack = self.pack_lengths if pack_lengths is None else pack_lengths

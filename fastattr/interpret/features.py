@@ -436,3 +436,18 @@ def _per_sample(value: Any, size: int) -> bool:
     if isinstance(value, tuple):
         return not any(v is None or isinstance(v, torch.Tensor) for v in value)
     return not (value and isinstance(value[0], torch.Tensor))
+
+
+def move_batch(batch: Mapping[str, Any], device: torch.device | str, pinned: bool = False) -> dict[str, Any]:
+    """A dataloader batch with its tensors (also inside tuples) on ``device``; anything else as it is.
+    With ``pinned``, host tensors are pinned first and copied without blocking (the caller orders
+    the copy before any use)."""
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if pinned and value.device.type == "cpu":
+                return value.pin_memory().to(device, non_blocking=True)
+            return value.to(device)
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        return value
+    return {k: move(v) for k, v in batch.items()}

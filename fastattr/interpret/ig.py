@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from fastattr.core.backend import check_backend_name
+from fastattr.core.checks import warn_renamed_target
 from fastattr.core.precision import check_precision, model_precision
 from fastattr.core.integrated import check_baseline, check_finite, resolve_options, run_integrated_gradients
 from fastattr.core.quadrature import quadrature
@@ -113,6 +114,7 @@ class IntegratedGradients:
             **batch: a dataloader batch; entries that are not feature keys are ignored.
         """
         model = self.model
+        warn_renamed_target(batch, model.feature_keys)
         device = model_device(model)
         pack = self.pack_lengths if pack_lengths is None else pack_lengths
         check_pack_lengths(pack)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastattr.interpret.features import model_device
+from fastattr.interpret.features import model_device, move_batch
 from fastattr.metrics.filters import SampleFilterFn, threshold_sample_filter
 from fastattr.metrics.metric import (PERCENTAGES, ComprehensivenessMetric, SufficiencyMetric, check_attributions, finish,
                                      print_debug)
@@ -94,7 +94,7 @@ class Evaluator:
         bar = tqdm(dataloader, desc="faithfulness", unit="batch",
                    disable=None if self.progress is None else not self.progress)
         for batch in bar:
-            batch = _to_device(batch, device)
+            batch = move_batch(batch, device)
             attributions = method.attribute(**batch)
             results = self.evaluate(batch, attributions, metrics, predictions=self._predictions(method, batch))
             for name in metrics:
@@ -126,17 +126,6 @@ def check_metric_names(metrics: Any) -> list[str]:
     if unknown or not names:
         raise ValueError(f"metrics must name some of {', '.join(METRICS)}; got {metrics!r}")
     return names
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch with its tensors (inside tuples too) on ``device``."""
-    def move(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(device)
-        if isinstance(value, tuple):
-            return tuple(move(v) for v in value)
-        return value
-    return {k: move(v) for k, v in batch.items()}
 
 
 def sanity_warnings(results: dict[str, float], valid: int, possible: int) -> None:

@@ -11,9 +11,9 @@ import torch
 from fastattr.core.checks import check_count
 from fastattr.interpret.lengths import check_pack_lengths
 from fastattr.metrics.ablation import STRATEGIES, ablate_rows
-from fastattr.metrics.filters import SampleFilterFn, classifier_type, get_model_predictions
+from fastattr.metrics.filters import SampleClass, SampleFilterFn, classifier_type, get_model_predictions
 from fastattr.metrics.masks import top_masks
-from fastattr.metrics.removal import METRICS, Originals, RemovalScorer, value_of, with_value
+from fastattr.metrics.removal import Originals, RemovalScorer, value_of, with_value
 
 PERCENTAGES = [1, 5, 10, 20, 50]
 
@@ -123,7 +123,7 @@ class RemovalBasedMetric:
     def _loop(self, inputs: dict[str, Any], attributions: dict[str, torch.Tensor]) -> tuple[Originals, torch.Tensor]:
         prob, target, classes = get_model_predictions(self.model, inputs, self.classifier_type, self._sample_filter)
         originals = Originals(prob, target, classes)
-        negative = (classes == -1)
+        negative = classes == SampleClass.NEGATIVE
         signed = {k: torch.where(negative.view(-1, *[1] * (a.dim() - 1)), -a, a) for k, a in attributions.items()}
         sign = torch.where(negative, -1.0, 1.0).to(prob.dtype)
         drops = []
@@ -131,7 +131,7 @@ class RemovalBasedMetric:
             ablated = self._create_ablated_inputs(inputs, self._compute_threshold_and_mask(signed, percentage))
             after, _, _ = get_model_predictions(self.model, ablated, self.classifier_type, sample_class=classes,
                                                 target_class_idx=target.clone())
-            drops.append(torch.where(classes != 0, prob * sign - after * sign, torch.zeros_like(prob)))
+            drops.append(torch.where(classes != SampleClass.IGNORE, prob * sign - after * sign, torch.zeros_like(prob)))
         return originals, torch.stack(drops)
 
 
@@ -157,7 +157,7 @@ def finish(drops: torch.Tensor, originals: Originals, percentages: list[float],
     total = torch.zeros_like(drops[0])
     for row in drops:
         total = total + row
-    return total / len(percentages), originals.classes != 0
+    return total / len(percentages), originals.classes != SampleClass.IGNORE
 
 
 def print_debug(name: str, kind: str, originals: Originals, drops: torch.Tensor, percentages: list[float]) -> None:
@@ -166,8 +166,4 @@ def print_debug(name: str, kind: str, originals: Originals, drops: torch.Tensor,
     for i, (prob, target, cls) in enumerate(zip(originals.probs.tolist(), originals.targets.tolist(),
                                                 originals.classes.tolist())):
         per = ", ".join(f"{p}%: {d:.6f}" for p, d in zip(percentages, drops[:, i].tolist()))
-        print(f"  sample {i} [class={target}, {METRICS_NAMES.get(cls, cls)}] p={prob:.6f}  drops {per}")
-
-
-METRICS_NAMES = {1: "POSITIVE", -1: "NEGATIVE", 0: "IGNORE"}
-__all__ = ["ComprehensivenessMetric", "METRICS", "RemovalBasedMetric", "SufficiencyMetric"]
+        print(f"  sample {i} [class={target}, {SampleClass(cls).name}] p={prob:.6f}  drops {per}")

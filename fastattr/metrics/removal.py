@@ -13,6 +13,7 @@ defined by its model: the probabilities differ from its padded batch's by float 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -154,7 +155,7 @@ class RemovalScorer:
     def _forward(self, rows: dict[str, Any], targets: torch.Tensor | None, part: FeatureBatch) -> torch.Tensor:
         """No-grad forwards of ``rows`` in chunks (halved on CUDA out-of-memory)."""
         size = part.size
-        positions = max(1, sum(int(torch.tensor(part.value(k).shape[1:]).prod()) for k in part.keys))
+        positions = max(1, sum(math.prod(part.value(k).shape[1:]) for k in part.keys))
         device = model_device(self.model)
         chunk = self.internal_batch_size or (size if device.type == "cuda" else max(1, CPU_FORWARD_POSITIONS // positions))
         outs, start = [], 0

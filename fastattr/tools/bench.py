@@ -21,6 +21,7 @@ import torch
 
 from fastattr.core.backend import interpreter_enabled, triton_available
 from fastattr.interpret.chefer import CheferRelevance
+from fastattr.interpret.features import move_batch
 from fastattr.interpret.ig import IntegratedGradients
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 from fastattr.tools.synthetic import long_tailed_lengths
@@ -129,7 +130,7 @@ def cohort_loaders(patients: int, median: int, longest: int, layers: int, heads:
 
 
 def to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return move_batch(batch, device)
 
 
 def captum_ig(model: Any, data: dict[str, torch.Tensor], steps: int, chunk: int) -> Callable[[], torch.Tensor]:

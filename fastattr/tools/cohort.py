@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from fastattr.core.checks import check_count
 from fastattr.core.targets import resolve_targets
-from fastattr.interpret.features import FeatureBatch, FeatureLayout, batch_size, model_device, select_samples
+from fastattr.interpret.features import (FeatureBatch, FeatureLayout, batch_size, model_device, move_batch,
+                                         select_samples)
 from fastattr.tools.store import (Attributions, RunLockedError, ShardStore, load_attributions, read_run_info,
                                   record_timing, run_info, write_run_info)
 
@@ -295,20 +296,6 @@ def _in_order(dataloader: Iterable[dict[str, Any]]) -> Iterator[tuple[list[int],
         seen += size
 
 
-def _to(batch: dict[str, Any], device: torch.device, pinned: bool = False) -> dict[str, Any]:
-    """The batch's tensors (also inside tuples) on ``device``; with ``pinned``, host tensors are
-    pinned first and copied without blocking (the caller orders the copy before any use)."""
-    def move(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            if pinned and value.device.type == "cpu":
-                return value.pin_memory().to(device, non_blocking=True)
-            return value.to(device)
-        if isinstance(value, tuple):
-            return tuple(move(v) for v in value)
-        return value
-    return {k: move(v) for k, v in batch.items()}
-
-
 def _tensors(batch: dict[str, Any]) -> Iterator[torch.Tensor]:
     for value in batch.values():
         for v in value if isinstance(value, tuple) else (value,):
@@ -419,9 +406,9 @@ class _Prefetch:
 
     def _move(self, batch: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         if self.stream is None:
-            return (_to(batch, self.device) if self.device is not None else batch), None
+            return (move_batch(batch, self.device) if self.device is not None else batch), None
         with torch.cuda.stream(self.stream):
-            moved = _to(batch, self.device, pinned=True)
+            moved = move_batch(batch, self.device, pinned=True)
             event = torch.cuda.Event()
             event.record(self.stream)
         return moved, event
