@@ -90,3 +90,23 @@ def test_pyhealth_runs_decode_codes_through_the_processors_vocab(tmp_path):
 
     summary = tables.summarize(tmp_path)
     assert set(summary.loc[summary.feature == key, "code"]) <= set(names.values()) and isinstance(summary, pd.DataFrame)
+
+
+@pytest.mark.parametrize("name", ["DeepLift", "GIM", "AttentionRollout"])
+def test_pyhealths_other_interpreters_run_through_the_cohort_runner_and_the_evaluator(tmp_path, name):
+    """attribute_dataset and fastattr.metrics take any object with model and attribute(**batch)."""
+    import pyhealth_cases
+    from pyhealth.datasets import get_dataloader
+    from pyhealth.interpret import methods
+
+    import fastattr.metrics
+
+    model, _ = pyhealth_cases.build("seq", "Transformer", num_classes=3, n=9, batch=3, seed=5,
+                                    embedding_dim=16, heads=2)
+    loader = get_dataloader(model.dataset, batch_size=3, shuffle=False)
+    interpreter = getattr(methods, name)(model)
+    fastattr.attribute_dataset(interpreter, loader, tmp_path / "run", progress=False)
+    store = fastattr.load_attributions(tmp_path / "run")
+    assert len(store) == 9 and torch.isfinite(store[0]["attr/conditions"]).all()
+    scores = fastattr.metrics.Evaluator(model, progress=False).evaluate_attribution(loader, interpreter)
+    assert set(scores) == {"comprehensiveness", "sufficiency"} and all(v == v for v in scores.values())

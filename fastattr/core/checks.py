@@ -5,6 +5,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 
 def check_count(name: str, value: Any, *, optional: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1 (a bool is not one),
@@ -13,6 +15,12 @@ def check_count(name: str, value: Any, *, optional: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+
+def check_steps(steps: Any) -> None:
+    """Raise ``ValueError`` unless ``steps`` is an integer >= 1 (Python or numpy; a bool is not one)."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
 
 
 def warn_renamed_target(batch: Mapping[str, Any], feature_keys: Sequence[str]) -> None:

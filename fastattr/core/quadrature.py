@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastattr.core.checks import check_steps
+
 METHODS = (
     "uniform",
     "riemann_left",
@@ -23,8 +25,7 @@ def quadrature(method: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     ``steps + 1`` points ``k / steps`` with the end weights halved. ``gausslegendre`` uses ``steps``
     Gauss-Legendre nodes mapped to [0, 1].
     """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    check_steps(steps)
     steps = int(steps)
     k = np.arange(steps + 1, dtype=np.float64)
     if method == "uniform":

@@ -10,15 +10,14 @@ from typing import Any
 
 import torch
 
-from fastattr.core.backend import check_backend_name, resolve_backend
+from fastattr.core.backend import resolve_backend
 from fastattr.core.checks import warn_renamed_target
 from fastattr.core.relevance import chefer_relevance, check_layers, full_path_is_cheaper, propagate
-from fastattr.core.precision import check_precision, model_precision
+from fastattr.core.precision import model_precision
 from fastattr.core.targets import resolve_targets, target_tensor
-from fastattr.interpret.features import (FeatureBatch, model_device, require_feature_protocol, require_methods,
-                                         select_samples)
-from fastattr.interpret.lengths import (Group, GroupedTask, LengthGroups, check_pack_lengths, layout_key, place_rows,
-                                        relative_difference)
+from fastattr.interpret.base import Interpreter
+from fastattr.interpret.features import FeatureBatch, model_device, select_samples
+from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
 
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
 
@@ -236,7 +235,7 @@ class _Pass:
     targets: torch.Tensor
 
 
-class CheferRelevance:
+class CheferRelevance(Interpreter):
     """Chefer et al.'s gradient-weighted attention relevance for PyHealth-protocol models.
 
     Same results (to float rounding) as PyHealth 2.1.0's ``CheferRelevance``. Faster because:
@@ -264,34 +263,12 @@ class CheferRelevance:
 
     def __init__(self, model: torch.nn.Module, *, backend: str | None = None,
                  pack_lengths: bool | str = "auto", precision: str = "fp32") -> None:
-        require_feature_protocol(model, "CheferRelevance")
-        require_methods(model, CHEFER_METHODS, "CheferRelevance")
-        check_backend_name(backend)
-        check_pack_lengths(pack_lengths)
-        check_precision(precision)
-        self.model = model
-        self.backend = backend
-        self.pack_lengths = pack_lengths
-        self.precision = precision
-        #: ``(probabilities [B, C], targets [B])`` of the last call's forward, for the cohort runner
-        self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
-        #: length groups of the last call: ``[(samples, padded sizes or None for the batch as given), ...]``
-        self.last_groups: list[tuple[int, list[int] | None]] = []
-        #: whether ``last_predictions`` hold the model's ``y_prob`` from a float32 forward of the batch as the
-        #: caller gave it (or of its length groups, checked equal)
-        self.last_predictions_as_given = False
-        self._lengths = LengthGroups(model, "chefer", "logits and relevance")
+        super().__init__(model, CHEFER_METHODS, group_method="chefer", compared="logits and relevance",
+                         backend=backend, pack_lengths=pack_lengths, precision=precision)
         self._row_picks: dict[tuple, bool] = {}  # per layout: is get_relevance_tensor a row pick
         self._state = _ModuleState(model)
         self._read: list[tuple[weakref.ref, int]] = []  # the gradients the last pass read, while they live
         self._hooks_tensors = False  # whether the model's last forward registered gradient hooks on tensors
-        model.eval()
-
-    def __call__(self, **data: Any) -> dict[str, torch.Tensor]:
-        return self.attribute(**data)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={type(self.model).__name__})"
 
     def get_relevance_matrix(self, **data: Any) -> dict[str, torch.Tensor]:
         """Alias of ``attribute`` (PyHealth's name)."""
@@ -314,11 +291,8 @@ class CheferRelevance:
         model = self.model
         warn_renamed_target(data, model.feature_keys)
         device = model_device(model)
-        use = resolve_backend(backend if backend is not None else self.backend, device)
-        pack = self.pack_lengths if pack_lengths is None else pack_lengths
-        check_pack_lengths(pack)
-        mode = self.precision if precision is None else precision
-        check_precision(mode)
+        call = self.options(backend, pack_lengths, precision)
+        use, pack, mode = resolve_backend(call.backend, device), call.pack_lengths, call.precision
         features = FeatureBatch.from_batch(model, data)
         key = layout_key(features)
         task = self._task(features, data, target_class_idx, use, key, mode, device)

@@ -5,18 +5,16 @@ from typing import Any
 
 import torch
 
-from fastattr.core.backend import check_backend_name
-from fastattr.core.checks import warn_renamed_target
-from fastattr.core.precision import check_precision, model_precision
+from fastattr.core.checks import check_steps, warn_renamed_target
+from fastattr.core.precision import model_precision
 from fastattr.core.integrated import check_baseline, check_finite, resolve_options, run_integrated_gradients
-from fastattr.core.quadrature import quadrature
 from fastattr.core.targets import resolve_targets
-from fastattr.interpret.features import FeatureBatch, model_device, require_feature_protocol, require_methods
-from fastattr.interpret.lengths import (Group, GroupedTask, LengthGroups, check_pack_lengths, layout_key, place_rows,
-                                        relative_difference)
+from fastattr.interpret.base import Interpreter
+from fastattr.interpret.features import FeatureBatch, model_device, require_methods
+from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
 
 
-class IntegratedGradients:
+class IntegratedGradients(Interpreter):
     """Integrated gradients for PyHealth-protocol models, all path steps batched.
 
     Same constructor, ``attribute`` signature and results (to float rounding) as PyHealth 2.1.0's
@@ -45,39 +43,16 @@ class IntegratedGradients:
 
     def __init__(self, model: torch.nn.Module, use_embeddings: bool = True, steps: int = 50, *,
                  backend: str | None = None, pack_lengths: bool | str = "auto", precision: str = "fp32") -> None:
-        purpose = "IntegratedGradients"
-        require_feature_protocol(model, purpose)
-        require_methods(model, ("forward",), purpose)
+        super().__init__(model, ("forward",), group_method="integrated_gradients", compared="logits", backend=backend,
+                         pack_lengths=pack_lengths, precision=precision)
         if use_embeddings:
             require_methods(model, ("forward_from_embedding", "get_embedding_model"),
-                            f"{purpose} with use_embeddings=True")
-        quadrature("uniform", steps)
-        check_backend_name(backend)
-        check_pack_lengths(pack_lengths)
-        check_precision(precision)
-        self.model = model
+                            "IntegratedGradients with use_embeddings=True")
+        check_steps(steps)
         self.use_embeddings = use_embeddings
         self.steps = steps
-        self.backend = backend
-        self.pack_lengths = pack_lengths
-        self.precision = precision
         #: rows per forward the last ``attribute`` call settled on (the largest over its groups)
         self.last_internal_batch_size: int | None = None
-        #: length groups of the last call: ``[(samples, padded sizes), ...]``
-        self.last_groups: list[tuple[int, list[int]]] = []
-        #: ``(probabilities [B, C], targets [B])`` of the last call's forward, for the cohort runner
-        self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
-        #: whether ``last_predictions`` hold the model's ``y_prob`` from a float32 forward of the batch as the
-        #: caller gave it (IG's forward appends PyHealth's masks where the schema has none: then not)
-        self.last_predictions_as_given = False
-        self._lengths = LengthGroups(model, "integrated_gradients", "logits")
-        model.eval()
-
-    def __call__(self, **batch: Any) -> dict[str, torch.Tensor]:
-        return self.attribute(**batch)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={type(self.model).__name__})"
 
     def attribute(
         self,
@@ -116,13 +91,10 @@ class IntegratedGradients:
         model = self.model
         warn_renamed_target(batch, model.feature_keys)
         device = model_device(model)
-        pack = self.pack_lengths if pack_lengths is None else pack_lengths
-        check_pack_lengths(pack)
-        mode = self.precision if precision is None else precision
-        check_precision(mode)
+        call = self.options(backend, pack_lengths, precision)
+        pack, mode = call.pack_lengths, call.precision
         options = resolve_options(steps=self.steps if steps is None else steps, method=method,
-                                  internal_batch_size=internal_batch_size,
-                                  backend=backend if backend is not None else self.backend, device=device,
+                                  internal_batch_size=internal_batch_size, backend=call.backend, device=device,
                                   return_convergence_delta=return_convergence_delta, progress=progress)
         features = FeatureBatch.from_batch(model, batch, device=device)
         for key, value in features.values().items():

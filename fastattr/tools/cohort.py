@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from fastattr.core.checks import check_count
 from fastattr.core.targets import resolve_targets
+from fastattr.interpret.base import Attributor, Interpreter
 from fastattr.interpret.features import (FeatureBatch, FeatureLayout, batch_size, model_device, move_batch,
                                          select_samples)
 from fastattr.tools.store import (Attributions, RunLockedError, ShardStore, load_attributions, read_run_info,
@@ -303,7 +304,7 @@ def _tensors(batch: dict[str, Any]) -> Iterator[torch.Tensor]:
                 yield v
 
 
-def attribute_dataset(interpreter: Any, dataloader: Iterable[dict[str, Any]], out: str | Path, *,
+def attribute_dataset(interpreter: Interpreter | Attributor, dataloader: Iterable[dict[str, Any]], out: str | Path, *,
                       save_probabilities: bool = True, resume: bool = True, progress: bool | None = None,
                       sort_by_length: bool | str = "auto", batch_tokens: int | None = None,
                       vocab: Mapping[str, Any] | None = None,

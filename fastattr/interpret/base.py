@@ -1,0 +1,90 @@
+"""The interpreter contract: what every fastattr interpreter is and keeps.
+
+:class:`Interpreter` holds what IG and Chefer share and what the cohort runner and the evaluator
+rely on: the constructor's checks (the model protocol, backend, length packing, precision), the
+per-call resolution of those options, the last call's predictions and length groups, and the
+length-grouped execution (:class:`fastattr.interpret.lengths.LengthGroups`) with its cached
+padding verdicts. An interpreter implements ``attribute(**batch)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from fastattr.core.backend import check_backend_name
+from fastattr.core.precision import check_precision
+from fastattr.interpret.features import require_feature_protocol, require_methods
+from fastattr.interpret.lengths import LengthGroups, check_pack_lengths
+
+
+@runtime_checkable
+class Attributor(Protocol):
+    """What the cohort runner and the evaluator need of any interpreter (fastattr's, or PyHealth's
+    own DeepLift, GIM, AttentionRollout...): its model and ``attribute(**batch)``."""
+
+    model: Any
+
+    def attribute(self, **batch: Any) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """One call's options: the constructor's defaults where the call gives ``None``, checked."""
+
+    backend: str | None
+    pack_lengths: bool | str
+    precision: str
+
+
+class Interpreter:
+    """Base of fastattr's interpreters.
+
+    Args:
+        model: a model following the PyHealth protocol; it is put in eval mode.
+        methods: the protocol methods this interpreter calls (checked, named when missing).
+        group_method: which measured per-group cost its length groups use (``fastattr.core.packing``).
+        compared: what its padding check compares, for the messages.
+        backend, pack_lengths, precision: the defaults of every call (see the subclasses).
+    """
+
+    def __init__(self, model: torch.nn.Module, methods: Iterable[str], *, group_method: str, compared: str,
+                 backend: str | None = None, pack_lengths: bool | str = "auto", precision: str = "fp32") -> None:
+        purpose = type(self).__name__
+        require_feature_protocol(model, purpose)
+        require_methods(model, methods, purpose)
+        check_backend_name(backend)
+        check_pack_lengths(pack_lengths)
+        check_precision(precision)
+        self.model = model
+        self.backend, self.pack_lengths, self.precision = backend, pack_lengths, precision
+        #: ``(probabilities [B, C], targets [B])`` of the last call's forward, for the cohort runner
+        self.last_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: whether ``last_predictions`` hold the model's ``y_prob`` from a float32 forward of the batch as
+        #: the caller gave it (the evaluator then needs no forward of its own)
+        self.last_predictions_as_given = False
+        #: length groups of the last call: ``[(samples, padded sizes or None for the batch as given), ...]``
+        self.last_groups: list[tuple[int, list[int] | None]] = []
+        self._lengths = LengthGroups(model, group_method, compared)
+        model.eval()
+
+    def options(self, backend: str | None = None, pack_lengths: bool | str | None = None,
+                precision: str | None = None) -> CallOptions:
+        """This call's options: the constructor's where ``None``, checked."""
+        pack = self.pack_lengths if pack_lengths is None else pack_lengths
+        mode = self.precision if precision is None else precision
+        check_backend_name(backend)
+        check_pack_lengths(pack)
+        check_precision(mode)
+        return CallOptions(backend if backend is not None else self.backend, pack, mode)
+
+    def attribute(self, **batch: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, **batch: Any) -> dict[str, torch.Tensor]:
+        return self.attribute(**batch)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={type(self.model).__name__})"
