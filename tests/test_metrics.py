@@ -242,7 +242,7 @@ def test_a_subclass_with_its_own_ablation_runs_pyhealths_loop():
 
 
 def test_select_samples_keeps_tuple_slots_with_none():
-    from fastattr.interpret.features import select_samples
+    from fastattr.interpret.batches import select_samples
 
     values = torch.arange(6).reshape(2, 3)
     picked = select_samples({"lab": (None, values), "ids": ["a", "b"]}, torch.tensor([1, 1, 0]))

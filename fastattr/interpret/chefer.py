@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import numbers
-import threading
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +14,11 @@ from fastattr.core.relevance import chefer_relevance, check_layers, full_path_is
 from fastattr.core.precision import model_precision
 from fastattr.core.targets import resolve_targets, target_tensor
 from fastattr.interpret.base import Interpreter
-from fastattr.interpret.features import FeatureBatch, model_device, select_samples
+from fastattr.interpret.capture import HookedTensors, ModuleState, OldTensors, gradient_sinks
+from fastattr.interpret.batches import select_samples
+from fastattr.interpret.features import FeatureBatch, model_device
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
+from fastattr.interpret.row_picks import RowPicks, detect_row_picks  # noqa: F401  (detect_row_picks: public path)
 
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
 
@@ -35,194 +36,6 @@ def apply_self_attention_rules(R_ss: torch.Tensor, cam_ss: torch.Tensor) -> torc
     return torch.matmul(cam_ss, R_ss)
 
 
-def _selection_probes(tokens: int, batch: int, generator: torch.Generator,
-                      device: torch.device) -> list[torch.Tensor]:
-    """Random [B, N, N] probes of both signs, per entry and per row, that cost at most N*N memory
-    (stride-0 expands): a reduction that sums, averages, scales or rectifies rows cannot
-    reproduce them exactly, only a selection can."""
-    per_entry = torch.randn(tokens, tokens, generator=generator).to(device).expand(batch, tokens, tokens)
-    per_row = torch.randn(batch, tokens, 1, generator=generator).to(device).expand(batch, tokens, tokens)
-    return [per_entry, per_row]
-
-
-def _index_probe(tokens: int, batch: int, device: torch.device) -> torch.Tensor:
-    """R[b, i, j] = i * N + j, exact in the probe's dtype (float64 past N = 4096)."""
-    dtype = torch.float32 if tokens <= 4096 else torch.float64
-    idx = torch.arange(tokens, dtype=dtype, device=device)
-    return (idx[:, None] * tokens + idx[None, :]).expand(batch, tokens, tokens)
-
-
-def _relevance_of(model: Any, probes: dict[str, torch.Tensor], data: dict[str, Any]) -> dict[str, Any] | None:
-    try:
-        out = model.get_relevance_tensor(probes, **data)
-    except Exception:  # a reduction that cannot take the probes (in-place writes...) is no row pick
-        return None
-    return out if isinstance(out, dict) and set(out) == set(probes) else None
-
-
-def detect_row_picks(model: Any, tokens: dict[str, int], batch: int, data: dict[str, Any],
-                     device: torch.device, *, known: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-    """Whether ``model.get_relevance_tensor`` returns, per key and sample, entries of one row of R.
-
-    Returns ``{key: (rows [B], cols [B, M])}`` such that the reduction equals
-    ``R[b, rows[b], cols[b, m]]``, or ``None`` when any key's reduction is something else. One
-    call with an index-coded probe finds the candidate rows and columns; unless ``known`` (an
-    earlier batch of this model and layout passed), two calls with random probes confirm that the
-    reduction only selects.
-    """
-    coded = _relevance_of(model, {k: _index_probe(n, batch, device) for k, n in tokens.items()}, data)
-    if coded is None:
-        return None
-    picks = {}
-    for key, n in tokens.items():
-        out = coded[key]
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != batch or out.shape[1] == 0:
-            return None
-        out = out.double()
-        if not torch.equal(out, out.round()) or bool(((out < 0) | (out >= n * n)).any()):
-            return None
-        rows, cols = (out // n).long(), (out % n).long()
-        if not bool((rows == rows[:, :1]).all()):
-            return None
-        picks[key] = (rows[:, 0], cols)
-    if known:
-        return picks
-    generator = torch.Generator().manual_seed(0)
-    probes = {k: _selection_probes(n, batch, generator, device) for k, n in tokens.items()}
-    for i in range(2):
-        out = _relevance_of(model, {k: p[i] for k, p in probes.items()}, data)
-        if out is None:
-            return None
-        for key, (rows, cols) in picks.items():
-            expected = probes[key][i][torch.arange(batch, device=device)[:, None], rows[:, None], cols]
-            got = out[key]
-            if not isinstance(got, torch.Tensor) or got.shape != expected.shape or \
-                    not torch.equal(got.to(expected.dtype), expected):
-                return None
-    return picks
-
-
-def _gradient_sinks(sinks: list[torch.Tensor]):
-    """A forward hook for the embedding module that collects its floating outputs as the ends of
-    Chefer's backward, made to require grad where frozen weights left them outside the graph."""
-    def sink(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            if not value.requires_grad:
-                value = value.detach().requires_grad_(True)
-            sinks.append(value)
-        return value
-
-    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, dict):
-            return {k: sink(v) for k, v in output.items()}
-        if isinstance(output, (tuple, list)):
-            return type(output)(sink(v) for v in output)
-        return sink(output)
-    return hook
-
-
-class _HookedTensors:
-    """While entered, records every tensor the model registers a gradient hook on in this thread:
-    under Chefer's protocol, the attention maps whose gradients the model keeps. Those are the
-    backward's natural ends: a gradient taken to them computes what the hooks need and nothing
-    below (not layer 0's scores and projections, not the embeddings). ``Tensor.register_hook``
-    is wrapped only while some thread is inside one (a lock and a count), and records only for
-    the thread that entered."""
-
-    _lock = threading.Lock()
-    _users = 0
-    _original: Any = None  # what Tensor.register_hook was when first wrapped; kept, so a call that
-    _local = threading.local()  # began in the wrapper just before it was taken out still completes
-
-    def __enter__(self) -> list[torch.Tensor]:
-        cls = type(self)
-        with cls._lock:
-            if cls._users == 0:
-                if torch.Tensor.register_hook is not _recording_register_hook:
-                    cls._original = torch.Tensor.register_hook
-                torch.Tensor.register_hook = _recording_register_hook
-            cls._users += 1
-        self.outer = getattr(cls._local, "found", None)
-        cls._local.found = self.found = []
-        return self.found
-
-    def __exit__(self, *exc: Any) -> None:
-        cls = type(self)
-        cls._local.found = self.outer
-        with cls._lock:
-            cls._users -= 1
-            if cls._users == 0:
-                torch.Tensor.register_hook = cls._original
-
-
-def _recording_register_hook(tensor: torch.Tensor, hook: Any) -> Any:
-    found = getattr(_HookedTensors._local, "found", None)
-    if found is not None:
-        found.append(tensor)
-    return _HookedTensors._original(tensor, hook)
-
-
-# What every nn.Module holds itself (parameter, buffer, submodule and hook dicts): never a model's own state.
-_TORCH_ATTRIBUTES = frozenset(vars(torch.nn.Module()))
-
-
-_HOLDERS = (torch.Tensor, list, tuple, dict, type(None))
-
-
-class _ModuleState:
-    """The model's modules with the names of the attributes they set themselves that can hold a
-    tensor (a tensor, a container or ``None`` now: where attention hooks keep maps and gradients;
-    numbers and strings are configuration), found once per module and again when its attributes
-    change in number."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.modules = [[m, -1, ()] for m in model.modules()]
-
-    def tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor a module holds as its own attribute, one level into lists, tuples and dicts."""
-        for entry in self.modules:
-            attributes = entry[0].__dict__
-            if len(attributes) != entry[1]:
-                entry[1] = len(attributes)
-                entry[2] = tuple(k for k, v in attributes.items() if k not in _TORCH_ATTRIBUTES and isinstance(v, _HOLDERS))
-            for name in entry[2]:
-                value = attributes.get(name)
-                if isinstance(value, torch.Tensor):
-                    yield value
-                elif isinstance(value, (list, tuple, dict)):
-                    yield from (v for v in (value.values() if isinstance(value, dict) else value)
-                                if isinstance(v, torch.Tensor))
-
-
-class _OldTensors:
-    """The tensors that exist before a backward, with their version counters: those the model's
-    modules hold as attributes (:class:`_ModuleState`), and the gradients the last call read. An
-    attention gradient the model hands over after the backward that shares storage with one of
-    them, unchanged since (same version), was not written by this backward: it is stale. Found
-    without calling any model method (a model may compute on its gradients in
-    ``get_attention_layers``, which only works after the backward), and holding references so no
-    old storage is reused while the check is pending."""
-
-    def __init__(self, state: _ModuleState, read: list[tuple[weakref.ref, int]]) -> None:
-        self.held: dict[int, list[tuple[torch.Tensor, int]]] = {}
-        for tensor in state.tensors():
-            self._add(tensor, tensor._version)
-        for ref, version in read:
-            tensor = ref()
-            if tensor is not None:
-                self._add(tensor, version)
-
-    def _add(self, tensor: torch.Tensor, version: int) -> None:
-        if tensor.numel():
-            self.held.setdefault(tensor.untyped_storage().data_ptr(), []).append((tensor, version))
-
-    def stale(self, grad: torch.Tensor) -> bool:
-        if not grad.numel():
-            return False
-        return any(old._version == version == grad._version
-                   for old, version in self.held.get(grad.untyped_storage().data_ptr(), ()))
-
-
 @dataclass
 class _Pass:
     """One forward with attention hooks and its backward, on a batch or a length group: the
@@ -233,6 +46,20 @@ class _Pass:
     logits: torch.Tensor
     prob: torch.Tensor
     targets: torch.Tensor
+
+
+@dataclass
+class _Backward:
+    """One hooked forward and its backward: the logits, probabilities and targets, the model's
+    attention layers read after the backward, the first stale gradient among them as ``(key,
+    layer)`` (or ``None``), and whether the backward went to the weights."""
+
+    logits: torch.Tensor
+    prob: torch.Tensor
+    targets: torch.Tensor
+    layers: Any
+    stale: tuple[str, int] | None
+    reached_weights: bool
 
 
 class CheferRelevance(Interpreter):
@@ -265,8 +92,8 @@ class CheferRelevance(Interpreter):
                  pack_lengths: bool | str = "auto", precision: str = "fp32") -> None:
         super().__init__(model, CHEFER_METHODS, group_method="chefer", compared="logits and relevance",
                          backend=backend, pack_lengths=pack_lengths, precision=precision)
-        self._row_picks: dict[tuple, bool] = {}  # per layout: is get_relevance_tensor a row pick
-        self._state = _ModuleState(model)
+        self._row_picks = RowPicks()  # per layout: is get_relevance_tensor a row pick
+        self._state = ModuleState(model)
         self._read: list[tuple[weakref.ref, int]] = []  # the gradients the last pass read, while they live
         self._hooks_tensors = False  # whether the model's last forward registered gradient hooks on tensors
 
@@ -343,10 +170,10 @@ class CheferRelevance(Interpreter):
         redone with the backward taken to the weights too (as PyHealth's is)."""
         model = self.model
         for reach_weights in (False, True):
-            logits, prob, targets, layers, stale, reached_weights = self._forward_backward(data, target, reach_weights,
-                                                                                            precision, device)
-            if reached_weights or stale is None and _all_gradients(layers):
+            done = self._forward_backward(data, target, reach_weights, precision, device)
+            if done.reached_weights or done.stale is None and _all_gradients(done.layers):
                 break
+        logits, layers, stale = done.logits, done.layers, done.stale
         if not isinstance(layers, dict) or not layers:
             raise ValueError("model.get_attention_layers() must return {feature key: [(attn, grad), ...]}")
         tokens = {k: check_layers(pairs, f"attention layers of {k!r}")[1] for k, pairs in layers.items()}
@@ -363,21 +190,19 @@ class CheferRelevance(Interpreter):
         else:
             picks = None
             small = all(full_path_is_cheaper(batch, n, len(layers[k]), maps) for k, n in tokens.items())
-            if not small and self._row_picks.get(key, True):  # unknown, or a row pick before
-                picks = detect_row_picks(model, tokens, batch, data, maps, known=key in self._row_picks)
-                self._row_picks[key] = picks is not None
+            if not small:
+                picks = self._row_picks.find(model, key, tokens, batch, data, maps)
             if picks is not None:
                 relevance = {k: propagate(layers[k], rows, use).gather(1, cols) for k, (rows, cols) in picks.items()}
             else:
                 relevance = model.get_relevance_tensor({k: propagate(layers[k], None, use) for k in layers}, **data)
-        return _Pass(relevance, logits, prob, targets)
+        return _Pass(relevance, logits, done.prob, done.targets)
 
     def _forward_backward(self, data: dict[str, Any], target: Any, reach_weights: bool, precision: str,
-                          device: torch.device):
+                          device: torch.device) -> _Backward:
         """One forward with the attention hooks on (off again after, even on error), the targets
         and the backward; then the model's attention layers, read after the backward as PyHealth
-        reads them. Returns ``(logits, probabilities, targets, layers, the first stale gradient
-        as (key, layer) or None, whether the backward went to the weights)``."""
+        reads them."""
         model = self.model
         embedded: list[torch.Tensor] = []
         handle = None
@@ -387,10 +212,10 @@ class CheferRelevance(Interpreter):
         # to hook its maps and no embedding weight is frozen: then its maps require grad anyway.
         if isinstance(embed, torch.nn.Module) and not (
                 self._hooks_tensors and all(p.requires_grad for p in embed.parameters())):
-            handle = embed.register_forward_hook(_gradient_sinks(embedded))
+            handle = embed.register_forward_hook(gradient_sinks(embedded))
         model.set_attention_hooks(True)
         try:
-            with torch.enable_grad(), _HookedTensors() as hooked, model_precision(precision, device):
+            with torch.enable_grad(), HookedTensors() as hooked, model_precision(precision, device):
                 out = model(**data)
                 logits = out["logit"]
         finally:
@@ -414,7 +239,7 @@ class CheferRelevance(Interpreter):
         prob = prob.detach().float().reshape(batch, -1)
         del out
         score = logits.gather(1, targets.unsqueeze(1)).sum()  # sum(one_hot(target) * logits): the same gradient
-        old = _OldTensors(self._state, self._read)
+        old = OldTensors(self._state, self._read)
         reach_weights = reach_weights or not sinks
         weights = [p for p in model.parameters() if p.requires_grad] if reach_weights else []
         if not sinks and not weights:
@@ -428,7 +253,7 @@ class CheferRelevance(Interpreter):
         stale = next(((k, i) for k, pairs in layers.items() for i, pair in enumerate(pairs if isinstance(pairs, (list, tuple)) else ())
                       if _is_pair(pair) and isinstance(pair[1], torch.Tensor) and old.stale(pair[1])), None) \
             if isinstance(layers, dict) else None
-        return logits.detach(), prob, targets, layers, stale, reach_weights
+        return _Backward(logits.detach(), prob, targets, layers, stale, reach_weights)
 
 
 def _is_pair(pair: Any) -> bool:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastattr.interpret.features import model_device, move_batch
+from fastattr.interpret.batches import move_batch
+from fastattr.interpret.features import model_device
 from fastattr.metrics.filters import SampleFilterFn, threshold_sample_filter
 from fastattr.metrics.metric import (PERCENTAGES, ComprehensivenessMetric, SufficiencyMetric, check_attributions, finish,
                                      print_debug)

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from fastattr.interpret.features import FeatureBatch, FeatureLayout, model_device, select_samples
+from fastattr.interpret.batches import select_samples
+from fastattr.interpret.features import FeatureBatch, FeatureLayout, model_device
 from fastattr.interpret.lengths import GroupedTask, LengthGroups, layout_key, place_rows, relative_difference
 from fastattr.metrics.ablation import ablate_rows
 from fastattr.metrics.filters import SampleClass, SampleFilterFn, classify, probabilities

@@ -21,7 +21,7 @@ import torch
 
 from fastattr.core.backend import interpreter_enabled, triton_available
 from fastattr.interpret.chefer import CheferRelevance
-from fastattr.interpret.features import move_batch
+from fastattr.interpret.batches import move_batch
 from fastattr.interpret.ig import IntegratedGradients
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 from fastattr.tools.synthetic import long_tailed_lengths

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from fastattr.core.checks import check_count
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Attributor, Interpreter
-from fastattr.interpret.features import (FeatureBatch, FeatureLayout, batch_size, model_device, move_batch,
-                                         select_samples)
+from fastattr.interpret.batches import batch_size, move_batch, select_samples
+from fastattr.interpret.features import FeatureBatch, FeatureLayout, model_device
 from fastattr.tools.store import (Attributions, RunLockedError, ShardStore, load_attributions, read_run_info,
                                   record_timing, run_info, write_run_info)
 
