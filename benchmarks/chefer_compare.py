@@ -16,7 +16,8 @@ import argparse
 import torch
 
 import fastattr
-from fastattr.tools.bench import build_model, pyhealth_available, time_interleaved
+from fastattr.tools.bench import build_model, pyhealth_available
+from fastattr.tools.timing import time_interleaved
 from fastattr.loop import full_chefer_relevance, full_relevance
 from benchmarks.timing import table
 

@@ -21,7 +21,8 @@ import torch
 
 import fastattr
 import fastattr.metrics
-from fastattr.tools.bench import cohort_loaders, pyhealth_available, time_interleaved
+from fastattr.tools.bench import cohort_loaders, pyhealth_available
+from fastattr.tools.timing import time_interleaved
 
 from benchmarks.timing import table
 

@@ -20,7 +20,8 @@ import platform
 import torch
 
 import fastattr
-from fastattr.tools.bench import build_model, captum_ig, pyhealth_available, time_interleaved
+from fastattr.tools.bench import build_model, captum_ig, pyhealth_available
+from fastattr.tools.timing import time_interleaved
 from fastattr.loop import step_loop_integrated_gradients
 from benchmarks.timing import table
 

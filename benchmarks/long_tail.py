@@ -24,8 +24,8 @@ import torch
 
 import fastattr
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
-from fastattr.tools.bench import (cohort_data, cohort_loaders, pyhealth_available, rel_err, time_interleaved,
-                                  to_device, user_call_rows)
+from fastattr.tools.bench import cohort_data, cohort_loaders, pyhealth_available, rel_err, to_device, user_call_rows
+from fastattr.tools.timing import time_interleaved
 from fastattr.tools.cohort import LengthSortedBatches, attribute_dataset, load_attributions
 
 from benchmarks.timing import table

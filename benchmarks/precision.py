@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import fastattr
-from fastattr.tools import frames
+from fastattr.tools import summaries
 from fastattr.tools.cohort import CohortDataset, attribute_dataset, load_attributions
 from fastattr.tools.demo import train
 from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint
@@ -52,7 +52,7 @@ def trained_model(args, device: torch.device):
 
 
 def importance(run: Path) -> dict[int, float]:
-    summary = frames.summarize_codes(load_attributions(run))
+    summary = summaries.summarize_codes(load_attributions(run))
     return {r["code_id"]: r["importance"] for r in summary.table()}
 
 

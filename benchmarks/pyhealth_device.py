@@ -217,7 +217,7 @@ def _check(name: str, ours: dict, theirs: dict, tolerance: float) -> float:
 
 def run(args) -> None:
     import fastattr
-    from fastattr.tools.bench import time_interleaved
+    from fastattr.tools.timing import time_interleaved
     from fastattr.tools.cohort import attribute_dataset, load_attributions
 
     site = _unpack(Path(args.carry))

@@ -1,4 +1,4 @@
-"""Markdown table (with peak CUDA memory; NaN on the CPU) for the comparison scripts (timing itself: ``fastattr.tools.bench.time_interleaved``)."""
+"""Markdown table (with peak CUDA memory; NaN on the CPU) for the comparison scripts (timing itself: ``fastattr.tools.timing.time_interleaved``)."""
 from __future__ import annotations
 
 

@@ -33,12 +33,9 @@ def _targets(target_class_idx: Any, logits: torch.Tensor) -> torch.Tensor:
     return t.expand(batch) if t.numel() == 1 else t
 
 
-def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, baseline: dict | None = None,
-                                   target_class_idx: Any = None, use_embeddings: bool = True,
-                                   **batch: Any) -> dict[str, torch.Tensor]:
-    """Attributions by PyHealth 2.1.0's algorithm: ``steps + 1`` single-point forward/backward passes."""
-    model.eval()
-    device = _device(model)
+def _ig_inputs(model: Any, batch: dict, device: torch.device) -> tuple[dict, dict, dict, dict]:
+    """Step 1-2 of PyHealth's IG: the feature tuples (a mask appended where the schema has none),
+    their values, value slots and token-ness."""
     inputs, values, slots, token = {}, {}, {}, {}
     for key in model.feature_keys:
         if key not in batch:
@@ -59,6 +56,16 @@ def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, base
                 mask = (value != 0).int()
             feature = feature + (mask,)
         inputs[key], values[key], slots[key], token[key] = feature, value, slot, is_token
+    return inputs, values, slots, token
+
+
+def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, baseline: dict | None = None,
+                                   target_class_idx: Any = None, use_embeddings: bool = True,
+                                   **batch: Any) -> dict[str, torch.Tensor]:
+    """Attributions by PyHealth 2.1.0's algorithm: ``steps + 1`` single-point forward/backward passes."""
+    model.eval()
+    device = _device(model)
+    inputs, values, slots, token = _ig_inputs(model, batch, device)
     raw_shapes = {k: v.shape for k, v in values.items()}
 
     with torch.no_grad():
@@ -83,27 +90,7 @@ def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, base
             x[k], base[k] = ex[k], eb[k]
     x = {k: v.float() if not v.is_floating_point() else v for k, v in x.items()}
     base = {k: b.to(x[k].dtype) for k, b in base.items()}
-
-    # step 6: one forward and backward per path point
-    grads = {k: torch.zeros_like(x[k]) for k in x}
-    for step in range(steps + 1):
-        alpha = step / steps
-        points = {k: (base[k] + alpha * (x[k] - base[k])).detach().requires_grad_(True) for k in x}
-        call = {}
-        for k, feature in inputs.items():
-            point = points[k]
-            if use_embeddings and not token[k]:
-                point = embedder({k: point})[k]
-            parts = list(feature)
-            parts[slots[k]] = point
-            call[k] = tuple(parts)
-        out = (model.forward_from_embedding(**call) if use_embeddings else model.forward(**call))["logit"]
-        model.zero_grad()
-        out.gather(1, targets.view(-1, 1)).sum().backward()
-        for k in x:
-            if points[k].grad is not None:
-                grads[k] += points[k].grad
-    model.zero_grad(set_to_none=True)
+    grads = _path_gradients(model, inputs, slots, token, x, base, targets, steps, embedder)
 
     # steps 7-8: average, times (x - b), summed over the embedding dim, mapped to the raw shape
     result = {}
@@ -118,6 +105,31 @@ def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, base
             attr = attr.expand(shape)
         result[k] = attr.detach()
     return result
+
+
+def _path_gradients(model: Any, inputs: dict, slots: dict, token: dict, x: dict, base: dict, targets: torch.Tensor,
+                    steps: int, embedder: Any) -> dict[str, torch.Tensor]:
+    """Step 6: one forward and backward per path point, the gradients summed."""
+    grads = {k: torch.zeros_like(x[k]) for k in x}
+    for step in range(steps + 1):
+        alpha = step / steps
+        points = {k: (base[k] + alpha * (x[k] - base[k])).detach().requires_grad_(True) for k in x}
+        call = {}
+        for k, feature in inputs.items():
+            point = points[k]
+            if embedder is not None and not token[k]:
+                point = embedder({k: point})[k]
+            parts = list(feature)
+            parts[slots[k]] = point
+            call[k] = tuple(parts)
+        out = (model.forward_from_embedding(**call) if embedder is not None else model.forward(**call))["logit"]
+        model.zero_grad()
+        out.gather(1, targets.view(-1, 1)).sum().backward()
+        for k in x:
+            if points[k].grad is not None:
+                grads[k] += points[k].grad
+    model.zero_grad(set_to_none=True)
+    return grads
 
 
 def full_relevance(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -104,3 +104,22 @@ def test_stable_top_level_names():
                  "integrated_gradients", "chefer_relevance", "avg_heads", "apply_self_attention_rules"):
         assert hasattr(fastattr, name), name
     assert callable(fastattr.faithfulness.comprehensiveness) and callable(fastattr.faithfulness.sufficiency)
+
+
+def test_modules_and_functions_keep_the_house_sizes():
+    """No module of fastattr over 400 lines, no function body over 60 (its docstring aside)."""
+    too_long = []
+    for path in sorted((ROOT / "fastattr").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            too_long.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                        and isinstance(body[0].value.value, str):
+                    body = body[1:]
+                if body and body[-1].end_lineno - body[0].lineno + 1 > 60:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: "
+                                    f"{body[-1].end_lineno - body[0].lineno + 1} lines")
+    assert not too_long, too_long

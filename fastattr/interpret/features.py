@@ -6,8 +6,7 @@ knows one feature's layout (where the value and mask sit, token or continuous, P
 for the mask it appends when the schema has none); :class:`FeatureBatch` holds a batch's
 features under their layouts and is the only code that indexes a feature tuple: it selects
 samples, trims padding, puts embedded or interpolated values back and expands results to the
-inputs' shapes. Every interpreter, the cohort runner, faithfulness and fastattr's own models go
-through it.
+inputs' shapes. Every interpreter, the cohort runner, faithfulness and fastattr's own models use it.
 """
 from __future__ import annotations
 
@@ -120,6 +119,11 @@ class FeatureLayout:
             return 0
         dims = value.dim() - 1 if self.token else value.dim() - 2
         return max(0, min(dims, mask.dim() - 1))
+
+
+def code_vocab(model: Any, key: str) -> Any:
+    """The ``{code: id}`` vocabulary of a token feature's processor (PyHealth's ``code_vocab``), or ``None``."""
+    return getattr(model.dataset.input_processors[key], "code_vocab", None)
 
 
 def layouts(model: Any) -> dict[str, FeatureLayout]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import random
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from fastattr.interpret.batches import move_batch
 from fastattr.interpret.ig import IntegratedGradients
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 from fastattr.tools.synthetic import long_tailed_lengths
+from fastattr.tools.timing import time_interleaved
 
 COLUMNS = ["workload", "method", "baseline", "device", "model", "seq_len", "steps", "batch", "layers", "heads",
            "dim", "repeats", "median_ms", "min_ms", "max_ms", "speedup_vs_baseline", "max_rel_err", "peak_mem_mb",
@@ -159,42 +158,6 @@ def backends_here(device: str) -> list[str]:
     if device.startswith("cuda") and triton_available() and not interpreter_enabled():
         return ["torch", "triton"]
     return ["torch"]
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, dict[str, float]]:
-    """Median/min/max milliseconds and peak CUDA MiB per function: one warm-up call each (which
-    also measures peak memory on CUDA), then ``repeats`` rounds calling every function once, so
-    drifting machine load hits every method alike. CUDA calls are timed with CUDA events."""
-    cuda = device.startswith("cuda")
-    stats: dict[str, dict[str, float]] = {}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    peaks = {k: float("nan") for k in fns}
-    for name, fn in fns.items():  # warm-up, and peak memory of one call
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-            peaks[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
-    for _ in range(repeats):  # interleaved, so drifting load hits every method alike
-        for name, fn in fns.items():
-            if cuda:
-                start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start_event.record()
-                fn()
-                end_event.record()
-                torch.cuda.synchronize()
-                times[name].append(start_event.elapsed_time(end_event) / 1e3)
-            else:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    for name, t in times.items():
-        stats[name] = {"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
-                       "peak_mem_mb": peaks[name]}
-    return stats
 
 
 def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim: int, device: str,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastattr.tools.bench import time_interleaved
+from fastattr.tools.timing import time_interleaved
 from fastattr.tools.cohort import CohortDataset, attribute_dataset
 from fastattr.tools.figures import missing_extras
 from fastattr.tools.report import write_report

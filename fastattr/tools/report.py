@@ -21,7 +21,8 @@ import numpy as np
 
 from fastattr.tools.faithfulness_report import faithfulness_section
 from fastattr.tools.figures import figure, png, pyplot
-from fastattr.tools.frames import CodeSummary, code_names, entries, has_vocab, sample_values, summarize_codes
+from fastattr.tools.frames import code_names, entries, has_vocab
+from fastattr.tools.summaries import CodeSummary, sample_values, summarize_codes
 from fastattr.tools.store import Attributions, open_run
 
 COLORS = {"planted": "#c0392b", "planted pair": "#e67e22", "distractor": "#8e44ad", "": "#4a78b5"}

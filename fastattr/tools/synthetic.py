@@ -13,7 +13,9 @@ so an attribution method that follows correlation rather than the model is caugh
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -182,3 +184,35 @@ class SyntheticCohort:
         for row, flat in enumerate(rows):
             codes[row, : len(flat)] = torch.tensor(flat, dtype=torch.long)
         return {"codes": codes, "label": labels}
+
+
+class CohortDataset(torch.utils.data.Dataset):
+    """A :class:`fastattr.tools.synthetic.SyntheticCohort` (or the patients ``indices`` of it) as a
+    map-style dataset of patient dicts; ``patient_id`` is ``P`` and the patient's cohort index.
+
+    Items hold the codes padded to the cohort's ``max_codes`` (so the default collate works);
+    pass ``collate_fn=CohortDataset.collate`` to pad each batch only to its own longest patient.
+    """
+
+    def __init__(self, cohort: Any, indices: Sequence[int] | None = None) -> None:
+        self.cohort = cohort
+        self.indices = list(range(len(cohort))) if indices is None else [int(i) for i in indices]
+        if any(not 0 <= i < len(cohort) for i in self.indices):
+            raise IndexError(f"indices must lie in [0, {len(cohort)}) (the cohort's patients)")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        patient = self.indices[index]
+        row = self.cohort.batch([patient])
+        return {"patient_id": f"P{patient:08d}", "codes": row["codes"][0], "label": row["label"][0]}
+
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack items, then cut the codes after the batch's last non-padding column."""
+        batch = torch.utils.data.default_collate(items)
+        codes = batch["codes"]
+        used = (codes != 0).any(dim=0).nonzero()
+        batch["codes"] = codes[:, : int(used.max()) + 1 if len(used) else 1]
+        return batch

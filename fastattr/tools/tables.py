@@ -2,7 +2,8 @@
 codes decoded), its streamed parquet/CSV export, and per-code cohort summaries.
 
 Each function takes a run folder or a run opened by :func:`fastattr.load_attributions`; the
-columns and statistics are described in :mod:`fastattr.tools.frames`, which does the work.
+columns and statistics are described in :mod:`fastattr.tools.frames` and :mod:`fastattr.tools.summaries`,
+which do the work.
 pandas and pyarrow come with the ``report`` extra (``pip install "fastattr[report]"``).
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastattr.tools import frames
+from fastattr.tools import frames, summaries
 from fastattr.tools.frames import FORMATS, ROW_GROUP_ROWS
 from fastattr.tools.store import Attributions, open_run
 
@@ -33,5 +34,5 @@ def export(run: str | Path | Attributions, path: str | Path, format: str | None 
 
 def summarize(run: str | Path | Attributions, by_class: bool = False, features: Sequence[str] | None = None, *,
               progress: bool | None = False) -> Any:
-    """Per-code cohort statistics as a pandas DataFrame (see :func:`frames.summarize`)."""
-    return frames.summarize(open_run(run), by_class, features, progress=progress)
+    """Per-code cohort statistics as a pandas DataFrame (see :func:`summaries.summarize`)."""
+    return summaries.summarize(open_run(run), by_class, features, progress=progress)
