@@ -13,17 +13,14 @@ Results are checked equal before timing; repeats are interleaved.
 from __future__ import annotations
 
 import argparse
+
 import torch
 
 import fastattr
+from benchmarks.timing import table
+from fastattr.loop import full_chefer_relevance, full_relevance
 from fastattr.tools.bench import build_model, pyhealth_available
 from fastattr.tools.timing import time_interleaved
-from fastattr.loop import full_chefer_relevance, full_relevance
-from benchmarks.timing import table
-
-
-
-
 
 
 def pyhealth_loop(layers):

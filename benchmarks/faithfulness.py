@@ -21,10 +21,9 @@ import torch
 
 import fastattr
 import fastattr.metrics
+from benchmarks.timing import table
 from fastattr.tools.bench import cohort_loaders, pyhealth_available
 from fastattr.tools.timing import time_interleaved
-
-from benchmarks.timing import table
 
 
 def _quiet(fn):
@@ -45,7 +44,7 @@ def evaluator_rows(args, classes: int) -> None:
     attributions = [chefer.attribute(**b) for b in batches]
     theirs, ours = _quiet(lambda: Evaluator(model))(), fastattr.metrics.Evaluator(model)
     rows = valid = total = 0
-    for batch, attr in zip(batches, attributions):
+    for batch, attr in zip(batches, attributions, strict=False):
         ref = _quiet(lambda: theirs.evaluate(batch, attr, return_per_percentage=True))()
         got = ours.evaluate(batch, attr, return_per_percentage=True)
         for metric in ref:
@@ -57,8 +56,10 @@ def evaluator_rows(args, classes: int) -> None:
     kind = "binary, default filter" if classes == 2 else f"{classes}-class"
     print(f"\n### Evaluator.evaluate alone, {kind}: {total} patients in {len(batches)} batches, {valid} scored; "
           f"ablated rows run {rows} of PyHealth's {10 * total} (checked equal to PyHealth, <= 1e-6)")
-    fns = {"pyhealth Evaluator": _quiet(lambda: [theirs.evaluate(b, a) for b, a in zip(batches, attributions)]),
-           "fastattr.metrics.Evaluator": lambda: [ours.evaluate(b, a) for b, a in zip(batches, attributions)]}
+    fns = {"pyhealth Evaluator": _quiet(lambda: [theirs.evaluate(b, a) for b, a in zip(batches, attributions,
+                                                                                       strict=False)]),
+           "fastattr.metrics.Evaluator": lambda: [ours.evaluate(b, a) for b, a in zip(batches, attributions,
+                                                                                      strict=False)]}
     table(time_interleaved(fns, args.repeats, "cpu"), "pyhealth Evaluator")
 
 
@@ -108,7 +109,8 @@ def main() -> None:
     if not pyhealth_available():
         raise SystemExit("this benchmark compares against PyHealth 2.1.0: run it with the PyHealth environment's "
                          "python (bash tests/pyhealth_env.sh prints its path)")
-    print(f"device cpu ({platform.processor() or 'cpu'}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"device cpu ({platform.processor() or 'cpu'}), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, "
           f"PyHealth Transformer {args.layers}L/{args.heads}H/d{args.dim}, {args.patients} long-tailed patients "
           "(median 15 codes, cap 400), get_dataloader(batch_size=32)")
     if args.only != "end-to-end":

@@ -20,12 +20,10 @@ import platform
 import torch
 
 import fastattr
+from benchmarks.timing import table
+from fastattr.loop import step_loop_integrated_gradients
 from fastattr.tools.bench import build_model, captum_ig, pyhealth_available
 from fastattr.tools.timing import time_interleaved
-from fastattr.loop import step_loop_integrated_gradients
-from benchmarks.timing import table
-
-
 
 
 def floor_fn(model, data, steps):
@@ -94,7 +92,8 @@ def main(argv=None) -> None:
     print(f"device={args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; Transformer {args.layers} layers, {args.heads} heads, dim {args.dim}, "
           f"{args.length} codes, batch {args.batch}, steps {args.steps}; fastattr chunk {chunk} rows; "
-          f"baseline {base} ({'PyHealth 2.1.0' if use_pyhealth else 'fastattr.loop on fastattr.TransformerClassifier'}), "
+          f"baseline {base} ({'PyHealth 2.1.0' if use_pyhealth else 'fastattr.loop on fastattr.TransformerClassifier'}"
+          "), "
           f"parity {err:.1e}; {args.repeats} interleaved repeats")
     table(times, base)
 

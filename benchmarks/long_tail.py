@@ -23,12 +23,11 @@ import time
 import torch
 
 import fastattr
+from benchmarks.timing import table
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 from fastattr.tools.bench import cohort_data, cohort_loaders, pyhealth_available, rel_err, to_device, user_call_rows
-from fastattr.tools.timing import time_interleaved
 from fastattr.tools.cohort import LengthSortedBatches, attribute_dataset, load_attributions
-
-from benchmarks.timing import table
+from fastattr.tools.timing import time_interleaved
 
 
 def header(args, use_pyhealth: bool) -> str:
@@ -95,18 +94,24 @@ def run_cohort(args) -> None:
                 from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
 
                 theirs = PyHealthIG(model, steps=args.steps)
-                base = lambda b: theirs.attribute(codes=b["codes"])
+
+                def base(b):
+                    return theirs.attribute(codes=b["codes"])
             else:
-                base = lambda b: step_loop_integrated_gradients(model, steps=args.steps, codes=b["codes"])
+                def base(b):
+                    return step_loop_integrated_gradients(model, steps=args.steps, codes=b["codes"])
         else:
             ours = fastattr.CheferRelevance(model)
             if use_pyhealth:
                 from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
 
                 theirs = PyHealthChefer(model)
-                base = lambda b: theirs.attribute(**b)
+
+                def base(b):
+                    return theirs.attribute(**b)
             else:
-                base = lambda b: full_chefer_relevance(model, **b)
+                def base(b):
+                    return full_chefer_relevance(model, **b)
         base_name = "pyhealth" if use_pyhealth else ("step-loop" if method == "ig" else "full-R-loop")
 
         class Dataset(torch.utils.data.Dataset):
@@ -152,7 +157,8 @@ def run_cohort(args) -> None:
             times["fastattr, sorted, attribute() alone (no shards)"].append(
                 _timed(lambda: [ours.attribute(**b) for b in presorted], args.device))
         print(f"\n{method}: {patients} patients, batch {args.batch}, {layers} layers, lengths median "
-              f"{lengths.median():.0f}, longest {lengths.max():.0f}" + (f", steps {args.steps}" if method == "ig" else "")
+              f"{lengths.median():.0f}, longest {lengths.max():.0f}"
+              + (f", steps {args.steps}" if method == "ig" else "")
               + f"; max rel. err. of the sorted job vs {base_name}: {worst:.1e} (whole job incl. writing shards)")
         stats = {k: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_ms": max(v) * 1e3,
                      "peak_mem_mb": float("nan")} for k, v in times.items()}
@@ -186,7 +192,7 @@ def run_loops(args) -> None:
               f", {args.repeats} interleaved repeats after a warm-up")
         print(f"| how the user calls it | {base} | fastattr | speedup | max rel. err. |")
         print("|---|---|---|---|---|")
-        for theirs, ours in zip(rows[::2], rows[1::2]):
+        for theirs, ours in zip(rows[::2], rows[1::2], strict=False):
             name = ours["workload"].split(": ", 1)[1]
             print(f"| {name} | {theirs['median_ms'] / 1e3:.2f} s | {ours['median_ms'] / 1e3:.2f} s | "
                   f"{ours['speedup_vs_baseline']:.2f}x | {ours['max_rel_err']:.1e} |", flush=True)
@@ -272,7 +278,8 @@ def run_chunks(args) -> None:
             for dim in args.dims:
                 torch.manual_seed(0)
                 spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=502)}, {"label": "binary"})
-                model = TransformerClassifier(spec, num_classes=2, dim=dim, heads=4, layers=args.layers).to(args.device).eval()
+                model = TransformerClassifier(spec, num_classes=2, dim=dim, heads=4,
+                                              layers=args.layers).to(args.device).eval()
                 data = {"codes": torch.randint(2, 502, (batch, length)).to(args.device)}
                 ig = fastattr.IntegratedGradients(model, steps=args.steps)
                 points = args.steps + 1

@@ -75,7 +75,8 @@ def main() -> None:
     _sync(device)
     alone = time.perf_counter() - start
     print("| what | wall s | patients/s |\n|---|---|---|")
-    print(f"| attribute_dataset (read, collate, move, attribute, write shards) | {whole:.1f} | {args.size / whole:.0f} |")
+    print(f"| attribute_dataset (read, collate, move, attribute, write shards) | {whole:.1f} | "
+          f"{args.size / whole:.0f} |")
     print(f"| attribute() alone, same sorted batches already on the device | {alone:.1f} | {args.size / alone:.0f} |")
     print(f"attribute_dataset runs at {alone / whole:.0%} of attribute() alone; inside the interpreter for "
           f"{timing['attributing_s'] / timing['wall_s']:.0%} of its wall time")

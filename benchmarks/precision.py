@@ -31,7 +31,6 @@ from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClas
 from fastattr.tools.report import spearman
 from fastattr.tools.synthetic import SyntheticCohort
 
-
 # Patients whose prediction barely moves along the path (|f(x) - f(b)| below this, in logits) make
 # the ratio meaningless (0/0); they are left out of the delta column, whose count says how many stay.
 MIN_GAP = 0.05
@@ -76,7 +75,8 @@ def main() -> None:
           f"model (2L/2H/d32, {'loaded' if args.checkpoint else f'trained {args.updates} updates'}), "
           f"{len(held_out)} held-out patients, IG steps {args.steps}")
     with tempfile.TemporaryDirectory() as tmp:
-        print("| method | mode | wall s | vs fp32 time | max rel. error | IG delta/gap median, p90 (patients) | Spearman of code "
+        print("| method | mode | wall s | vs fp32 time | max rel. error | IG delta/gap median, p90 (patients) "
+              "| Spearman of code "
               "importance | top-10 overlap |")
         print("|---|---|---|---|---|---|---|---|")
         for method in ("ig", "chefer"):

@@ -124,9 +124,9 @@ def _long_tailed_samples(patients: int, median: int, longest: int, seed: int) ->
 
 def _case(name: str, raw: list[dict], model: str, kwargs: dict, batch: int, seed: int) -> dict:
     """A model of PyHealth's on a dataset built here, as what the device needs to rebuild and run it."""
+    import pyhealth.models
     from pyhealth.datasets import create_sample_dataset, get_dataloader
     from pyhealth.datasets.utils import collate_fn_dict_with_padding
-    import pyhealth.models
 
     dataset = create_sample_dataset(samples=raw, input_schema={"codes": "sequence"},
                                     output_schema={"label": "binary"}, dataset_name=f"{name}-{seed}")
@@ -217,15 +217,16 @@ def _check(name: str, ours: dict, theirs: dict, tolerance: float) -> float:
 
 def run(args) -> None:
     import fastattr
-    from fastattr.tools.timing import time_interleaved
     from fastattr.tools.cohort import attribute_dataset, load_attributions
+    from fastattr.tools.timing import time_interleaved
 
     site = _unpack(Path(args.carry))
     ph = import_pyhealth(site)
     cases = torch.load(Path(args.carry) / "cases.pt", weights_only=False)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"device {args.device} ({name}), torch {torch.__version__}, PyHealth {ph.version} from {ph.root} "
-          f"(loaded module by module; stubs: {', '.join(sorted(m for m in STUBS if isinstance(sys.modules.get(m), Stub)))})")
+          f"(loaded module by module; stubs: "
+          f"{', '.join(sorted(m for m in STUBS if isinstance(sys.modules.get(m), Stub)))})")
     tolerance = 1e-4 if args.device.startswith("cuda") else 1e-5
 
     def timed(fns: dict, repeats: int) -> dict:
@@ -261,10 +262,10 @@ def run(args) -> None:
         def loop(fn, batches):
             return [fn(**b)["codes"] for b in batches]
         worst = max(_check(f"{method} batch-1", {"codes": g}, {"codes": r}, tolerance)
-                    for g, r in zip(loop(ours.attribute, one), loop(theirs, one)))
+                    for g, r in zip(loop(ours.attribute, one), loop(theirs, one), strict=False))
         ref = loop(theirs, many)
         worst = max(worst, max(_check(f"{method} batch-32", {"codes": g}, {"codes": r}, tolerance)
-                               for g, r in zip(loop(ours.attribute, many), ref)))
+                               for g, r in zip(loop(ours.attribute, many), ref, strict=False)))
         with tempfile.TemporaryDirectory() as tmp:
             attribute_dataset(ours, loader32, tmp, progress=False)
             store = load_attributions(tmp)

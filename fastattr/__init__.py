@@ -1,12 +1,12 @@
 """fastattr: fast, exact drop-in replacements for PyHealth's attribution methods."""
-from fastattr.interpret.chefer import CheferRelevance, apply_self_attention_rules, avg_heads
-from fastattr.tools.cohort import attribute_dataset
-from fastattr.tools.store import load_attributions
-from fastattr.interpret.ig import IntegratedGradients
 from fastattr.core.integrated import integrated_gradients
 from fastattr.core.quadrature import METHODS, quadrature
 from fastattr.core.relevance import chefer_relevance
+from fastattr.interpret.chefer import CheferRelevance, apply_self_attention_rules, avg_heads
+from fastattr.interpret.ig import IntegratedGradients
 from fastattr.metrics import Evaluator, evaluate_attribution
+from fastattr.tools.cohort import attribute_dataset
+from fastattr.tools.store import load_attributions
 
 __all__ = [
     "CheferRelevance",

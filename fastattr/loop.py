@@ -145,7 +145,8 @@ def full_relevance(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Ten
     return R
 
 
-def full_chefer_relevance(model: torch.nn.Module, target_class_idx: Any = None, **batch: Any) -> dict[str, torch.Tensor]:
+def full_chefer_relevance(model: torch.nn.Module, target_class_idx: Any = None,
+                          **batch: Any) -> dict[str, torch.Tensor]:
     """Chefer relevance by PyHealth 2.1.0's algorithm: a full backward, then the full R per layer,
     reduced by the model and expanded to nested inputs' shapes."""
     model.eval()
@@ -172,7 +173,8 @@ def full_chefer_relevance(model: torch.nn.Module, target_class_idx: Any = None, 
     return out
 
 
-def _probs(model: Any, inputs: dict, kind: str, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _probs(model: Any, inputs: dict, kind: str,
+           target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PyHealth's get_model_predictions, less the filter: the explained class's probability and the class."""
     with torch.no_grad():
         out = model(**inputs)

@@ -93,11 +93,13 @@ def cases(full: bool) -> Iterator[tuple[str, bool, Callable[[], object]]]:
         x, acc, alphas = _meta(32, 100, 128, dtype=dtype), _meta(32, 100, 128), _meta(51, dtype=torch.float64)
         for start, rows in ((0, 32), (32, 1600), (37, 515)):
             yield (f"IG interpolate {n} rows [{start}, {start + rows})", True,
-                   lambda x=x, s=start, r=rows: ig.interpolate_triton(x, x, alphas, s, r))
+                   lambda x=x, al=alphas, s=start, r=rows: ig.interpolate_triton(x, x, al, s, r))
             yield (f"IG accumulate {n} rows [{start}, {start + rows})", True,
-                   lambda g=_meta(rows, 100, 128, dtype=dtype), s=start: ig.accumulate_triton(acc, g, alphas, s))
+                   lambda g=_meta(rows, 100, 128, dtype=dtype), c=acc, al=alphas, s=start:
+                   ig.accumulate_triton(c, g, al, s))
         for summed in (True, False):
-            yield f"IG finalize {n} sum_last={summed}", True, lambda x=x, s=summed: ig.finalize_triton(x, x, acc, 51.0, s)
+            yield (f"IG finalize {n} sum_last={summed}", True,
+                   lambda x=x, c=acc, s=summed: ig.finalize_triton(x, x, c, 51.0, s))
         shapes = [(4, 4, 128), (4, 4, 512), (4, 4, 2048), (32, 4, 100)]
         for batch, heads, tokens in shapes:
             maps = _meta(batch, heads, tokens, tokens, dtype=dtype)
@@ -138,7 +140,7 @@ def collect(full: bool) -> list[Launch]:
         launches.append(Launch(label, product, self, args, kwargs, grid))
 
     def every_config(self, *args, **kwargs):
-        self.nargs = dict(zip(self.arg_names, args))
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
         configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
         for config in configs:
             self.fn.run(*args, **kwargs, **config.all_kwargs())

@@ -16,7 +16,8 @@ def _row_index(batch: int, row_start: int, rows: int, device: torch.device) -> t
     return r % batch, r // batch
 
 
-def interpolate_torch(x: torch.Tensor, baseline: torch.Tensor, alphas: torch.Tensor, row_start: int, rows: int) -> torch.Tensor:
+def interpolate_torch(x: torch.Tensor, baseline: torch.Tensor, alphas: torch.Tensor, row_start: int,
+                      rows: int) -> torch.Tensor:
     """Rows ``b + alpha * (x - b)`` of the path, ``[rows, *x.shape[1:]]``, in ``x.dtype``.
 
     ``baseline`` has the shape of ``x``; ``alphas`` holds every path point of the call.
@@ -36,7 +37,8 @@ def accumulate_torch(acc: torch.Tensor, grads: torch.Tensor, weights: torch.Tens
     acc.index_add_(0, sample, grads.to(acc.dtype) * w.view(-1, *([1] * (acc.dim() - 1))))
 
 
-def finalize_torch(x: torch.Tensor, baseline: torch.Tensor, acc: torch.Tensor, divisor: float, sum_last_dim: bool) -> torch.Tensor:
+def finalize_torch(x: torch.Tensor, baseline: torch.Tensor, acc: torch.Tensor, divisor: float,
+                   sum_last_dim: bool) -> torch.Tensor:
     """Attribution ``(x - b) * (acc / divisor)``, summed over the last dim when asked."""
     attr = (x - baseline).to(acc.dtype) * (acc / divisor)
     return attr.sum(dim=-1) if sum_last_dim else attr

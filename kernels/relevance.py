@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import (MIN_WAVES, TARGET_SMS, autotune, flat_grid, ieee_float32_matmul, need_triton, tl, triton,
-                      vector_alignment)
+from ._triton import (
+    MIN_WAVES,
+    TARGET_SMS,
+    autotune,
+    flat_grid,
+    ieee_float32_matmul,
+    need_triton,
+    tl,
+    triton,
+    vector_alignment,
+)
 
 
 def _heads(attn: torch.Tensor) -> torch.Tensor:

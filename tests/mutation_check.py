@@ -25,7 +25,10 @@ subprocess.run(["git", "worktree", "add", "-q", "--detach", str(root), "HEAD"], 
 M = [
  ("token mask all-ones", "fastattr/interpret/features.py",
   "        if self.token or value.dim() < 3:\n            return (value != 0).int()",
-  "        if self.token:\n            return torch.ones_like(value).int()\n        if value.dim() < 3:\n            return (value != 0).int()"),
+  "        if self.token:\n"
+  "            return torch.ones_like(value).int()\n"
+  "        if value.dim() < 3:\n"
+  "            return (value != 0).int()"),
  ("continuous mask dropped", "fastattr/interpret/features.py",
   '        if "mask" in self.schema or len(parts) == len(self.schema) + 1:',
   '        if "mask" in self.schema or len(parts) == len(self.schema) + 1 or not self.token:'),
@@ -36,7 +39,11 @@ M = [
   "torch.ones_like(v) if k in tokens else", "torch.zeros_like(v) if k in tokens else"),
  ("target argmax taken from the path (baseline point) instead of the input", "fastattr/interpret/ig.py",
   "        targets = resolve_targets(target_class_idx, logits, features.size, logits.shape[1], device)",
-  "        with torch.no_grad():\n            _b = self._baselines(baseline, features)\n            _l = model.forward(**features.call(_b))['logit']\n        targets = resolve_targets(target_class_idx, _l.reshape(features.size, -1), features.size, logits.shape[1], device)"),
+  "        with torch.no_grad():\n"
+  "            _b = self._baselines(baseline, features)\n"
+  "            _l = model.forward(**features.call(_b))['logit']\n"
+  "        targets = resolve_targets(target_class_idx, _l.reshape(features.size, -1), features.size, "
+  "logits.shape[1], device)"),
  ("Chefer R started at zeros", "fastattr/core/relevance.py",
   "            R = torch.eye(tokens, dtype=dtype, device=device).expand(batch, tokens, tokens).contiguous()",
   "            R = torch.zeros(batch, tokens, tokens, dtype=dtype, device=device)"),

@@ -53,8 +53,8 @@ def build_loader(kind: str, model_name: str, num_classes: int = 2, n: int = 12, 
                  mode: str | None = None, **model_kwargs):
     """Return (model, PyHealth dataloader) on a small random dataset of ``kind``; ``mode``: the label
     kind (default binary for 2 classes, else multiclass; or "multilabel")."""
-    from pyhealth.datasets import create_sample_dataset, get_dataloader
     import pyhealth.models as models
+    from pyhealth.datasets import create_sample_dataset, get_dataloader
     from pyhealth.models.stagenet_mha import StageAttentionNet
 
     rng = random.Random(seed)

@@ -4,13 +4,12 @@ import weakref
 
 import pytest
 import torch
+from conftest import codes, own_model, rel_err
 
 import fastattr
 from fastattr.core import relevance
 from fastattr.interpret.chefer import detect_row_picks
 from fastattr.loop import full_chefer_relevance
-
-from conftest import codes, own_model, rel_err
 
 
 def reference(model, target=None, **batch):

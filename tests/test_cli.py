@@ -24,8 +24,9 @@ def test_demo_quick_recovers_planted_codes(tmp_path, capsys):
     assert results["recovery"]["ig"]["sufficiency"] < results["recovery"]["random"]["sufficiency"]
     assert results["patients_explained"] >= 16
     # the demo ends on the cohort report of its held-out patients, both methods, truth marked
-    from fastattr.tools import tables
     from test_tables import embedded_pngs, parse
+
+    from fastattr.tools import tables
 
     page, text = parse(tmp_path / "report.html")
     assert len(embedded_pngs(page)) == 9 and page.external == []
@@ -102,4 +103,5 @@ def test_demo_after_a_plain_install_runs_without_the_report_extra(tmp_path):
     assert (tmp_path / "results.json").exists() and not (tmp_path / "report.html").exists()
     from fastattr import load_attributions
 
-    assert len(load_attributions(tmp_path / "runs" / "ig")) == len(load_attributions(tmp_path / "runs" / "chefer")) == 200
+    runs = tmp_path / "runs"
+    assert len(load_attributions(runs / "ig")) == len(load_attributions(runs / "chefer")) == 200

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli, tiny_model
 from safetensors import safe_open
 
 import fastattr
@@ -18,8 +19,6 @@ from fastattr.core import packing
 from fastattr.tools.cohort import CohortDataset, LengthSortedBatches, attribute_dataset, load_attributions
 from fastattr.tools.models import load_checkpoint
 from fastattr.tools.synthetic import SyntheticCohort
-
-from conftest import cli, tiny_model
 
 
 def loader(cohort, batch_size=8):
@@ -62,7 +61,8 @@ def test_checkpoint_roundtrip(tmp_path, checkpoint):
     model, extra = load_checkpoint(checkpoint)
     assert extra == {"cohort": {"seed": 3, "vocab": 100}}
     cohort = SyntheticCohort(patients=10, seed=3)
-    torch.testing.assert_close(model(**cohort.batch(range(4)))["logit"], tiny_model(cohort)(**cohort.batch(range(4)))["logit"])
+    torch.testing.assert_close(model(**cohort.batch(range(4)))["logit"],
+                               tiny_model(cohort)(**cohort.batch(range(4)))["logit"])
     with pytest.raises(ValueError, match="not a fastattr model checkpoint"):
         torch.save({"x": 1}, tmp_path / "bad.pt")
         load_checkpoint(tmp_path / "bad.pt")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli, tiny_model
 
 import fastattr
 from fastattr.tools import store as run_store
@@ -20,8 +21,6 @@ from fastattr.tools.cohort import CohortDataset, attribute_dataset, load_attribu
 from fastattr.tools.models import load_checkpoint
 from fastattr.tools.store import DiskFullError, RunLockedError, ShardStore
 from fastattr.tools.synthetic import SyntheticCohort
-
-from conftest import cli, tiny_model
 
 
 def loader(cohort, batch_size=8):

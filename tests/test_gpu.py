@@ -1,13 +1,12 @@
 """GPU tier: compiled kernels against the torch references (skipped without CUDA)."""
 import pytest
 import torch
-
-import fastattr
+from conftest import own_model
 from fastattr.kernels import interpolate as ig_ops
 from fastattr.kernels import relevance as rel_ops
-from fastattr.core.quadrature import quadrature
 
-from conftest import own_model
+import fastattr
+from fastattr.core.quadrature import quadrature
 
 pytestmark = pytest.mark.gpu
 
@@ -113,9 +112,10 @@ def test_end_to_end_on_gpu():
 
 
 def test_length_packing_on_cuda_equals_padded_and_oracle(monkeypatch):
+    from conftest import codes, rel_err
+
     from fastattr.core import packing
     from fastattr.loop import step_loop_integrated_gradients
-    from conftest import codes, rel_err
 
     monkeypatch.setitem(packing.GROUP_COST["integrated_gradients"], "cuda", 0.0)  # every length its own group
     model, _ = own_model("transformer", seed=3)

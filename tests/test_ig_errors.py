@@ -2,10 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import own_model
 
 import fastattr
-
-from conftest import own_model
 
 
 @pytest.fixture

@@ -3,12 +3,11 @@ import itertools
 
 import pytest
 import torch
+from conftest import own_model
+from fastattr.kernels import interpolate as ops
 
 import fastattr
-from fastattr.kernels import interpolate as ops
 from fastattr.core.quadrature import METHODS, quadrature
-
-from conftest import own_model
 
 SHAPES = [(b, n, d) for b, n, d in itertools.product([1, 3], [1, 17, 63], [1, 5, 128, 130])]
 

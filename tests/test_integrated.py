@@ -1,13 +1,12 @@
 """The model-agnostic core and IntegratedGradients on fastattr's own protocol models."""
 import pytest
 import torch
+from conftest import own_model, rel_err
 
 import fastattr
 from fastattr.core.integrated import integrated_gradients
-from fastattr.loop import step_loop_integrated_gradients
 from fastattr.core.quadrature import METHODS, quadrature
-
-from conftest import own_model, rel_err
+from fastattr.loop import step_loop_integrated_gradients
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -71,7 +70,8 @@ def test_internal_batch_size_does_not_change_results():
 def test_convergence_delta_shrinks_with_steps_under_gausslegendre():
     model, batch = own_model("transformer", seed=4)
     ig = fastattr.IntegratedGradients(model)
-    deltas = [ig.attribute(steps=s, method="gausslegendre", return_convergence_delta=True, **batch)[1].abs().max().item()
+    deltas = [ig.attribute(steps=s, method="gausslegendre", return_convergence_delta=True,
+                           **batch)[1].abs().max().item()
               for s in (1, 4, 16)]
     assert deltas[2] < deltas[1] < deltas[0]
     assert deltas[2] < 1e-4
@@ -85,9 +85,10 @@ def test_convergence_delta_is_completeness_gap():
     codes, labs = batch["codes"], batch["labs"]
     masks = {"codes": (codes != 0).int(), "labs": (labs.abs().sum(-1) != 0).int()}
 
-    def f(c, l):
-        e = embed({"codes": c, "labs": l})
-        return model.forward_from_embedding(codes=(e["codes"], masks["codes"]), labs=(e["labs"], masks["labs"]))["logit"]
+    def f(c, labs_value):
+        e = embed({"codes": c, "labs": labs_value})
+        return model.forward_from_embedding(codes=(e["codes"], masks["codes"]),
+                                            labs=(e["labs"], masks["labs"]))["logit"]
 
     with torch.no_grad():
         fx, fb = f(codes, labs), f(torch.ones_like(codes), torch.zeros_like(labs) + 0.01)

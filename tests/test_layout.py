@@ -20,7 +20,8 @@ def module_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # relative: from . import x / from ._triton import y
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
                 deps |= {base} | {f"{base}.{a.name}" for a in node.names}
             elif isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names}

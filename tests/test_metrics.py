@@ -5,14 +5,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import codes, own_model
 from torch import nn
 
 import fastattr
 import fastattr.metrics as metrics
 from fastattr.loop import loop_removal_scores
 from fastattr.tools.models import FeatureProcessor, FeatureSpec, ProtocolModel
-
-from conftest import codes, own_model
 
 PERCENTAGES = [1, 5, 10, 20, 50]
 
@@ -30,7 +29,8 @@ def batch_of(size, width, seed, min_len=1):
 
 def random_attributions(batch, seed):
     g = torch.Generator().manual_seed(seed)
-    return {"codes": torch.randn(batch["codes"].shape, generator=g), "labs": torch.randn(batch["labs"].shape, generator=g)}
+    return {"codes": torch.randn(batch["codes"].shape, generator=g),
+            "labs": torch.randn(batch["labs"].shape, generator=g)}
 
 
 def assert_matches_oracle(model, batch, attributions, sample_filter, strategy="zero", percentages=PERCENTAGES, **kw):

@@ -3,14 +3,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import codes, rel_err
 
 import fastattr
 from fastattr.core import packing
 from fastattr.interpret.features import FeatureBatch
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
-
-from conftest import codes, rel_err
 
 
 @pytest.fixture
@@ -29,7 +28,8 @@ def test_plan_groups_covers_every_sample_once_and_is_deterministic():
         assert sorted(index.tolist()) == list(range(37))
         for i, sizes in groups:
             assert sizes == lengths[i].amax(dim=0).tolist()
-        assert [(i.tolist(), s) for i, s in groups] == [(i.tolist(), s) for i, s in packing.plan_groups(lengths, [2], 5, cost)]
+        planned = packing.plan_groups(lengths, [2], 5, cost)
+        assert [(i.tolist(), s) for i, s in groups] == [(i.tolist(), s) for i, s in planned]
     assert len(packing.plan_groups(lengths, [2], 5, 1e12)) == 1
     # free groups: no group pads anyone (per feature work equal within a group)
     for i, sizes in packing.plan_groups(lengths[:, :1], [1], 5, 0.0):
@@ -192,7 +192,7 @@ def test_chefer_packed_equals_padded_and_the_oracle(classes, backend, many_group
     lengths = (labs.abs().sum(-1) != 0).long().cumsum(1).argmax(1) + 1  # one past each sample's last lab row
     for b in range(9):
         assert torch.all(packed["labs"][b, lengths[b]:] == 0)  # trimmed positions: exact zeros
-    for got, ref in zip(chefer.last_predictions, padded_predictions):
+    for got, ref in zip(chefer.last_predictions, padded_predictions, strict=False):
         torch.testing.assert_close(got, ref)
 
 

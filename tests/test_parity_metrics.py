@@ -13,7 +13,8 @@ pytestmark = pytest.mark.parity
 CASES = {
     "transformer-binary-seq": ("seq", "Transformer", 2, None, dict(num_layers=2, heads=2, embedding_dim=16)),
     "transformer-multiclass-seq": ("seq", "Transformer", 3, None, dict(num_layers=1, heads=2, embedding_dim=16)),
-    "transformer-multilabel-seq": ("seq", "Transformer", 4, "multilabel", dict(num_layers=1, heads=2, embedding_dim=16)),
+    "transformer-multilabel-seq": ("seq", "Transformer", 4, "multilabel",
+                                   dict(num_layers=1, heads=2, embedding_dim=16)),
     "transformer-multiclass-nested": ("nested", "Transformer", 3, None, dict(num_layers=2, heads=2, embedding_dim=16)),
     "mlp-seq+tensor": ("mlp", "MLP", 3, None, dict(embedding_dim=16, hidden_dim=16)),
     "stagenet-tuples": ("stagenet", "StageNet", 2, None, dict(embedding_dim=16, chunk_size=16, levels=2)),
@@ -134,8 +135,8 @@ def test_noise_on_values_scores_the_same_samples():
         assert torch.isfinite(got[metric][0]).all() and bool((got[metric][0][~got[metric][1]] == 0).all())
 
 
-@pytest.mark.parametrize("name, interpreter", [("transformer-binary-seq", "ig"), ("transformer-multiclass-seq", "chefer"),
-                                               ("stagenet-tuples", "ig")])
+@pytest.mark.parametrize("name, interpreter", [("transformer-binary-seq", "ig"),
+                                               ("transformer-multiclass-seq", "chefer"), ("stagenet-tuples", "ig")])
 def test_evaluate_attribution_matches_pyhealth(name, interpreter):
     from pyhealth.interpret import methods
     from pyhealth.metrics.interpretability import evaluate_attribution

@@ -3,10 +3,9 @@ import functools
 
 import pytest
 import torch
+from conftest import rel_err
 
 import fastattr
-
-from conftest import rel_err
 
 pytestmark = pytest.mark.parity
 
@@ -115,6 +114,7 @@ def test_length_packing_keeps_parity(name, monkeypatch, recwarn):
     either the batch really ran in several trimmed groups or the padding check turned packing off
     for a model whose logits depend on padding (with a warning saying so)."""
     from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
+
     from fastattr.core import packing
 
     monkeypatch.setitem(packing.GROUP_COST["integrated_gradients"], "cpu", 0.0)

@@ -3,10 +3,9 @@ import functools
 
 import pytest
 import torch
+from conftest import rel_err
 
 import fastattr
-
-from conftest import rel_err
 from fastattr.interpret.chefer import detect_row_picks
 
 pytestmark = pytest.mark.parity
@@ -17,7 +16,8 @@ CONFIGS = {
     "transformer-4L4H-binary-nested": ("nested", "Transformer", 2, dict(num_layers=4, heads=4, embedding_dim=32)),
     "transformer-3L4H-multiclass-nested": ("nested", "Transformer", 3, dict(num_layers=3, heads=4, embedding_dim=16)),
     # a tensor feature is one token to the Transformer: its relevance stays [B, 1]
-    "transformer-2L2H-binary-seq-tensor": ("seq_tensor", "Transformer", 2, dict(num_layers=2, heads=2, embedding_dim=32)),
+    "transformer-2L2H-binary-seq-tensor": ("seq_tensor", "Transformer", 2,
+                                           dict(num_layers=2, heads=2, embedding_dim=32)),
     "transformer-1L2H-multiclass-seq-tensor": ("seq_tensor", "Transformer", 3,
                                                dict(num_layers=1, heads=2, embedding_dim=16)),
     "stageattentionnet-binary": ("stagenet", "StageAttentionNet", 2, dict(embedding_dim=32)),
@@ -140,6 +140,7 @@ def test_length_packing_keeps_parity(name, monkeypatch, recwarn):
     its mask from the embedded values, and a padded row of a continuous feature embeds to the
     linear layer's bias: that padding counts, and the check must say so and run it padded."""
     from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+
     from fastattr.core import packing
 
     monkeypatch.setitem(packing.GROUP_COST["chefer"], "cpu", 0.0)

@@ -5,13 +5,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import codes, own_model, rel_err
 
 import fastattr
 from fastattr.core import packing
 from fastattr.core.precision import model_precision
 from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
-
-from conftest import codes, own_model, rel_err
 
 
 def test_precision_is_validated():

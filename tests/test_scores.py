@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import cli
 
 import fastattr
 from fastattr.metrics import Evaluator, threshold_sample_filter
@@ -19,8 +20,6 @@ from fastattr.tools.scores import evaluate_run, load_scores
 from fastattr.tools.store import RunLockedError
 from fastattr.tools.synthetic import SyntheticCohort
 
-from conftest import cli
-
 EVERYONE = threshold_sample_filter(0.0)  # every binary sample scored (an untrained model predicts few positive)
 
 
@@ -29,7 +28,8 @@ def attributed(tmp_path, checkpoint, size=30, method="chefer", batch_size=8):
     cohort = SyntheticCohort(**{**extra["cohort"], "patients": size, "lengths": "lognormal", "median_codes": 6,
                                 "longest": 25})
     loader = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=batch_size, collate_fn=CohortDataset.collate)
-    interpreter = fastattr.CheferRelevance(model) if method == "chefer" else fastattr.IntegratedGradients(model, steps=4)
+    interpreter = fastattr.CheferRelevance(model) if method == "chefer" else \
+        fastattr.IntegratedGradients(model, steps=4)
     run = tmp_path / method
     attribute_dataset(interpreter, loader, run, progress=False, vocab={"codes": cohort.names})
     return model, run

@@ -129,7 +129,8 @@ def test_summary_equals_a_pandas_groupby_of_the_long_table(tmp_path):
         want = per.groupby(keys).agg(samples=("attr", "size"), occurrences=("occ", "sum"),
                                      mean_attribution=("attr", "mean"),
                                      mean_abs_attribution=("attr", lambda s: s.abs().mean()),
-                                     sum_abs=("attr", lambda s: s.abs().sum()), top_count=("is_top", "sum")).reset_index()
+                                     sum_abs=("attr", lambda s: s.abs().sum()),
+                                     top_count=("is_top", "sum")).reset_index()
         totals = want["class"].map(classes.value_counts()) if by_class else len(classes)
         want["frequency"] = want["samples"] / totals
         want["importance"] = want["sum_abs"] / totals
@@ -238,7 +239,8 @@ def test_report_of_two_runs_embeds_every_figure_and_marks_the_truth(tmp_path):
     spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=len(cohort.names))}, {"label": "binary"})
     model = TransformerClassifier(spec, num_classes=2, dim=16, heads=2, layers=1).eval()
     loader = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=16, collate_fn=CohortDataset.collate)
-    for name, interp in (("ig", fastattr.IntegratedGradients(model, steps=3)), ("chefer", fastattr.CheferRelevance(model))):
+    interpreters = (("ig", fastattr.IntegratedGradients(model, steps=3)), ("chefer", fastattr.CheferRelevance(model)))
+    for name, interp in interpreters:
         attribute_dataset(interp, loader, tmp_path / name, vocab={"codes": cohort.names},
                           annotations=cohort.annotations(), progress=False)
     path = write_report([tmp_path / "ig", tmp_path / "chefer"], tmp_path / "r.html", top=10, patients=3)

@@ -5,7 +5,6 @@ import importlib.util
 import os
 
 import torch
-
 from fastattr.kernels._triton import interpreting
 
 BACKENDS = ("auto", "torch", "triton")

@@ -1,20 +1,19 @@
 """Model-agnostic integrated gradients with the path steps batched into few forwards."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import contextlib
-from dataclasses import dataclass
-
 import torch
+from fastattr.kernels import interpolate as ops
 from tqdm.auto import tqdm
 
 from fastattr.core.backend import resolve_backend
 from fastattr.core.checks import check_count
 from fastattr.core.quadrature import is_equal_weight, quadrature
 from fastattr.core.targets import resolve_targets
-from fastattr.kernels import interpolate as ops
 
 Forward = Callable[[dict[str, Any]], torch.Tensor]
 # The core's forward: the chunk's interpolated points and the chunk's rows of the additional inputs.
@@ -144,7 +143,8 @@ def check_baseline(key: str, baseline: Any, value: torch.Tensor) -> torch.Tensor
     return b
 
 
-def _expand_baselines(inputs: Mapping[str, torch.Tensor], baselines: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+def _expand_baselines(inputs: Mapping[str, torch.Tensor],
+                      baselines: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
     out = {}
     for key, x in inputs.items():
         if baselines is None:
@@ -282,7 +282,7 @@ class _ChunkRunner:
                     raise
                 torch.cuda.empty_cache()
                 continue
-            for k, g in zip(self.keys, grads):
+            for k, g in zip(self.keys, grads, strict=False):
                 if g is not None:
                     self.kernels.accumulate(self.accs[k], g, acc_weights, start)
             del grads
@@ -295,7 +295,8 @@ class _ChunkRunner:
     def attributions(self, summed: set[str]) -> dict[str, torch.Tensor]:
         weights = self.options.weights
         divisor = float(len(weights)) if is_equal_weight(weights) else 1.0
-        return {k: self.kernels.finalize(self.xs[k], self.bs[k], self.accs[k], divisor, k in summed).to(self.xs[k].dtype)
+        return {k: self.kernels.finalize(self.xs[k], self.bs[k], self.accs[k], divisor,
+                                         k in summed).to(self.xs[k].dtype)
                 for k in self.keys}
 
 

@@ -102,7 +102,8 @@ class ModuleState:
             attributes = entry[0].__dict__
             if len(attributes) != entry[1]:
                 entry[1] = len(attributes)
-                entry[2] = tuple(k for k, v in attributes.items() if k not in _TORCH_ATTRIBUTES and isinstance(v, _HOLDERS))
+                entry[2] = tuple(k for k, v in attributes.items()
+                                 if k not in _TORCH_ATTRIBUTES and isinstance(v, _HOLDERS))
             for name in entry[2]:
                 value = attributes.get(name)
                 if isinstance(value, torch.Tensor):

@@ -10,12 +10,12 @@ import torch
 
 from fastattr.core.backend import resolve_backend
 from fastattr.core.checks import warn_renamed_target
-from fastattr.core.relevance import chefer_relevance, check_layers, full_path_is_cheaper, propagate
 from fastattr.core.precision import model_precision
+from fastattr.core.relevance import check_layers, chefer_relevance, full_path_is_cheaper, propagate
 from fastattr.core.targets import resolve_targets, target_tensor
 from fastattr.interpret.base import Interpreter
-from fastattr.interpret.capture import HookedTensors, ModuleState, OldTensors, gradient_sinks
 from fastattr.interpret.batches import select_samples
+from fastattr.interpret.capture import HookedTensors, ModuleState, OldTensors, gradient_sinks
 from fastattr.interpret.features import FeatureBatch, model_device
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
 from fastattr.interpret.row_picks import RowPicks, detect_row_picks  # noqa: F401  (detect_row_picks: public path)
@@ -250,10 +250,19 @@ class CheferRelevance(Interpreter):
         torch.autograd.grad(score, sinks + weights, allow_unused=True)
         del score, sinks, weights, hooked, embedded
         layers = model.get_attention_layers()
-        stale = next(((k, i) for k, pairs in layers.items() for i, pair in enumerate(pairs if isinstance(pairs, (list, tuple)) else ())
-                      if _is_pair(pair) and isinstance(pair[1], torch.Tensor) and old.stale(pair[1])), None) \
-            if isinstance(layers, dict) else None
+        stale = _first_stale(layers, old)
         return _Backward(logits.detach(), prob, targets, layers, stale, reach_weights)
+
+
+def _first_stale(layers: Any, old: OldTensors) -> tuple[str, int] | None:
+    """The first attention gradient an earlier call left, as ``(key, layer)``, or ``None``."""
+    if not isinstance(layers, dict):
+        return None
+    for key, pairs in layers.items():
+        for i, pair in enumerate(pairs if isinstance(pairs, (list, tuple)) else ()):
+            if _is_pair(pair) and isinstance(pair[1], torch.Tensor) and old.stale(pair[1]):
+                return key, i
+    return None
 
 
 def _is_pair(pair: Any) -> bool:

@@ -1,12 +1,11 @@
 """The PyHealth feature protocol, in one place: fastattr never imports PyHealth.
 
-A PyHealth batch maps each feature key to a tensor or to a tuple laid out by the feature's
-processor schema (``("value",)``, ``("time", "value", "mask")``...). :class:`FeatureLayout`
-knows one feature's layout (where the value and mask sit, token or continuous, PyHealth's rule
-for the mask it appends when the schema has none); :class:`FeatureBatch` holds a batch's
-features under their layouts and is the only code that indexes a feature tuple: it selects
-samples, trims padding, puts embedded or interpolated values back and expands results to the
-inputs' shapes. Every interpreter, the cohort runner, faithfulness and fastattr's own models use it.
+A PyHealth batch maps each feature key to a tensor or to a tuple laid out by the feature's processor
+schema (``("value",)``, ``("time", "value", "mask")``...). :class:`FeatureLayout` knows one feature's
+layout (where the value and mask sit, token or continuous, PyHealth's rule for the mask it appends
+when the schema has none); :class:`FeatureBatch` holds a batch's features under their layouts and is
+the only code that indexes a feature tuple: it selects samples, trims padding, puts embedded or
+interpolated values back and expands results to the inputs' shapes. Everything in fastattr uses it.
 """
 from __future__ import annotations
 
@@ -218,7 +217,8 @@ class FeatureBatch:
                 for k, f in self.features.items()}
 
     # -- building model calls ------------------------------------------------------------
-    def call(self, values: Mapping[str, Any] | None = None, others: Mapping[str, tuple] | None = None) -> dict[str, tuple]:
+    def call(self, values: Mapping[str, Any] | None = None,
+             others: Mapping[str, tuple] | None = None) -> dict[str, tuple]:
         """Model keyword arguments: each feature's tuple with ``values[key]`` in the value slot
         (the batch's own value where not given) and ``others[key]`` (see :meth:`others`) in
         the remaining slots (the batch's own where not given)."""
@@ -246,7 +246,7 @@ class FeatureBatch:
         """``[B, D]``: per sample, one past its last non-padding position along every padded dim of
         every feature (from the masks; at least 1). ``D`` may be 0 (nothing is padded)."""
         columns = []
-        for key, span in zip(self.features, self.padded_spans()):
+        for key, span in zip(self.features, self.padded_spans(), strict=False):
             mask = self.mask(key)
             for d in range(1, span + 1):
                 present = _any_except(mask.ne(0), d)
@@ -260,8 +260,8 @@ class FeatureBatch:
     def leading_present(self) -> torch.Tensor:
         """``[B, K]`` bool: per sample, whether the first position along each padded feature's first
         padded dim holds data (not padding), from the masks; K counts the features with padded dims."""
-        columns = [_any_except(self.mask(k).ne(0), 1)[:, 0] for k, span in zip(self.features, self.padded_spans())
-                   if span]
+        spans = zip(self.features, self.padded_spans(), strict=True)
+        columns = [_any_except(self.mask(k).ne(0), 1)[:, 0] for k, span in spans if span]
         if not columns:
             return torch.ones(self.size, 0, dtype=torch.bool)
         return torch.stack(columns, dim=1).cpu()
@@ -272,12 +272,12 @@ class FeatureBatch:
 
     def padded_sizes(self) -> list[int]:
         """The batch's size along every padded dim, in the order of :meth:`lengths`' columns."""
-        return [self.value(k).shape[d] for k, span in zip(self.features, self.padded_spans())
+        return [self.value(k).shape[d] for k, span in zip(self.features, self.padded_spans(), strict=False)
                 for d in range(1, span + 1)]
 
     def _per_key(self, sizes: list[int]) -> dict[str, tuple[int, ...]]:
         out, i = {}, 0
-        for key, span in zip(self.features, self.padded_spans()):
+        for key, span in zip(self.features, self.padded_spans(), strict=False):
             out[key] = tuple(sizes[i:i + span])
             i += span
         return out

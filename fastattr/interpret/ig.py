@@ -6,8 +6,8 @@ from typing import Any
 import torch
 
 from fastattr.core.checks import check_steps, warn_renamed_target
-from fastattr.core.precision import model_precision
 from fastattr.core.integrated import check_baseline, check_finite, resolve_options, run_integrated_gradients
+from fastattr.core.precision import model_precision
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Interpreter
 from fastattr.interpret.features import FeatureBatch, model_device, require_methods
@@ -134,7 +134,8 @@ class IntegratedGradients(Interpreter):
         def run(group: Group | None, part: FeatureBatch) -> tuple[dict[str, torch.Tensor], Any, int]:
             cut = baselines if group is None else {k: features.cut(k, b, *group) for k, b in baselines.items()}
             result = run_integrated_gradients(self._forward(part, embed, mode), *self._endpoints(part, cut, embed),
-                                              options, targets=targets if group is None else targets[group[0].to(device)],
+                                              options,
+                                              targets=targets if group is None else targets[group[0].to(device)],
                                               extra=part.others(), sum_last_dim=self._summed(part, embed))
             return part.expand(result.attributions), result.delta, result.chunk_rows
 
@@ -143,7 +144,8 @@ class IntegratedGradients(Interpreter):
                 else None
             return features.place([(i, r[0]) for i, _, r in parts]), delta, max(r[2] for _, _, r in parts)
 
-        return GroupedTask(run, place, probe=lambda groups: self._padding_difference(features, baselines, embed, groups))
+        probe = lambda groups: self._padding_difference(features, baselines, embed, groups)  # noqa: E731
+        return GroupedTask(run, place, probe=probe)
 
     def _embedded(self, part: FeatureBatch, embed: Any) -> set[str]:
         return part.token_keys() if embed is not None else set()
@@ -191,7 +193,7 @@ class IntegratedGradients(Interpreter):
             for index, sizes in groups:
                 part = features.subset(index, sizes)
                 cut = {k: features.cut(k, b, index, sizes) for k, b in baselines.items()}
-                for whole, trimmed in zip(full, self._endpoint_logits(part, cut, embed)):
+                for whole, trimmed in zip(full, self._endpoint_logits(part, cut, embed), strict=False):
                     worst = max(worst, relative_difference(whole[index.to(whole.device)], trimmed))
         return worst
 
@@ -210,7 +212,8 @@ class IntegratedGradients(Interpreter):
         if baseline is None:
             return {k: torch.ones_like(v) if k in tokens else torch.zeros_like(v) + 1e-2 for k, v in values.items()}
         if not isinstance(baseline, dict):
-            raise TypeError(f"baseline must be a dict from feature key to tensor or None; got {type(baseline).__name__}")
+            raise TypeError("baseline must be a dict from feature key to tensor or None; got "
+                            f"{type(baseline).__name__}")
         out = {}
         for k, v in values.items():
             if k not in baseline:

@@ -42,7 +42,8 @@ def _relevance_of(model: Any, probes: dict[str, torch.Tensor], data: dict[str, A
 
 
 def detect_row_picks(model: Any, tokens: dict[str, int], batch: int, data: dict[str, Any],
-                     device: torch.device, *, known: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+                     device: torch.device, *, known: bool = False
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """Whether ``model.get_relevance_tensor`` returns, per key and sample, entries of one row of R.
 
     Returns ``{key: (rows [B], cols [B, M])}`` such that the reduction equals

@@ -19,8 +19,14 @@ from tqdm.auto import tqdm
 from fastattr.interpret.batches import move_batch
 from fastattr.interpret.features import model_device
 from fastattr.metrics.filters import SampleFilterFn, threshold_sample_filter
-from fastattr.metrics.metric import (PERCENTAGES, ComprehensivenessMetric, SufficiencyMetric, check_attributions, finish,
-                                     print_debug)
+from fastattr.metrics.metric import (
+    PERCENTAGES,
+    ComprehensivenessMetric,
+    SufficiencyMetric,
+    check_attributions,
+    finish,
+    print_debug,
+)
 from fastattr.metrics.removal import METRICS, Originals
 
 

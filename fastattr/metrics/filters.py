@@ -96,7 +96,8 @@ def classify(prob: torch.Tensor, kind: str, sample_filter: SampleFilterFn | None
 
 def get_model_predictions(model: Any, inputs: dict[str, Any], classifier_type: str,
                           sample_filter: SampleFilterFn | None = None, sample_class: torch.Tensor | None = None,
-                          target_class_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          target_class_idx: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyHealth's ``get_model_predictions``: one no-grad forward of ``inputs``; returns the explained
     class's probability ``[B]``, the class ``[B]`` and the sample classes ``[B]``."""
     with torch.no_grad():

@@ -107,7 +107,8 @@ class RemovalBasedMetric:
     def _create_ablated_inputs(self, inputs: dict[str, Any], masks: dict[str, torch.Tensor]) -> dict[str, Any]:
         raise NotImplementedError("a RemovalBasedMetric subclass sets `removes` or overrides _create_ablated_inputs")
 
-    def _compute_threshold_and_mask(self, attributions: dict[str, torch.Tensor], percentage: float) -> dict[str, torch.Tensor]:
+    def _compute_threshold_and_mask(self, attributions: dict[str, torch.Tensor],
+                                    percentage: float) -> dict[str, torch.Tensor]:
         """PyHealth's masks of the top ``percentage`` percent of each sample's attributions."""
         return {key: top_masks(attr, [percentage])[0] for key, attr in attributions.items()}
 
@@ -116,8 +117,8 @@ class RemovalBasedMetric:
         out = dict(inputs)
         for key, mask in masks.items():
             value = value_of(self.model, key, inputs[key])
-            out[key] = with_value(self.model, key, inputs[key], ablate_rows(value, mask[None], self.ablation_strategy,
-                                                                            value)[0])
+            ablated = ablate_rows(value, mask[None], self.ablation_strategy, value)[0]
+            out[key] = with_value(self.model, key, inputs[key], ablated)
         return out
 
     def _loop(self, inputs: dict[str, Any], attributions: dict[str, torch.Tensor]) -> tuple[Originals, torch.Tensor]:
@@ -164,6 +165,6 @@ def print_debug(name: str, kind: str, originals: Originals, drops: torch.Tensor,
     """PyHealth's ``debug=True`` report, condensed: per sample its class, probability and drops."""
     print(f"[debug] {name}, {kind} classifier, {originals.probs.shape[0]} samples")
     for i, (prob, target, cls) in enumerate(zip(originals.probs.tolist(), originals.targets.tolist(),
-                                                originals.classes.tolist())):
-        per = ", ".join(f"{p}%: {d:.6f}" for p, d in zip(percentages, drops[:, i].tolist()))
+                                                originals.classes.tolist(), strict=False)):
+        per = ", ".join(f"{p}%: {d:.6f}" for p, d in zip(percentages, drops[:, i].tolist(), strict=False))
         print(f"  sample {i} [class={target}, {SampleClass(cls).name}] p={prob:.6f}  drops {per}")

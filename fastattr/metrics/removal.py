@@ -89,7 +89,8 @@ class RemovalScorer:
         rows, inverse, samples = _unique_rows(ablated, keep, random=self.strategy == "noise")
         batch = _stacked(self.model, inputs, keep[samples], {k: v[rows, samples] for k, v in ablated.items()})
         self.last_rows = len(rows)
-        probs = self.probabilities(batch, originals.targets[keep[samples]], phase="ablated")[inverse].reshape(-1, len(keep))
+        probs = self.probabilities(batch, originals.targets[keep[samples]], phase="ablated")
+        probs = probs[inverse].reshape(-1, len(keep))
         start = originals.probs[keep]
         sign = torch.where(negative[keep], -1.0, 1.0).to(start.dtype)
         drop = (start * sign) - (probs * sign)  # PyHealth's: negated probabilities for NEGATIVE samples
@@ -158,7 +159,8 @@ class RemovalScorer:
         size = part.size
         positions = max(1, sum(math.prod(part.value(k).shape[1:]) for k in part.keys))
         device = model_device(self.model)
-        chunk = self.internal_batch_size or (size if device.type == "cuda" else max(1, CPU_FORWARD_POSITIONS // positions))
+        cpu_rows = max(1, CPU_FORWARD_POSITIONS // positions)
+        chunk = self.internal_batch_size or (size if device.type == "cuda" else cpu_rows)
         outs, start = [], 0
         with torch.no_grad():
             while start < size:
@@ -212,7 +214,8 @@ def _unique_rows(ablated: dict[str, torch.Tensor], keep: torch.Tensor, *, random
     return first // kept, inverse, first % kept
 
 
-def _stacked(model: Any, inputs: Mapping[str, Any], samples: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _stacked(model: Any, inputs: Mapping[str, Any], samples: torch.Tensor,
+             values: dict[str, torch.Tensor]) -> dict[str, Any]:
     """A batch of the rows ``samples`` of ``inputs`` (ids, labels and time slots included) with
     ``values`` in the value slot of their keys."""
     batch = select_samples(inputs, samples)

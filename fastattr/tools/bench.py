@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from fastattr.core.backend import interpreter_enabled, triton_available
-from fastattr.interpret.chefer import CheferRelevance
 from fastattr.interpret.batches import move_batch
+from fastattr.interpret.chefer import CheferRelevance
 from fastattr.interpret.ig import IntegratedGradients
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 from fastattr.tools.synthetic import long_tailed_lengths
@@ -44,7 +44,8 @@ def build_model(length: int, batch: int, layers: int, heads: int, dim: int, devi
     ``length`` codes, or with ``long_tail`` log-normal lengths (median ``length``, longest up to
     8x that), padded to the batch's longest as a dataloader pads them."""
     rng = random.Random(0)
-    sizes = long_tailed_lengths(max(batch, 8), median=length, longest=8 * length) if long_tail else [length] * max(batch, 8)
+    sizes = long_tailed_lengths(max(batch, 8), median=length,
+                                longest=8 * length) if long_tail else [length] * max(batch, 8)
     if use_pyhealth:
         from pyhealth.datasets import create_sample_dataset, get_dataloader
         from pyhealth.models import Transformer
@@ -177,8 +178,9 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
         from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
         from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
 
-        base_ig, ig_base_name = (lambda p=PyHealthIG(model): p.attribute(steps=steps, **data)), "pyhealth"
-        base_ch, ch_base_name = (lambda p=PyHealthChefer(model): p.attribute(**data)), "pyhealth"
+        pyhealth_ig, pyhealth_chefer = PyHealthIG(model), PyHealthChefer(model)
+        base_ig, ig_base_name = (lambda: pyhealth_ig.attribute(steps=steps, **data)), "pyhealth"
+        base_ch, ch_base_name = (lambda: pyhealth_chefer.attribute(**data)), "pyhealth"
     else:
         base_ig, ig_base_name = (lambda: step_loop_integrated_gradients(model, steps=steps, **data)), "step-loop"
         base_ch, ch_base_name = (lambda: full_chefer_relevance(model, **data)), "full-R-loop"
@@ -199,7 +201,8 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
         fns["captum"] = run_captum
     for name, err in errors.items():
         if err > 1e-4:
-            raise AssertionError(f"IG: {name} differs from {'the trapezoid rule' if name == 'captum' else ig_base_name} "
+            reference = "the trapezoid rule" if name == "captum" else ig_base_name
+            raise AssertionError(f"IG: {name} differs from {reference} "
                                  f"by {err:.2e} (relative); refusing to time methods that disagree")
     stats = time_interleaved(fns, repeats, device)
     rows += [{**common, "workload": "integrated_gradients" + suffix, "method": name, "baseline": ig_base_name,
@@ -264,7 +267,7 @@ def user_call_rows(method: str, patients: int, layers: int, heads: int, dim: int
         return [fn(**b)["codes"] for b in batches]
 
     reference = {"batch-1 loop": loop(base, one), "batch-32 loop": loop(base, many)}
-    errors = {name: max(rel_err(g, r) for g, r in zip(loop(ours.attribute, batches), reference[name]))
+    errors = {name: max(rel_err(g, r) for g, r in zip(loop(ours.attribute, batches), reference[name], strict=False))
               for name, batches in (("batch-1 loop", one), ("batch-32 loop", many))}
     flat = [row for batch in reference["batch-32 loop"] for row in batch]
     with tempfile.TemporaryDirectory() as tmp:
@@ -307,7 +310,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> bool:
     rows = [r for r in rows if not r["workload"].endswith("long-tailed") and "as users call it" not in r["workload"]]
     workloads = sorted({r["workload"] for r in rows})
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
-    for ax, workload in zip(axes[0], workloads):
+    for ax, workload in zip(axes[0], workloads, strict=False):
         here = [r for r in rows if r["workload"] == workload]
         for method in sorted({r["method"] for r in here}):
             points = sorted((r["seq_len"], r["speedup_vs_baseline"]) for r in here if r["method"] == method)
@@ -343,7 +346,8 @@ def run(quick: bool = False, device: str | None = None, out: str | Path = "fasta
     repeats = repeats or (2 if quick else 7)
     use_pyhealth = pyhealth_available()
     use_captum = importlib.util.find_spec("captum") is not None
-    print(f"fastattr bench on {device}: PyHealth {'found' if use_pyhealth else 'not importable (baseline: fastattr.loop)'}, "
+    found = "found" if use_pyhealth else "not importable (baseline: fastattr.loop)"
+    print(f"fastattr bench on {device}: PyHealth {found}, "
           f"Captum {'found' if use_captum else 'not importable'}; backends {', '.join(backends_here(device))}")
     rows = []
     for length in lengths:

@@ -67,7 +67,8 @@ def _add_evaluate(sub: Any) -> None:
     evaluate.add_argument("--percentages", type=float, nargs="+", default=None,
                           help="percentages of each patient's attributions removed or kept (default 1 5 10 20 50)")
     evaluate.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
-    evaluate.add_argument("--no-resume", action="store_true", help="refuse to continue scores found in RUN/faithfulness")
+    evaluate.add_argument("--no-resume", action="store_true",
+                          help="refuse to continue scores found in RUN/faithfulness")
 
 
 def _add_tables(sub: Any) -> None:
@@ -235,8 +236,8 @@ def _attribute(args: argparse.Namespace) -> None:
     import torch
 
     from fastattr.interpret.chefer import CheferRelevance
-    from fastattr.tools.cohort import CohortDataset, attribute_dataset
     from fastattr.interpret.ig import IntegratedGradients
+    from fastattr.tools.cohort import CohortDataset, attribute_dataset
     from fastattr.tools.models import load_checkpoint
     from fastattr.tools.synthetic import SyntheticCohort
 

@@ -20,12 +20,24 @@ from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Attributor, Interpreter
 from fastattr.interpret.batches import batch_size, select_samples
 from fastattr.interpret.features import FeatureBatch, model_device
-from fastattr.tools.cohort_batching import (COHORT_BATCH_TOKENS, SORT_WINDOW, LengthSortedBatches, choose_batching,
-                                            in_order)
+from fastattr.tools.cohort_batching import (
+    COHORT_BATCH_TOKENS,
+    SORT_WINDOW,
+    LengthSortedBatches,
+    choose_batching,
+    in_order,
+)
 from fastattr.tools.cohort_distributed import barrier, on_every_rank, start_process_group
 from fastattr.tools.cohort_pipeline import Prefetch, ShardWriter
-from fastattr.tools.store import (Attributions, ShardStore, load_attributions, read_run_info, record_timing, run_info,
-                                  write_run_info)
+from fastattr.tools.store import (
+    Attributions,
+    ShardStore,
+    load_attributions,
+    read_run_info,
+    record_timing,
+    run_info,
+    write_run_info,
+)
 from fastattr.tools.synthetic import CohortDataset
 
 __all__ = ["COHORT_BATCH_TOKENS", "SORT_WINDOW", "Attributions", "CohortDataset", "LengthSortedBatches",
@@ -221,8 +233,8 @@ def _run(interpreter: Any, model: Any, dataloader: Any, store: ShardStore, done:
                 bar.update(size)
                 continue
             began = time.perf_counter()
-            attributions, delta, predictions = _concat(_attribute_with_retry(interpreter, batch, index,
-                                                                             attribute_kwargs))
+            parts = _attribute_with_retry(interpreter, batch, index, attribute_kwargs)
+            attributions, delta, predictions = _concat(parts)
             tensors = {f"attr/{k}": v.detach().contiguous().cpu() for k, v in attributions.items()}
             if delta is not None:
                 tensors["convergence_delta"] = delta.detach().contiguous().cpu()

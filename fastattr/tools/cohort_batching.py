@@ -24,7 +24,10 @@ def _sample_length(model: Any, sample: Mapping[str, Any]) -> int:
         feature = sample[key]
         value = FeatureLayout.of(model, key).value(feature) if isinstance(feature, tuple) else feature
         if isinstance(value, torch.Tensor):
-            total += int((value != 0).sum()) if not value.is_floating_point() else (value.shape[0] if value.dim() else 1)
+            if value.is_floating_point():
+                total += value.shape[0] if value.dim() else 1
+            else:
+                total += int((value != 0).sum())
         elif isinstance(value, (list, tuple)):
             total += sum(len(v) if isinstance(v, (list, tuple)) else 1 for v in value)
         else:

@@ -10,16 +10,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastattr.tools.timing import time_interleaved
-from fastattr.tools.cohort import CohortDataset, attribute_dataset
-from fastattr.tools.figures import missing_extras
-from fastattr.tools.report import write_report
 from fastattr.interpret.chefer import CheferRelevance
 from fastattr.interpret.ig import IntegratedGradients
 from fastattr.loop import step_loop_integrated_gradients
+from fastattr.tools.cohort import CohortDataset, attribute_dataset
+from fastattr.tools.figures import missing_extras
 from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, save_checkpoint
+from fastattr.tools.report import write_report
 from fastattr.tools.scores import evaluate_run
 from fastattr.tools.synthetic import SyntheticCohort
+from fastattr.tools.timing import time_interleaved
 
 
 def train(model: torch.nn.Module, cohort: SyntheticCohort, train_idx: list[int], updates: int,
@@ -50,7 +50,7 @@ def present_truth(cohort: SyntheticCohort, codes: set[int]) -> set[int]:
 def ranked_codes(attribution: torch.Tensor, codes: torch.Tensor) -> list[int]:
     """Distinct codes of one patient, best first, each scored by its largest attribution."""
     best: dict[int, float] = {}
-    for code, score in zip(codes.tolist(), attribution.tolist()):
+    for code, score in zip(codes.tolist(), attribution.tolist(), strict=False):
         if code and score > best.get(code, float("-inf")):
             best[code] = score
     return sorted(best, key=best.get, reverse=True)
@@ -58,7 +58,7 @@ def ranked_codes(attribution: torch.Tensor, codes: torch.Tensor) -> list[int]:
 
 def recovery(attributions: torch.Tensor, codes: torch.Tensor, truths: list[set[int]]) -> dict[str, float]:
     top1 = top3 = 0
-    for row, patient, truth in zip(attributions, codes, truths):
+    for row, patient, truth in zip(attributions, codes, truths, strict=False):
         order = ranked_codes(row, patient)
         top1 += order[0] in truth
         top3 += bool(truth & set(order[:3]))
@@ -108,9 +108,10 @@ def _trained(cohort: SyntheticCohort, split: int, updates: int, dev: torch.devic
     with torch.no_grad():
         prob = model(codes=test["codes"].to(dev))["y_prob"].squeeze(1).cpu()
     accuracy = ((prob > 0.5).long() == test["label"]).float().mean().item()
+    pairs = cohort.truth.pairs.items()
     print(f"cohort: {cohort.patients} patients (seed {seed}); planted codes "
           f"{', '.join(f'{cohort.names[c]} (+{e:.1f})' for c, e in cohort.truth.planted.items())}; planted pairs "
-          f"{', '.join(f'{cohort.names[a]}&{cohort.names[b]} (+{e:.1f})' for (a, b), e in cohort.truth.pairs.items())}; "
+          f"{', '.join(f'{cohort.names[a]}&{cohort.names[b]} (+{e:.1f})' for (a, b), e in pairs)}; "
           f"distractors {', '.join(cohort.names[d] for d in cohort.truth.distractors)}")
     print(f"trained {updates} updates in {train_s:.1f} s (last loss {loss:.3f}); held-out accuracy {accuracy:.3f}")
     return model, accuracy
@@ -190,8 +191,8 @@ def _faithfulness_table(model: torch.nn.Module, runs: dict[str, Path]) -> dict:
         rows = evaluate_run(run, model, progress=None).all()
         valid = rows["valid"]
         table[name] = {m: rows[m][valid].mean().item() for m in ("comprehensiveness", "sufficiency")}
-        table["random"] = {m: rows[f"random/{m}"][valid].mean(1).mean().item() for m in ("comprehensiveness",
-                                                                                          "sufficiency")}
+        table["random"] = {m: rows[f"random/{m}"][valid].mean(1).mean().item()
+                           for m in ("comprehensiveness", "sufficiency")}
         table["scored"] = int(valid.sum())
     print(f"\nfaithfulness of every held-out patient's attributions ({table['scored']} of {len(valid)} scored: "
           "predicted positive; each on its own codes; fastattr evaluate RUN):")

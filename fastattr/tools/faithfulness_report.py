@@ -80,7 +80,7 @@ def _row(label: str, s: dict[str, Any], part: str) -> str:
 def _fig_curves(scored: list[tuple[str, Attributions, dict[str, Any]]]) -> str:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, metric in zip(axes, METRIC_NAMES):
+    for ax, metric in zip(axes, METRIC_NAMES, strict=False):
         for label, _, s in scored:
             ax.plot(s["percentages"], s["rows"][f"drops/{metric}"][s["valid"]].mean(axis=0), marker="o", label=label)
         first = scored[0][2]

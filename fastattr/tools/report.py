@@ -22,8 +22,8 @@ import numpy as np
 from fastattr.tools.faithfulness_report import faithfulness_section
 from fastattr.tools.figures import figure, png, pyplot
 from fastattr.tools.frames import code_names, entries, has_vocab
-from fastattr.tools.summaries import CodeSummary, sample_values, summarize_codes
 from fastattr.tools.store import Attributions, open_run
+from fastattr.tools.summaries import CodeSummary, sample_values, summarize_codes
 
 COLORS = {"planted": "#c0392b", "planted pair": "#e67e22", "distractor": "#8e44ad", "": "#4a78b5"}
 HEAT_POSITIONS = 48  # positions shown per patient heat map
@@ -108,7 +108,7 @@ def _fig_distribution(run: _Run, top: list[dict[str, Any]], values: dict) -> str
         else {"vert": False}  # matplotlib 3.10 renamed the argument
     parts = ax.boxplot(data, widths=0.6, showfliers=True, patch_artist=True,
                        flierprops={"markersize": 2, "alpha": 0.4}, **sideways)
-    for patch, r in zip(parts["boxes"], top[::-1]):
+    for patch, r in zip(parts["boxes"], top[::-1], strict=False):
         patch.set_facecolor(_color(r["annotation"]))
         patch.set_alpha(0.6)
     ax.set_yticks(range(1, len(top) + 1), [run.code_label(r) for r in top][::-1])
@@ -123,9 +123,10 @@ def _fig_distribution(run: _Run, top: list[dict[str, Any]], values: dict) -> str
 def _fig_by_class(run: _Run, per_class: list[tuple[int, int, list[dict[str, Any]]]]) -> str:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(per_class), figsize=(5 * len(per_class), 0.3 * 10 + 1.6), squeeze=False)
-    for ax, (cls, count, rows) in zip(axes[0], per_class):
+    for ax, (cls, count, rows) in zip(axes[0], per_class, strict=False):
         labels = [run.code_label(r) for r in rows][::-1]
-        ax.barh(labels, [r["mean_attribution"] for r in rows][::-1], color=[_color(r["annotation"]) for r in rows][::-1])
+        ax.barh(labels, [r["mean_attribution"] for r in rows][::-1],
+                color=[_color(r["annotation"]) for r in rows][::-1])
         ax.axvline(0, color="#333", lw=0.8)
         name = f"predicted label {cls}" if run.summary.class_rule.startswith("predicted") else f"explained class {cls}"
         ax.set_title(f"{name}: {count} samples", fontsize=10)
@@ -145,7 +146,7 @@ def _patient_cells(run: _Run, position: int) -> tuple[list[str], list[float], li
         if e is None or len(e.rows) == 0:
             continue
         names = code_names(run.store, key, int(e.codes.max()) + 1)
-        for code, value in zip(e.codes.tolist(), e.values.double().tolist()):
+        for code, value in zip(e.codes.tolist(), e.values.double().tolist(), strict=False):
             labels.append(names[code] if len(run.summary.features) == 1 else f"{key}:{names[code]}")
             scores.append(value)
             marks.append(annotations.get(key, {}).get(names[code], ""))
@@ -158,7 +159,7 @@ def _fig_patients(run: _Run, chosen: list[int]) -> str:
     probability = run.summary.sample_probability
     cells = [_patient_cells(run, position) for position in chosen]
     width = min(max(len(c[0]) for c in cells), HEAT_POSITIONS)
-    for ax, position, (labels, scores, marks) in zip(axes[:, 0], chosen, cells):
+    for ax, position, (labels, scores, marks) in zip(axes[:, 0], chosen, cells, strict=False):
         cut = len(labels) > HEAT_POSITIONS
         labels, scores, marks = labels[:HEAT_POSITIONS], scores[:HEAT_POSITIONS], marks[:HEAT_POSITIONS]
         values = np.array(scores)[None, :] if scores else np.zeros((1, 1))
@@ -166,7 +167,7 @@ def _fig_patients(run: _Run, chosen: list[int]) -> str:
         ax.imshow(values, cmap="coolwarm", vmin=-scale, vmax=scale, aspect="auto")
         ax.set_xlim(-0.5, max(width, 1) - 0.5)  # one cell width for every patient
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        for tick, mark in zip(ax.get_xticklabels(), marks):
+        for tick, mark in zip(ax.get_xticklabels(), marks, strict=False):
             if mark:
                 tick.set_color(_color(mark))
                 tick.set_fontweight("bold")
@@ -188,7 +189,7 @@ def _fig_agreement(a: _Run, b: _Run, common: list[tuple[str, int]], ia: dict, ib
     rows = {(r["feature"], r["code_id"]): r for r in a.rows}
     marks = [rows[k]["annotation"] for k in common]
     ax.scatter(ra, rb, s=12, c=[_color(m) for m in marks], alpha=0.75)
-    for x, y, k, m in zip(ra, rb, common, marks):
+    for x, y, k, m in zip(ra, rb, common, marks, strict=False):
         if m or min(x, y) <= 5:
             ax.annotate(a.code_label(rows[k]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
@@ -207,7 +208,8 @@ def _fig_agreement(a: _Run, b: _Run, common: list[tuple[str, int]], ia: dict, ib
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;font-size:.86em;margin:.6em 0}td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
+table{border-collapse:collapse;font-size:.86em;margin:.6em 0}
+td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}figure{margin:1em 0}img{max-width:100%}
 figcaption{font-size:.86em;color:#555}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em}
 .tag{display:inline-block;padding:0 6px;border-radius:3px;color:#fff;font-size:.8em}"""
@@ -223,7 +225,7 @@ def _table(run: _Run, rows: list[dict[str, Any]], rank_of: dict | None = None) -
             "<th>mean attr.</th><th>mean |attr.|</th><th>samples</th><th>frequency</th><th>top code in</th>"
             "<th class=l>annotation</th></tr>")
     body = []
-    for i, r in enumerate(rows):
+    for r in rows:
         rank = rank_of.get((r["feature"], r["code_id"]), "-") if rank_of else None
         body.append("<tr>" + (f"<td>{rank}</td>" if rank_of else "") +
                     f"<td class=l>{html.escape(run.code_label(r))}</td><td>{r['importance']:.4g}</td>"
@@ -242,8 +244,9 @@ def _run_section(run: _Run, top: int, patients: int, limit: int, progress: bool 
     for key in summary.features:
         if not has_vocab(store, key):
             what = "ids" if store.info["features"][key]["token"] else "channel numbers"
-            parts.append(f"<p class=note>Feature <b>{html.escape(key)}</b> has no vocabulary in this run: its codes are "
-                         f"shown as {what}. Pass <code>vocab=</code> to <code>attribute_dataset</code> (or give the "
+            parts.append(f"<p class=note>Feature <b>{html.escape(key)}</b> has no vocabulary in this run: its codes "
+                         f"are shown as {what}. Pass <code>vocab=</code> to <code>attribute_dataset</code> (or give "
+                         "the "
                          "model's processors a <code>code_vocab</code>) to see names.</p>")
     best = run.rows[:top]
     if not best:
@@ -308,7 +311,8 @@ def _agreement_section(a: _Run, b: _Run) -> list[str]:
                          for k in b.summary.features] + [-1])  # index -1 (no entry) maps to -1
         both = (fa >= 0) & (fb >= 0)
         same = both & (fa == in_a[fb]) & (ca == cb)
-        rows.append(("samples whose top code is the same", f"{same.sum()} of {both.sum()} ({same.sum() / max(both.sum(), 1):.1%})"))
+        rows.append(("samples whose top code is the same",
+                     f"{same.sum()} of {both.sum()} ({same.sum() / max(both.sum(), 1):.1%})"))
     table = "".join(f"<tr><td class=l>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
     parts.append(f"<table>{table}</table>")
     if not same_samples:

@@ -117,7 +117,8 @@ def _names(key: str, vocab: Any) -> list[str | None]:
         return names
     if isinstance(vocab, (list, tuple)):
         return [None if n is None else str(n) for n in vocab]
-    raise TypeError(f"vocab[{key!r}] must be a {{code: id}} mapping or a list of names by id; got {type(vocab).__name__}")
+    raise TypeError(f"vocab[{key!r}] must be a {{code: id}} mapping or a list of names by id; got "
+                    f"{type(vocab).__name__}")
 
 
 def _json_safe(value: Any) -> Any:

@@ -28,7 +28,7 @@ from fastattr.metrics.evaluator import Evaluator
 from fastattr.metrics.filters import SampleFilterFn
 from fastattr.metrics.metric import PERCENTAGES, finish
 from fastattr.metrics.removal import METRICS
-from fastattr.tools.store import SCORES_FOLDER, Attributions, ShardStore, write_atomic, load_attributions, open_run
+from fastattr.tools.store import SCORES_FOLDER, Attributions, ShardStore, load_attributions, open_run, write_atomic
 
 SCORES_INFO = "scores.json"
 
@@ -71,7 +71,8 @@ def evaluate_run(run: str | Path | Attributions, model: Any, *, percentages: Seq
         info = {"percentages": list(percentages), "ablation_strategy": ablation_strategy, "metrics": list(METRICS),
                 "features": keys, "method": (store.info or {}).get("method"), "seed": seed}
         write_atomic(out / SCORES_INFO, json.dumps(info, indent=1).encode())
-        bar = tqdm(total=len(store), desc="faithfulness", unit="patient", disable=None if progress is None else not progress)
+        bar = tqdm(total=len(store), desc="faithfulness", unit="patient",
+                   disable=None if progress is None else not progress)
         for index, (positions, ids, tensors) in enumerate(store.shards_with_positions()):
             if index not in done:
                 writer.write(index, _score_shard(evaluator, keys, tensors, seed * 1_000_003 + index), ids, positions)
@@ -104,7 +105,8 @@ def _own(tensor: torch.Tensor, keep: torch.Tensor) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def _score_shard(evaluator: Evaluator, keys: list[str], tensors: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+def _score_shard(evaluator: Evaluator, keys: list[str], tensors: dict[str, torch.Tensor],
+                 seed: int) -> dict[str, torch.Tensor]:
     """Every sample of one shard scored on its own tokens, samples of one own length together."""
     size = tensors[f"input/{keys[0]}"].shape[0]
     own = [tuple(_own(tensors[f"input/{k}"][i], tensors[f"keep/{k}"][i]) for k in keys) for i in range(size)]
@@ -117,9 +119,10 @@ def _score_shard(evaluator: Evaluator, keys: list[str], tensors: dict[str, torch
     device = next(evaluator.model.parameters()).device
     for sizes in sorted(set(own)):
         rows = [i for i in range(size) if own[i] == sizes]
-        cut = {k: tuple(slice(0, n) for n in s) for k, s in zip(keys, sizes)}
+        cut = {k: tuple(slice(0, n) for n in s) for k, s in zip(keys, sizes, strict=False)}
         batch = {k: torch.stack([tensors[f"input/{k}"][i][cut[k]] for i in rows]).to(device) for k in keys}
-        attributions = {k: torch.stack([tensors[f"attr/{k}"][i][cut[k]] for i in rows]).float().to(device) for k in keys}
+        attributions = {k: torch.stack([tensors[f"attr/{k}"][i][cut[k]] for i in rows]).float().to(device)
+                        for k in keys}
         noise = {k: torch.rand(a.shape, generator=generator).to(device) for k, a in attributions.items()}
         originals = scorer.originals(batch)
         for part, given in (("drops", attributions), ("random", noise)):

@@ -25,9 +25,22 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from fastattr.tools.run_files import (FORMAT, RUN_FORMAT, RUN_INFO, DiskFullError, identity, intact, read_manifest,
-                                      read_run_info, record_timing, run_info, space_for, verified, write_atomic,
-                                      write_run_info)
+from fastattr.tools.run_files import (
+    FORMAT,
+    RUN_FORMAT,
+    RUN_INFO,
+    DiskFullError,
+    identity,
+    intact,
+    read_manifest,
+    read_run_info,
+    record_timing,
+    run_info,
+    space_for,
+    verified,
+    write_atomic,
+    write_run_info,
+)
 from fastattr.tools.run_reader import SCORES_FOLDER, Attributions, load_attributions, open_run
 
 __all__ = ["FORMAT", "RUN_FORMAT", "RUN_INFO", "SCORES_FOLDER", "Attributions", "DiskFullError", "RunLockedError",

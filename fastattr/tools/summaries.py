@@ -13,8 +13,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastattr.tools.frames import (FAITHFULNESS, TARGET_RULE, Entries, OpenedRun, chosen_features, code_names, entries,
-                                   need_extra, require_info, sample_classes, sample_scores)
+from fastattr.tools.frames import (
+    FAITHFULNESS,
+    TARGET_RULE,
+    Entries,
+    OpenedRun,
+    chosen_features,
+    code_names,
+    entries,
+    need_extra,
+    require_info,
+    sample_classes,
+    sample_scores,
+)
 
 
 def _per_sample_codes(e: Entries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,7 +193,7 @@ def summarize_codes(store: OpenedRun, features: Sequence[str] | None = None, *,
             first = torch.full((size,), len(rows), dtype=torch.long).scatter_reduce(
                 0, rows[winner], order[winner], "amin")  # ties: the first feature, then the lowest code
             starts = np.cumsum([0] + [len(g[1]) for g in groups])
-            for (f, g_rows, g_codes, _), start, stop in zip(groups, starts[:-1], starts[1:]):
+            for (f, g_rows, g_codes, _), start, stop in zip(groups, starts[:-1], starts[1:], strict=False):
                 won = first[(first >= start) & (first < stop)] - int(start)
                 grids[keys[f]]["top"].add(cls[g_rows[won]], g_codes[won], torch.ones(len(won), dtype=torch.float64))
                 if per_sample:

@@ -29,7 +29,8 @@ def long_tailed_lengths(count: int, median: float = 15.0, sigma: float = 1.0, lo
     """``count`` lengths drawn log-normal (``median``, log-space ``sigma``), clipped to [1, ``longest``]:
     most patients short, a few long, as in real clinical cohorts."""
     if count < 0 or median <= 0 or sigma < 0 or longest < 1:
-        raise ValueError(f"need count >= 0, median > 0, sigma >= 0, longest >= 1; got {count}, {median}, {sigma}, {longest}")
+        raise ValueError(f"need count >= 0, median > 0, sigma >= 0, longest >= 1; got {count}, {median}, {sigma}, "
+                         f"{longest}")
     rng = np.random.default_rng([seed, 0x1E6])
     raw = rng.lognormal(mean=np.log(median), sigma=sigma, size=count)
     return np.clip(np.rint(raw), 1, longest).astype(int).tolist()
@@ -119,8 +120,9 @@ class SyntheticCohort:
         pair_codes, decoys = rest[: 2 * self.pairs], rest[2 * self.pairs:]
         self.truth = Truth(
             planted={c: float(rng.uniform(1.5, 2.5)) for c in singles},
-            pairs={(a, b): float(rng.uniform(2.0, 3.0)) for a, b in zip(pair_codes[::2], pair_codes[1::2])},
-            distractors=dict(zip(decoys, singles)),
+            pairs={(a, b): float(rng.uniform(2.0, 3.0))
+                   for a, b in zip(pair_codes[::2], pair_codes[1::2], strict=False)},
+            distractors=dict(zip(decoys, singles, strict=False)),
             bias=-2.0,
         )
         # planted pairs are placed together in some patients, so the interaction is learnable
