@@ -8,15 +8,16 @@ padding verdicts. An interpreter implements ``attribute(**batch)``.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from fastattr.core.backend import check_backend_name
+from fastattr.core.checks import warn_renamed_target
 from fastattr.core.precision import check_precision
-from fastattr.interpret.features import require_feature_protocol, require_methods
+from fastattr.interpret.features import model_device, require_feature_protocol, require_methods
 from fastattr.interpret.lengths import LengthGroups, check_pack_lengths
 
 
@@ -79,6 +80,13 @@ class Interpreter:
         check_pack_lengths(pack)
         check_precision(mode)
         return CallOptions(backend if backend is not None else self.backend, pack, mode)
+
+    def begin(self, batch: Mapping[str, Any], backend: str | None, pack_lengths: bool | str | None,
+              precision: str | None) -> tuple[torch.device, CallOptions]:
+        """What every ``attribute`` call starts with: PyHealth 2.0's renamed keyword warned about, the
+        model's device, and this call's options."""
+        warn_renamed_target(batch, self.model.feature_keys)
+        return model_device(self.model), self.options(backend, pack_lengths, precision)
 
     def attribute(self, **batch: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError

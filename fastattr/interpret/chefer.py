@@ -9,15 +9,15 @@ from typing import Any
 import torch
 
 from fastattr.core.backend import resolve_backend
-from fastattr.core.checks import warn_renamed_target
 from fastattr.core.precision import model_precision
 from fastattr.core.relevance import check_layers, chefer_relevance, full_path_is_cheaper, propagate
 from fastattr.core.targets import resolve_targets, target_tensor
 from fastattr.interpret.base import Interpreter
 from fastattr.interpret.batches import select_samples
 from fastattr.interpret.capture import HookedTensors, ModuleState, OldTensors, gradient_sinks
-from fastattr.interpret.features import FeatureBatch, model_device
+from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
+from fastattr.interpret.outputs import logits_of, reported_probabilities
 from fastattr.interpret.row_picks import RowPicks, detect_row_picks  # noqa: F401  (detect_row_picks: public path)
 
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
@@ -116,9 +116,7 @@ class CheferRelevance(Interpreter):
             **data: a dataloader batch, passed to the model as it is (or cut to a length group).
         """
         model = self.model
-        warn_renamed_target(data, model.feature_keys)
-        device = model_device(model)
-        call = self.options(backend, pack_lengths, precision)
+        device, call = self.begin(data, backend, pack_lengths, precision)
         use, pack, mode = resolve_backend(call.backend, device), call.pack_lengths, call.precision
         features = FeatureBatch.from_batch(model, data)
         key = layout_key(features)
@@ -217,7 +215,7 @@ class CheferRelevance(Interpreter):
         try:
             with torch.enable_grad(), HookedTensors() as hooked, model_precision(precision, device):
                 out = model(**data)
-                logits = out["logit"]
+                logits = logits_of(out)
         finally:
             model.set_attention_hooks(False)
             if handle is not None:
@@ -228,15 +226,12 @@ class CheferRelevance(Interpreter):
         # stopped hooking tensors, to its weights).
         self._hooks_tensors = bool(hooked)
         sinks = hooked or embedded
-        if logits.dim() == 1:
-            logits = logits.unsqueeze(1)
         batch, classes = logits.shape
         if batch == 0:
             raise ValueError("the batch is empty (batch size 0)")
         targets = resolve_targets(target, logits.detach(), batch, classes, logits.device)
-        prob = out.get("y_prob", logits) if isinstance(out, dict) else logits
-        self.last_predictions_as_given = isinstance(out, dict) and "y_prob" in out and precision == "fp32"
-        prob = prob.detach().float().reshape(batch, -1)
+        prob, given = reported_probabilities(out, logits)
+        self.last_predictions_as_given = given and precision == "fp32"
         del out
         score = logits.gather(1, targets.unsqueeze(1)).sum()  # sum(one_hot(target) * logits): the same gradient
         old = OldTensors(self._state, self._read)

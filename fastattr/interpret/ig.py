@@ -5,13 +5,14 @@ from typing import Any
 
 import torch
 
-from fastattr.core.checks import check_steps, warn_renamed_target
+from fastattr.core.checks import check_steps
 from fastattr.core.integrated import check_baseline, check_finite, resolve_options, run_integrated_gradients
 from fastattr.core.precision import model_precision
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Interpreter
 from fastattr.interpret.features import FeatureBatch, model_device, require_methods
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
+from fastattr.interpret.outputs import logits_of, reported_probabilities
 
 
 class IntegratedGradients(Interpreter):
@@ -89,9 +90,7 @@ class IntegratedGradients(Interpreter):
             **batch: a dataloader batch; entries that are not feature keys are ignored.
         """
         model = self.model
-        warn_renamed_target(batch, model.feature_keys)
-        device = model_device(model)
-        call = self.options(backend, pack_lengths, precision)
+        device, call = self.begin(batch, backend, pack_lengths, precision)
         pack, mode = call.pack_lengths, call.precision
         options = resolve_options(steps=self.steps if steps is None else steps, method=method,
                                   internal_batch_size=internal_batch_size, backend=call.backend, device=device,
@@ -103,12 +102,11 @@ class IntegratedGradients(Interpreter):
 
         with torch.no_grad():  # float32 in every mode: the class explained and the probabilities stored are fp32's
             out = model.forward(**features.call())
-        logits = out["logit"]
-        logits = logits.unsqueeze(1) if logits.dim() == 1 else logits
+        logits = logits_of(out)
         targets = resolve_targets(target_class_idx, logits, features.size, logits.shape[1], device)
-        prob = out.get("y_prob", logits) if isinstance(out, dict) else logits
-        self.last_predictions_as_given = isinstance(out, dict) and "y_prob" in out and not features.appended
-        self.last_predictions = (prob.detach().float().reshape(features.size, -1), targets)
+        prob, given = reported_probabilities(out, logits)
+        self.last_predictions_as_given = given and not features.appended
+        self.last_predictions = (prob, targets)
 
         embed = None
         if self.use_embeddings:
@@ -180,7 +178,7 @@ class IntegratedGradients(Interpreter):
                     values.update({k: v for k, v in embed({k: points[k] for k in continuous}).items()
                                    if k in continuous})
                 call = part.call(values, others)
-                return (model.forward_from_embedding(**call) if embed is not None else model.forward(**call))["logit"]
+                return logits_of(model.forward_from_embedding(**call) if embed is not None else model.forward(**call))
         return forward
 
     def _padding_difference(self, features: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any,

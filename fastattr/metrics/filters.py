@@ -68,6 +68,7 @@ def probabilities(outputs: Any, kind: str) -> torch.Tensor:
     if isinstance(outputs, Mapping) and "y_prob" in outputs:
         prob = outputs["y_prob"]
     elif isinstance(outputs, Mapping) and "logit" in outputs:
+        # on the logits as the model gives them (PyHealth's order: the 2-D view comes after)
         logits = outputs["logit"]
         prob = torch.sigmoid(logits) if kind in ("binary", "multilabel") else torch.softmax(logits, dim=-1)
     else:

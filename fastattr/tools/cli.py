@@ -149,21 +149,20 @@ def run_evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
     from fastattr.tools.models import load_checkpoint
     from fastattr.tools.scores import evaluate_run
-    from fastattr.tools.store import DiskFullError, RunLockedError
 
     if args.percentages is not None and any(not 0 < p <= 100 for p in args.percentages):
         parser.error("--percentages must lie in (0, 100]")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
+    done: list[Any] = []
+
+    def score() -> None:
         model, _ = load_checkpoint(args.checkpoint, map_location=device)
         options = {"percentages": args.percentages} if args.percentages else {}
-        scores = evaluate_run(args.run, model, resume=not args.no_resume, **options)
-    except (DiskFullError, RunLockedError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"fastattr evaluate: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fastattr evaluate: interrupted; run the same command again to resume {args.run}", file=sys.stderr)
-        return 130
+        done.append(evaluate_run(args.run, model, resume=not args.no_resume, **options))
+    status = _resumable("evaluate", args.run, score)
+    if status:
+        return status
+    scores = done[0]
     rows = scores.all()
     valid = rows["valid"]
     print(f"scored {int(valid.sum())} of {len(valid)} patients of {args.run}: comprehensiveness "
@@ -217,15 +216,21 @@ def run_attribute(args: argparse.Namespace) -> int:
     """``fastattr attribute``: a full disk, a folder another run is writing, a folder that is not a
     run and other errors of the inputs end the command with one line and status 2; Ctrl-C with
     status 130. Either way what was finished stays for the resume."""
+    return _resumable("attribute", args.out, lambda: _attribute(args))
+
+
+def _resumable(command: str, folder: str, work: Any) -> int:
+    """Run ``work()``: errors of the inputs and of the run folder (a full disk, another writer, a folder
+    that is not a run) end with one line and status 2, Ctrl-C with 130 (what was finished stays)."""
     from fastattr.tools.store import DiskFullError, RunLockedError
 
     try:
-        _attribute(args)
+        work()
     except (DiskFullError, RunLockedError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"fastattr attribute: {exc}", file=sys.stderr)
+        print(f"fastattr {command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fastattr attribute: interrupted; run the same command again to resume {args.out}", file=sys.stderr)
+        print(f"fastattr {command}: interrupted; run the same command again to resume {folder}", file=sys.stderr)
         return 130
     return 0
 

@@ -20,6 +20,7 @@ from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Attributor, Interpreter
 from fastattr.interpret.batches import batch_size, select_samples
 from fastattr.interpret.features import FeatureBatch, model_device
+from fastattr.interpret.outputs import logits_of, reported_probabilities
 from fastattr.tools.cohort_batching import (
     COHORT_BATCH_TOKENS,
     SORT_WINDOW,
@@ -108,10 +109,9 @@ def _predictions(model: Any, batch: dict[str, Any], target: Any) -> tuple[torch.
     interpreter that does not report its own (one extra forward)."""
     with torch.no_grad():
         out = model(**{k: v for k, v in batch.items() if k in model.feature_keys})
-    logits = out["logit"].reshape(out["logit"].shape[0], -1)
-    prob = out["y_prob"] if "y_prob" in out else logits
+    logits = logits_of(out)
     targets = resolve_targets(target, logits, logits.shape[0], logits.shape[1], logits.device)
-    return prob.detach().float().reshape(prob.shape[0], -1), targets
+    return reported_probabilities(out, logits)[0], targets
 
 
 def attribute_dataset(interpreter: Interpreter | Attributor, dataloader: Iterable[dict[str, Any]], out: str | Path, *,
