@@ -20,8 +20,13 @@ def test_demo_quick_recovers_planted_codes(tmp_path, capsys):
     ig = results["recovery"]["ig"]
     assert ig["top3"] >= 0.6 and ig["top1"] >= 0.25
     assert ig["top3"] > results["recovery"]["random"]["top3"] + 0.2
-    assert results["recovery"]["ig"]["comprehensiveness"] > results["recovery"]["random"]["comprehensiveness"]
-    assert results["recovery"]["ig"]["sufficiency"] < results["recovery"]["random"]["sufficiency"]
+    # faithfulness over every held-out patient's stored attributions (fastattr evaluate), beside random ones
+    faithfulness = results["faithfulness"]
+    for method in ("ig", "chefer"):
+        assert faithfulness[method]["comprehensiveness"] > faithfulness["random"]["comprehensiveness"]
+        assert faithfulness[method]["sufficiency"] < faithfulness["random"]["sufficiency"]
+    assert faithfulness["scored"] >= 16
+    assert (tmp_path / "runs" / "ig" / "faithfulness" / "manifest.json").exists()
     assert results["patients_explained"] >= 16
     # the demo ends on the cohort report of its held-out patients, both methods, truth marked
     from test_tables import embedded_pngs, parse
@@ -29,7 +34,7 @@ def test_demo_quick_recovers_planted_codes(tmp_path, capsys):
     from fastattr.tools import tables
 
     page, text = parse(tmp_path / "report.html")
-    assert len(embedded_pngs(page)) == 9 and page.external == []
+    assert len(embedded_pngs(page)) == 10 and page.external == []  # 9 + the faithfulness curves
     assert "Agreement: IG vs Chefer" in text and "planted pair" in text and "distractor" in text
     ig = tables.summarize(tmp_path / "runs" / "ig")
     assert ig.attrs["samples"] == 200
