@@ -213,3 +213,18 @@ def test_pyhealth_suite_scenarios(ablation):
                 for per in (False, True):
                     assert_same(mine_cls(model, **options).compute(batch, attributions, return_per_percentage=per),
                                 their_cls(model, **options).compute(batch, attributions, return_per_percentage=per))
+
+
+def test_evaluate_attribution_over_a_batch_size_1_loader_matches_pyhealth():
+    """PyHealth's docs recommend batch size 1 for interpretability: one patient per batch."""
+    from pyhealth.datasets import get_dataloader
+    from pyhealth.interpret import methods
+    from pyhealth.metrics.interpretability import evaluate_attribution
+
+    model, _ = case("transformer-multiclass-seq")
+    loader = get_dataloader(model.dataset, batch_size=1, shuffle=False)
+    ref = evaluate_attribution(model, loader, methods.CheferRelevance(model), percentages=[5, 20, 50])
+    got = ours.evaluate_attribution(model, loader, fastattr.CheferRelevance(model), percentages=[5, 20, 50],
+                                    progress=False)
+    for metric in ref:
+        assert ref[metric] == ref[metric] and abs(got[metric] - ref[metric]) <= 1e-6

@@ -142,7 +142,8 @@ class IntegratedGradients(Interpreter):
                 else None
             return features.place([(i, r[0]) for i, _, r in parts]), delta, max(r[2] for _, _, r in parts)
 
-        probe = lambda groups: self._padding_difference(features, baselines, embed, groups)  # noqa: E731
+        def probe(groups: list[Group]) -> float:
+            return self._padding_difference(features, baselines, embed, groups)
         return GroupedTask(run, place, probe=probe)
 
     def _embedded(self, part: FeatureBatch, embed: Any) -> set[str]:

@@ -65,9 +65,8 @@ class Evaluator:
         options = dict(percentages=percentages, ablation_strategy=ablation_strategy, sample_filter=self.sample_filter,
                        pack_lengths=pack_lengths, internal_batch_size=internal_batch_size)
         comprehensiveness = ComprehensivenessMetric(model, **options)
-        self.metrics = {"comprehensiveness": comprehensiveness,
-                        "sufficiency": SufficiencyMetric(model, **options)}
-        self.metrics["sufficiency"].scorer = comprehensiveness.scorer  # one engine: one padding verdict per layout
+        self.metrics = {"comprehensiveness": comprehensiveness,  # one engine: one padding verdict per layout
+                        "sufficiency": SufficiencyMetric(model, **options, scorer=comprehensiveness.scorer)}
 
     def evaluate(self, inputs: dict[str, Any], attributions: dict[str, torch.Tensor],
                  metrics: Sequence[str] = METRICS, return_per_percentage: bool = False, debug: bool = False,

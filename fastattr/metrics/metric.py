@@ -66,13 +66,15 @@ class RemovalBasedMetric:
             model's probabilities ignore padding).
         internal_batch_size: rows per forward (default: sized by padded positions on the CPU, every
             row of a group on CUDA, halved on out-of-memory).
+        scorer: the engine (and its padding verdicts) of another metric of the same model and
+            options to share (the Evaluator's two metrics share one).
     """
 
     removes: str | None = None
 
     def __init__(self, model: Any, percentages: Sequence[float] = PERCENTAGES, ablation_strategy: str = "zero", *,
                  sample_filter: SampleFilterFn, pack_lengths: bool | str = "auto",
-                 internal_batch_size: int | None = None) -> None:
+                 internal_batch_size: int | None = None, scorer: RemovalScorer | None = None) -> None:
         self.percentages = check_metric_options(percentages, ablation_strategy)
         check_pack_lengths(pack_lengths)
         check_count("internal_batch_size", internal_batch_size, optional=True)
@@ -83,9 +85,10 @@ class RemovalBasedMetric:
         self.ablation_strategy = ablation_strategy
         self._sample_filter = sample_filter
         model.eval()
-        self.classifier_type = classifier_type(model)
-        self.scorer = RemovalScorer(model, self.classifier_type, self.percentages, ablation_strategy, sample_filter,
-                                    pack_lengths=pack_lengths, internal_batch_size=internal_batch_size)
+        self.classifier_type = scorer.kind if scorer is not None else classifier_type(model)
+        self.scorer = scorer or RemovalScorer(model, self.classifier_type, self.percentages, ablation_strategy,
+                                              sample_filter, pack_lengths=pack_lengths,
+                                              internal_batch_size=internal_batch_size)
 
     def compute(self, inputs: dict[str, Any], attributions: dict[str, torch.Tensor],
                 predicted_class: torch.Tensor | None = None, return_per_percentage: bool = False,

@@ -86,7 +86,7 @@ class RemovalScorer:
             return out
         negative = originals.classes == SampleClass.NEGATIVE
         ablated = self._ablated(inputs, attributions, metrics, negative, keep)
-        rows, inverse, samples = _unique_rows(ablated, keep, random=self.strategy == "noise")
+        rows, inverse, samples = _unique_rows(ablated, random=self.strategy == "noise")
         batch = _stacked(self.model, inputs, keep[samples], {k: v[rows, samples] for k, v in ablated.items()})
         self.last_rows = len(rows)
         probs = self.probabilities(batch, originals.targets[keep[samples]], phase="ablated")
@@ -197,19 +197,20 @@ def with_value(model: Any, key: str, feature: Any, value: torch.Tensor) -> Any:
     return FeatureLayout.of(model, key).replace_value(feature, value)
 
 
-def _unique_rows(ablated: dict[str, torch.Tensor], keep: torch.Tensor, *, random: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _unique_rows(ablated: dict[str, torch.Tensor], *, random: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The distinct ablated rows of each sample: ``(row, sample)`` positions (into ``[R, V]``) of one
     representative each, and for every ``(row, sample)`` (flattened row-major) its representative.
-    Rows with noise are never identical: no search."""
-    total, kept = next(iter(ablated.values())).shape[:2]
-    flat_index = torch.arange(total * kept)
+    Found where the rows are (no copy off the device); rows with noise are never identical: no search."""
+    first_values = next(iter(ablated.values()))
+    total, kept = first_values.shape[:2]
+    device = first_values.device
+    flat_index = torch.arange(total * kept, device=device)
     if random:
         return flat_index // kept, flat_index, flat_index % kept
-    sample = torch.arange(kept, dtype=torch.float64).expand(total, kept).reshape(total * kept, 1)
-    columns = [v.reshape(total * kept, -1).cpu().double() for v in ablated.values()]
+    sample = torch.arange(kept, dtype=torch.float64, device=device).expand(total, kept).reshape(total * kept, 1)
+    columns = [v.reshape(total * kept, -1).double() for v in ablated.values()]
     _, inverse = torch.unique(torch.cat([sample, *columns], dim=1), dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), total * kept, dtype=torch.long)
+    first = torch.full((int(inverse.max()) + 1,), total * kept, dtype=torch.long, device=device)
     first = first.scatter_reduce(0, inverse, flat_index, reduce="amin")
     return first // kept, inverse, first % kept
 
