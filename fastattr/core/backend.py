@@ -21,12 +21,6 @@ def interpreter_enabled() -> bool:
     return interpreting()
 
 
-def check_backend_name(backend: str | None) -> None:
-    """Raise ``ValueError`` for a backend name outside ``BACKENDS`` (``None`` is allowed)."""
-    if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS):
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-
-
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Turn a requested backend (``None`` reads ``FASTATTR_BACKEND``) into ``"torch"`` or ``"triton"``.
 

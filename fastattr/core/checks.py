@@ -7,6 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from fastattr.core.backend import BACKENDS
+from fastattr.core.precision import PRECISIONS
+
 
 def check_count(name: str, value: Any, *, optional: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1 (a bool is not one),
@@ -30,3 +33,22 @@ def warn_renamed_target(batch: Mapping[str, Any], feature_keys: Sequence[str]) -
         warnings.warn("class_index is PyHealth 2.0's name; since PyHealth 2.1.0 (and in fastattr) the class to explain "
                       "is target_class_idx=. class_index is ignored: this call explains the argmax class, as "
                       "PyHealth 2.1.0 does", UserWarning, stacklevel=3)
+
+
+def check_backend_name(backend: str | None) -> None:
+    """Raise ``ValueError`` for a backend name outside ``BACKENDS`` (``None`` is allowed)."""
+    if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS):
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+
+
+def check_precision(precision: str | None) -> None:
+    """Raise ``ValueError`` for a name outside ``PRECISIONS`` (``None`` is allowed: the default)."""
+    if precision is not None and (not isinstance(precision, str) or precision not in PRECISIONS):
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+
+
+def check_pack_lengths(pack_lengths: Any) -> None:
+    """Raise ``ValueError`` unless ``pack_lengths`` is ``"auto"``, ``True`` or ``False``."""
+    if not (pack_lengths is True or pack_lengths is False or
+            (isinstance(pack_lengths, str) and pack_lengths == "auto")):
+        raise ValueError(f"pack_lengths must be 'auto', True or False; got {pack_lengths!r}")

@@ -22,12 +22,6 @@ import torch
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-def check_precision(precision: str | None) -> None:
-    """Raise ``ValueError`` for a name outside ``PRECISIONS`` (``None`` is allowed: the default)."""
-    if precision is not None and (not isinstance(precision, str) or precision not in PRECISIONS):
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-
-
 def model_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """A context running the model's calls inside in ``precision`` on ``device`` (see the module
     docstring); for fp32 (and tf32 off CUDA) one that does nothing."""

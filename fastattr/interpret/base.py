@@ -14,11 +14,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from fastattr.core.backend import check_backend_name
-from fastattr.core.checks import warn_renamed_target
-from fastattr.core.precision import check_precision
+from fastattr.core.checks import check_backend_name, check_pack_lengths, check_precision, warn_renamed_target
 from fastattr.interpret.features import model_device, require_feature_protocol, require_methods
-from fastattr.interpret.lengths import LengthGroups, check_pack_lengths
+from fastattr.interpret.lengths import LengthGroups
 
 
 @runtime_checkable

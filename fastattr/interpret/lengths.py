@@ -57,13 +57,6 @@ class GroupedTask(Generic[Result]):
     check_run: Callable[[Group | None, FeatureBatch], Result] | None = None
 
 
-def check_pack_lengths(pack_lengths: Any) -> None:
-    """Raise ``ValueError`` unless ``pack_lengths`` is ``"auto"``, ``True`` or ``False``."""
-    if not (pack_lengths is True or pack_lengths is False or
-            (isinstance(pack_lengths, str) and pack_lengths == "auto")):
-        raise ValueError(f"pack_lengths must be 'auto', True or False; got {pack_lengths!r}")
-
-
 def layout_key(features: FeatureBatch, *extra: Any) -> tuple:
     """What a cached verdict about a model may depend on: each feature's layout, rank and dtype."""
     return tuple((k, features.layouts[k].schema, features.layouts[k].token, features.value(k).dim(),

@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from fastattr.core.checks import check_count
-from fastattr.interpret.lengths import check_pack_lengths
+from fastattr.core.checks import check_count, check_pack_lengths
 from fastattr.metrics.ablation import STRATEGIES, ablate_rows
 from fastattr.metrics.filters import SampleClass, SampleFilterFn, classifier_type, get_model_predictions
 from fastattr.metrics.masks import top_masks
