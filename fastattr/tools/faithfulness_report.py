@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fastattr.tools.figures import figure, png, pyplot
-from fastattr.tools.scores import SCORES_INFO, load_scores
+from fastattr.tools.scores import load_scores, scores_info
 from fastattr.tools.store import Attributions
 
 BOOTSTRAP = 2000
@@ -35,10 +35,7 @@ def _scored(store: Attributions) -> dict[str, Any] | None:
     if scores is None:
         return None
     rows = {k: v.numpy() for k, v in scores.all().items()}
-    import json
-
-    info = json.loads((scores.out / SCORES_INFO).read_text())
-    return {"rows": rows, "valid": rows["valid"].astype(bool), "percentages": info["percentages"]}
+    return {"rows": rows, "valid": rows["valid"].astype(bool), "percentages": scores_info(store)["percentages"]}
 
 
 def faithfulness_section(runs: Sequence[tuple[str, Attributions]]) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastattr.interpret.features import model_device
 from fastattr.metrics.evaluator import Evaluator
 from fastattr.metrics.filters import SampleFilterFn
 from fastattr.metrics.metric import PERCENTAGES, finish
@@ -41,6 +42,11 @@ def scores_folder(run: str | Path | Attributions) -> Path:
 def load_scores(run: str | Path | Attributions) -> Attributions | None:
     """The stored scores of ``run`` (a mapping from sample position to its scores), or ``None``."""
     return open_run(run).scores()
+
+
+def scores_info(run: str | Path | Attributions) -> dict[str, Any]:
+    """How a run's stored scores were made (``scores.json``: percentages, ablation, metrics, seed...)."""
+    return json.loads((scores_folder(run) / SCORES_INFO).read_text())
 
 
 def evaluate_run(run: str | Path | Attributions, model: Any, *, percentages: Sequence[float] = PERCENTAGES,
@@ -116,7 +122,7 @@ def _score_shard(evaluator: Evaluator, keys: list[str], tensors: dict[str, torch
            "valid": torch.zeros(size, dtype=torch.bool)}
     out.update({f"{part}/{m}": torch.zeros(size, percent) for part in ("drops", "random") for m in METRICS})
     generator = torch.Generator().manual_seed(seed)
-    device = next(evaluator.model.parameters()).device
+    device = model_device(evaluator.model)
     for sizes in sorted(set(own)):
         rows = [i for i in range(size) if own[i] == sizes]
         cut = {k: tuple(slice(0, n) for n in s) for k, s in zip(keys, sizes, strict=False)}
