@@ -33,6 +33,9 @@ def same_runs(a: Path, b: Path) -> None:
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+    for i in sa:  # each row: its own shape, the same in both runs
+        ra, rb = sa[i], sb[i]
+        assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra), i
 
 
 def test_roundtrip_lazy_load_by_id(tmp_path):

@@ -30,6 +30,7 @@ from fastattr.tools.cohort_batching import (
 )
 from fastattr.tools.cohort_distributed import barrier, on_every_rank, start_process_group
 from fastattr.tools.cohort_pipeline import Prefetch, ShardWriter
+from fastattr.tools.row_shapes import AloneShapes, row_shapes
 from fastattr.tools.store import (
     Attributions,
     ShardStore,
@@ -87,13 +88,17 @@ def _concat(parts: list[tuple]) -> tuple[dict[str, torch.Tensor], torch.Tensor |
     return attributions, delta, predictions
 
 
-def _inputs(model: Any, batch: dict[str, Any], attributions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What a table needs beside each attribution: the token ids (``input/<key>``, token features)
-    and a bool tensor of the attribution's shape that is ``False`` at padding (``keep/<key>``)."""
+def _inputs(model: Any, batch: dict[str, Any], tensors: dict[str, torch.Tensor],
+            alone: list[AloneShapes] | None) -> dict[str, torch.Tensor]:
+    """What a table needs beside each attribution (``attr/<key>`` in ``tensors``): the token ids
+    (``input/<key>``, token features) and a bool tensor of the attribution's shape that is
+    ``False`` at padding (``keep/<key>``); and each sample's own row shape (``shape/<name>``,
+    :mod:`fastattr.tools.row_shapes`, from ``alone`` where the runner saw the samples)."""
     features = FeatureBatch.from_batch(model, batch)
     out = {}
-    for key, attr in attributions.items():
-        if key not in features.keys:
+    for key in features.keys:
+        attr = tensors.get(f"attr/{key}")
+        if attr is None:
             continue
         if features.layouts[key].token and features.value(key).shape == attr.shape:
             out[f"input/{key}"] = features.value(key).detach().cpu().contiguous()
@@ -101,6 +106,7 @@ def _inputs(model: Any, batch: dict[str, Any], attributions: dict[str, torch.Ten
             out[f"keep/{key}"] = features.keep(key, attr.shape)
         except RuntimeError:  # a result that does not broadcast with the mask: every entry is kept
             pass
+    out.update(row_shapes(features, {**tensors, **out}, alone))
     return out
 
 
@@ -210,14 +216,14 @@ def _run(interpreter: Any, model: Any, dataloader: Any, store: ShardStore, done:
     bar = tqdm(total=total_patients, unit="patient", desc=f"attributing (rank {rank}/{world})" if world > 1 else
                "attributing", disable=None if progress is None else not progress, smoothing=0.1)
     if isinstance(dataloader, LengthSortedBatches):
-        batches = dataloader.with_positions(skip=lambda i: i % world != rank and i not in done)
+        batches = dataloader.for_run(skip=lambda i: i % world != rank and i not in done)
     else:
         batches = in_order(dataloader)
     mine = lambda index: index % world == rank and index not in done  # noqa: E731
     start, attributing, patients = time.perf_counter(), 0.0, 0
     source, writer = Prefetch(batches, device, mine), ShardWriter(store)
     try:
-        for index, positions, batch in source:
+        for index, positions, batch, alone in source:
             size = len(positions)
             if batch is None:  # another rank's batch, not collated here
                 bar.update(size)
@@ -239,7 +245,7 @@ def _run(interpreter: Any, model: Any, dataloader: Any, store: ShardStore, done:
             if delta is not None:
                 tensors["convergence_delta"] = delta.detach().contiguous().cpu()
             if model is not None and hasattr(model, "feature_keys"):
-                tensors.update(_inputs(model, batch, attributions))
+                tensors.update(_inputs(model, batch, tensors, alone))
             if save_probabilities and model is not None:
                 if predictions is None:
                     predictions = _predictions(model, batch, attribute_kwargs.get("target_class_idx"))

@@ -12,6 +12,7 @@ import torch
 from fastattr.core.checks import check_count
 from fastattr.interpret.batches import batch_size
 from fastattr.interpret.features import FeatureLayout, model_device
+from fastattr.tools.row_shapes import AloneShapes, alone_shapes, iterate_recording
 
 
 def _sample_length(model: Any, sample: Mapping[str, Any]) -> int:
@@ -83,13 +84,24 @@ class LengthSortedBatches:
     def with_positions(self, skip: Any = None) -> Iterator[tuple[list[int], dict[str, Any] | None]]:
         """``(dataset positions, collated batch)`` per batch, in order; a batch whose index
         ``skip(index)`` is true is not collated (``None``: another process takes it)."""
+        for positions, batch, _ in self.for_run(skip, record_shapes=False):
+            yield positions, batch
+
+    def for_run(self, skip: Any = None, record_shapes: bool = True
+                ) -> Iterator[tuple[list[int], dict[str, Any] | None, list[AloneShapes] | None]]:
+        """:meth:`with_positions` with each collated batch's samples' own shapes (the collate's
+        batch of one: :func:`fastattr.tools.row_shapes.alone_shapes`)."""
         index = 0
         for start in range(0, len(self.dataset), self.window):
             samples = [self.dataset[i] for i in range(start, min(start + self.window, len(self.dataset)))]
             for members in self._cut([_sample_length(self.model, sample) for sample in samples]):
                 positions = [start + i for i in members]
-                yield positions, None if skip is not None and skip(index) else \
-                    self.collate_fn([samples[i] for i in members])
+                if skip is not None and skip(index):
+                    yield positions, None, None
+                else:
+                    chosen = [samples[i] for i in members]
+                    yield positions, self.collate_fn(chosen), \
+                        alone_shapes(self.collate_fn, chosen) if record_shapes else None
                 index += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -170,10 +182,12 @@ def choose_batching(dataloader: Any, model: Any, sort_by_length: Any, batch_toke
                      "window": batches.window}
 
 
-def in_order(dataloader: Iterable[dict[str, Any]]) -> Iterator[tuple[list[int], dict[str, Any]]]:
-    """A loader's batches with their positions: 0, 1, ... in the order it yields samples."""
+def in_order(dataloader: Iterable[dict[str, Any]]
+             ) -> Iterator[tuple[list[int], dict[str, Any], list[AloneShapes] | None]]:
+    """A loader's batches with their positions (0, 1, ... in the order it yields samples) and,
+    where it can be recorded, their samples' own shapes (:func:`fastattr.tools.row_shapes.iterate_recording`)."""
     seen = 0
-    for batch in dataloader:
+    for batch, alone in iterate_recording(dataloader):
         size = batch_size(batch)
-        yield list(range(seen, seen + size)), batch
+        yield list(range(seen, seen + size)), batch, alone
         seen += size

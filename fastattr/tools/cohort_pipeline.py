@@ -24,12 +24,13 @@ class Prefetch:
     """The next batches, read, collated and moved to the device in a thread of their own while the
     current batch is attributed (``depth`` batches ahead). On CUDA a batch's host tensors are
     pinned and copied on a side stream without blocking; the consumer's stream waits for that
-    copy before using them. Yields ``(index, positions, batch or None)`` in order; an error in
-    the thread is raised in the consumer."""
+    copy before using them. Takes ``(positions, batch or None, own shapes or None)`` and yields
+    ``(index, positions, batch or None, own shapes or None)`` in order; an error in the thread is
+    raised in the consumer."""
 
     _END = object()
 
-    def __init__(self, batches: Iterator[tuple[list[int], Any]], device: torch.device | None,
+    def __init__(self, batches: Iterator[tuple[list[int], Any, Any]], device: torch.device | None,
                  wanted: Any, depth: int = 2) -> None:
         self.batches, self.device, self.wanted = batches, device, wanted
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -49,13 +50,13 @@ class Prefetch:
 
     def _fill(self) -> None:
         try:
-            for index, (positions, batch) in enumerate(self.batches):
+            for index, (positions, batch, alone) in enumerate(self.batches):
                 if self.stop.is_set():
                     return
                 event = None
                 if batch is not None and self.wanted(index):
                     batch, event = self._move(batch)
-                self._put((index, positions, batch, event))
+                self._put((index, positions, batch, alone, event))
             self._put(self._END)
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(exc)
@@ -68,20 +69,20 @@ class Prefetch:
             except queue.Full:
                 continue
 
-    def __iter__(self) -> Iterator[tuple[int, list[int], Any]]:
+    def __iter__(self) -> Iterator[tuple[int, list[int], Any, Any]]:
         while True:
             item = self.queue.get()
             if item is self._END:
                 return
             if isinstance(item, BaseException):
                 raise item
-            index, positions, batch, event = item
+            index, positions, batch, alone, event = item
             if event is not None:
                 stream = torch.cuda.current_stream(self.device)
                 stream.wait_event(event)
                 for value in _tensors(batch):
                     value.record_stream(stream)  # the copy stream's memory stays until this stream is done
-            yield index, positions, batch
+            yield index, positions, batch, alone
 
     def close(self) -> None:
         self.stop.set()

@@ -18,6 +18,9 @@ from fastattr.interpret.features import FeatureLayout, code_vocab
 FORMAT = "fastattr-attributions/1"
 RUN_FORMAT = "fastattr-run/1"
 RUN_INFO = "run.json"
+# beside a per-sample tensor NAME of a shard, shape/NAME [B, dims] holds each sample's own row shape
+# (fastattr.tools.row_shapes); runs written before it have none and read as stored
+SHAPE_PREFIX = "shape/"
 
 
 def sha256_of(path: Path) -> str:

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from fastattr.tools import frames, summaries
-from fastattr.tools.run_files import read_manifest, read_run_info, verified
+from fastattr.tools.run_files import SHAPE_PREFIX, read_manifest, read_run_info, verified
 
 
 @dataclass
@@ -109,22 +109,32 @@ class Attributions(Mapping[int, dict[str, torch.Tensor]]):
             raise KeyError(f"no sample at position {position!r} in {self.out}: {len(self)} samples{hint}")
         loc = self._rows[position]
         with self._open(loc.shard) as f:
-            return {k: f.get_slice(k)[loc.row: loc.row + 1][0] for k in f.keys()}
+            names = list(f.keys())
+            row = {}
+            for name in (n for n in names if not n.startswith(SHAPE_PREFIX)):
+                cut: tuple[slice, ...] = ()
+                if SHAPE_PREFIX + name in names:  # the sample's own shape (runs written before it: as stored)
+                    cut = tuple(slice(0, int(n)) for n in f.get_slice(SHAPE_PREFIX + name)[loc.row])
+                row[name] = f.get_slice(name)[(slice(loc.row, loc.row + 1), *cut)][0]
+            return row
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Each shard's tensors, in batch order."""
+        """Each shard's tensors, in batch order, padded to the shard's widest sample."""
         for _, _, tensors in self.shards_with_positions():
             yield tensors
 
-    def shards_with_positions(self) -> Iterator[tuple[list[int], dict[str, list], dict[str, torch.Tensor]]]:
+    def shards_with_positions(self, row_shapes: bool = False
+                              ) -> Iterator[tuple[list[int], dict[str, list], dict[str, torch.Tensor]]]:
         """Per shard, in batch order: its samples' dataset positions, their ids
-        (``{"patient_id": [...], "visit_id": [...]}``, as the manifest lists them) and its tensors."""
+        (``{"patient_id": [...], "visit_id": [...]}``, as the manifest lists them) and its tensors
+        (with ``row_shapes``, also each row's own shape, ``shape/<name>``, where the run stored it)."""
         row = 0
         for name, entry in self.shards.items():
             positions = entry.get("positions") or list(range(row, row + entry["patients"]))
             row += entry["patients"]
             with self._open(name) as f:
-                yield positions, entry["ids"], {k: f.get_tensor(k) for k in f.keys()}
+                yield positions, entry["ids"], {k: f.get_tensor(k) for k in f.keys()
+                                                if row_shapes or not k.startswith(SHAPE_PREFIX)}
 
     def scores(self) -> Attributions | None:
         """The faithfulness scores ``fastattr evaluate`` stored for this run (``RUN/faithfulness``,

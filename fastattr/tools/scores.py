@@ -29,6 +29,7 @@ from fastattr.metrics.evaluator import Evaluator
 from fastattr.metrics.filters import SampleFilterFn
 from fastattr.metrics.metric import PERCENTAGES, finish
 from fastattr.metrics.removal import METRICS
+from fastattr.tools.run_files import SHAPE_PREFIX
 from fastattr.tools.store import SCORES_FOLDER, Attributions, ShardStore, load_attributions, open_run, write_atomic
 
 SCORES_INFO = "scores.json"
@@ -79,7 +80,7 @@ def evaluate_run(run: str | Path | Attributions, model: Any, *, percentages: Seq
         write_atomic(out / SCORES_INFO, json.dumps(info, indent=1).encode())
         bar = tqdm(total=len(store), desc="faithfulness", unit="patient",
                    disable=None if progress is None else not progress)
-        for index, (positions, ids, tensors) in enumerate(store.shards_with_positions()):
+        for index, (positions, ids, tensors) in enumerate(store.shards_with_positions(row_shapes=True)):
             if index not in done:
                 writer.write(index, _score_shard(evaluator, keys, tensors, seed * 1_000_003 + index), ids, positions)
             bar.update(len(positions))
@@ -102,8 +103,13 @@ def _scored_features(store: Attributions, model: Any) -> list[str]:
     return list(model.feature_keys)
 
 
-def _own(tensor: torch.Tensor, keep: torch.Tensor) -> tuple[int, ...]:
-    """One sample's own size along every dim: one past its last kept position."""
+def _own(tensors: dict[str, torch.Tensor], key: str, i: int) -> tuple[int, ...]:
+    """Sample ``i``'s own size along every dim of feature ``key``: the row shape the run stored,
+    else (runs written before row shapes) one past its last kept position."""
+    shape = tensors.get(f"{SHAPE_PREFIX}input/{key}")
+    if shape is not None:
+        return tuple(int(n) for n in shape[i])
+    keep = tensors[f"keep/{key}"][i]
     sizes = []
     for d in range(keep.dim()):
         present = keep.movedim(d, 0).reshape(keep.shape[d], -1).any(dim=1)
@@ -115,7 +121,7 @@ def _score_shard(evaluator: Evaluator, keys: list[str], tensors: dict[str, torch
                  seed: int) -> dict[str, torch.Tensor]:
     """Every sample of one shard scored on its own tokens, samples of one own length together."""
     size = tensors[f"input/{keys[0]}"].shape[0]
-    own = [tuple(_own(tensors[f"input/{k}"][i], tensors[f"keep/{k}"][i]) for k in keys) for i in range(size)]
+    own = [tuple(_own(tensors, k, i) for k in keys) for i in range(size)]
     scorer = evaluator.metrics["comprehensiveness"].scorer
     percent = len(scorer.percentages)
     out = {"comprehensiveness": torch.zeros(size), "sufficiency": torch.zeros(size),
