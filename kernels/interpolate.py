@@ -44,6 +44,24 @@ def finalize_torch(x: torch.Tensor, baseline: torch.Tensor, acc: torch.Tensor, d
     return attr.sum(dim=-1) if sum_last_dim else attr
 
 
+def interpolate_rows_torch(x: torch.Tensor, baseline: torch.Tensor, samples: torch.Tensor,
+                           alphas: torch.Tensor) -> torch.Tensor:
+    """Listed rows: row ``r`` is ``b[samples[r]] + alphas[r] * (x - b)[samples[r]]``, ``[R, *x.shape[1:]]``."""
+    xs, bs = x.index_select(0, samples), baseline.index_select(0, samples)
+    alpha = alphas.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return bs + alpha * (xs - bs)
+
+
+def density_torch(x: torch.Tensor, baseline: torch.Tensor, samples: torch.Tensor, grads: torch.Tensor,
+                  sum_last_dim: bool) -> torch.Tensor:
+    """Listed rows' attribution densities: ``(x - b)[samples[r]] * grads[r]`` (float32 or wider),
+    summed over the last dim when asked. Integrated gradients is a weighted sum of them."""
+    dtype = torch.promote_types(grads.dtype, torch.float32)
+    diff = (x.index_select(0, samples) - baseline.index_select(0, samples)).to(dtype)
+    out = diff * grads.to(dtype)
+    return out.sum(dim=-1) if sum_last_dim else out
+
+
 MAX_BLOCK = 1024
 ACCUMULATE_STAGES = 3
 
@@ -125,6 +143,51 @@ if triton is not None:
             tl.store(out_ptr + offs, (x - b) * (a * inv_divisor), mask=ok)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _interpolate_rows_kernel(x_ptr, b_ptr, sample_ptr, alpha_ptr, out_ptr, width, col_blocks,
+                                 BLOCK: tl.constexpr):
+        # Flat grid over (listed row, column block); each row reads its own sample and alpha.
+        pid = tl.program_id(0)
+        row = (pid // col_blocks).to(tl.int64)
+        cols = (pid % col_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < width
+        sample = tl.load(sample_ptr + row).to(tl.int64)
+        alpha = tl.load(alpha_ptr + row)
+        x = tl.load(x_ptr + sample * width + cols, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + sample * width + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * width + cols, (b + alpha * (x - b)).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _density_kernel(x_ptr, b_ptr, sample_ptr, g_ptr, out_ptr, positions, inner, col_blocks,
+                        SUM_LAST: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        if SUM_LAST:
+            # one program per (row, position): reduce that position's ``inner`` values
+            row = pid // positions
+            source = (tl.load(sample_ptr + row).to(tl.int64) * positions + pid % positions) * inner
+            total = tl.zeros((BLOCK,), dtype=tl.float32)
+            for start in range(0, inner, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                ok = cols < inner
+                x = tl.load(x_ptr + source + cols, mask=ok, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + source + cols, mask=ok, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + pid * inner + cols, mask=ok, other=0.0).to(tl.float32)
+                total += (x - b) * g
+            tl.store(out_ptr + pid, tl.sum(total, axis=0))
+        else:
+            # one program per (row, column block) of a row of ``inner`` values
+            row = pid // col_blocks
+            cols = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
+            ok = cols < inner
+            source = tl.load(sample_ptr + row).to(tl.int64) * inner
+            x = tl.load(x_ptr + source + cols, mask=ok, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + source + cols, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + row * inner + cols, mask=ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * inner + cols, (x - b) * g, mask=ok)
+
+
 def interpolate_triton(x: torch.Tensor, baseline: torch.Tensor, alphas: torch.Tensor, row_start: int, rows: int,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused :func:`interpolate_torch`: every row of the chunk in one launch (float32 math)."""
@@ -183,4 +246,45 @@ def finalize_triton(x: torch.Tensor, baseline: torch.Tensor, acc: torch.Tensor, 
         else:
             _finalize_kernel[flat_grid(triton.cdiv(total, MAX_BLOCK))](x, baseline, acc, out, total, 1, 1.0 / divisor,
                                                                        SUM_LAST=False, BLOCK=MAX_BLOCK)
+    return out
+
+
+def interpolate_rows_triton(x: torch.Tensor, baseline: torch.Tensor, samples: torch.Tensor,
+                            alphas: torch.Tensor) -> torch.Tensor:
+    """Fused :func:`interpolate_rows_torch` (float32 math), one launch."""
+    need_triton("IG")
+    x, baseline = x.contiguous(), baseline.contiguous()
+    rows, width = samples.shape[0], x[0].numel()
+    out = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    if rows and width:
+        block = _block(width)
+        col_blocks = triton.cdiv(width, block)
+        _interpolate_rows_kernel[flat_grid(rows * col_blocks)](
+            x, baseline, samples.to(torch.int64).contiguous(), alphas.to(device=x.device, dtype=torch.float32)
+            .contiguous(), out, width, col_blocks, BLOCK=block, num_warps=_warps(block))
+    return out
+
+
+def density_triton(x: torch.Tensor, baseline: torch.Tensor, samples: torch.Tensor, grads: torch.Tensor,
+                   sum_last_dim: bool) -> torch.Tensor:
+    """Fused :func:`density_torch` into float32, one launch."""
+    need_triton("IG")
+    x, baseline, grads = x.contiguous(), baseline.contiguous(), grads.contiguous()
+    rows = samples.shape[0]
+    shape = (rows, *x.shape[1:-1]) if sum_last_dim else (rows, *x.shape[1:])
+    out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    index = samples.to(torch.int64).contiguous()
+    if out.numel():
+        if sum_last_dim:
+            inner = x.shape[-1]
+            positions = x[0].numel() // inner
+            block = min(MAX_BLOCK, triton.next_power_of_2(inner))
+            _density_kernel[flat_grid(rows * positions)](x, baseline, index, grads, out, positions, inner, 1,
+                                                         SUM_LAST=True, BLOCK=block, num_warps=_warps(block))
+        else:
+            inner = x[0].numel()
+            block = _block(inner)
+            col_blocks = triton.cdiv(inner, block)
+            _density_kernel[flat_grid(rows * col_blocks)](x, baseline, index, grads, out, 1, inner, col_blocks,
+                                                          SUM_LAST=False, BLOCK=block, num_warps=_warps(block))
     return out

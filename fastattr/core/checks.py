@@ -1,6 +1,7 @@
 """Argument checks shared across fastattr: one rule, one message."""
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,10 +21,35 @@ def check_count(name: str, value: Any, *, optional: bool = False) -> None:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
-def check_steps(steps: Any) -> None:
-    """Raise ``ValueError`` unless ``steps`` is an integer >= 1 (Python or numpy; a bool is not one)."""
+def check_steps(steps: Any, *, auto: bool = False) -> None:
+    """Raise ``ValueError`` unless ``steps`` is an integer >= 1 (Python or numpy; a bool is not
+    one), or ``"auto"`` where ``auto``."""
+    if auto and isinstance(steps, str) and steps == "auto":
+        return
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+        wanted = "an integer >= 1 or 'auto'" if auto else "an integer >= 1"
+        raise ValueError(f"steps must be {wanted}; got {steps!r}")
+
+
+def check_tolerance(tolerance: Any) -> None:
+    """Raise ``ValueError`` unless ``tolerance`` is ``None`` or a positive finite number."""
+    if tolerance is None:
+        return
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(tolerance)) or tolerance <= 0:
+        raise ValueError(f"tolerance must be a positive finite number (a relative error, e.g. 1e-3); got {tolerance!r}")
+
+
+def check_auto_options(steps: Any, tolerance: Any, method: str | None) -> None:
+    """The options of one integrated-gradients call: ``steps`` an integer >= 1 or ``"auto"``;
+    ``tolerance`` only with ``"auto"``; no explicit ``method`` with ``"auto"`` (it picks its points)."""
+    check_steps(steps, auto=True)
+    check_tolerance(tolerance)
+    if tolerance is not None and steps != "auto":
+        raise ValueError(f"tolerance applies only with steps='auto'; got steps={steps!r}")
+    if steps == "auto" and method is not None:
+        raise ValueError(f"method cannot be given with steps='auto' (the adaptive rule chooses its own path points); "
+                         f"got method={method!r}")
 
 
 def warn_renamed_target(batch: Mapping[str, Any], feature_keys: Sequence[str]) -> None:

@@ -1,7 +1,6 @@
 """Model-agnostic integrated gradients with the path steps batched into few forwards."""
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,81 +10,14 @@ from fastattr.kernels import interpolate as ops
 from tqdm.auto import tqdm
 
 from fastattr.core.backend import resolve_backend
-from fastattr.core.checks import check_count
-from fastattr.core.quadrature import is_equal_weight, quadrature
+from fastattr.core.checks import check_auto_options, check_count
+from fastattr.core.chunks import ChunkSizer
+from fastattr.core.quadrature import AutoSteps, is_equal_weight, quadrature
 from fastattr.core.targets import resolve_targets
 
 Forward = Callable[[dict[str, Any]], torch.Tensor]
 # The core's forward: the chunk's interpolated points and the chunk's rows of the additional inputs.
 RowsForward = Callable[[dict[str, torch.Tensor], dict[str, Any]], torch.Tensor]
-
-# Most path points per forward on the CPU; larger chunks measured no faster.
-CPU_MAX_POINTS = 16
-# Bytes of saved activations one CPU chunk may hold. Measured on the 2-core reference CPU with
-# PyHealth's 2-layer Transformer: the fastest chunks held ~50-80 MiB of activations for 40, 128
-# and 256 codes alike (16, 4 and 2 path points of the batch). The chunk sweep in
-# benchmarks/RESULTS.md (lengths 8-512, batches 1-64, dims 32-256) keeps it: 32 MiB (the L3) was
-# better only at 512 codes with dim 32 and up to 1.25x worse at short lengths with batch 8.
-CPU_CHUNK_BYTES = 64 << 20
-# A whole path whose interpolated inputs hold at most this many elements runs as one chunk on the
-# CPU, without the probe: the probe's extra forward costs more there than any chunk size saves
-# (the chunk sweep in benchmarks/RESULTS.md: 1.3x-1.5x slower with the probe at batch 1).
-CPU_SMALL_PATH = 1 << 17
-
-
-class ChunkSizer:
-    """Rows (sample x path point) per forward.
-
-    Fixed when the caller gives ``internal_batch_size``, and all rows at once on the CPU for a
-    small path (``CPU_SMALL_PATH`` interpolated elements in all). On CUDA every row runs in one forward
-    (small clinical models are launch-bound there: fewer, larger batches are faster), and a chunk
-    that runs out of memory is retried in halves (:meth:`shrink`); the size that fit is kept for
-    the rest. On the CPU one path point of the batch runs first as a probe that counts the bytes
-    autograd saves for the backward (the activations, which scale with the rows; parameters
-    excluded), and chunks are sized so their activations stay near ``CPU_CHUNK_BYTES``: large
-    enough to batch well, small enough to stay in cache rather than stream through memory.
-    Results do not depend on the sizes.
-    """
-
-    def __init__(self, requested: int | None, batch: int, points: int, device: torch.device,
-                 row_elements: int = 0) -> None:
-        self.batch = batch
-        self.mode = "fixed" if requested is not None else ("cuda" if device.type == "cuda" else "cpu")
-        if self.mode == "cpu" and batch * points * row_elements <= CPU_SMALL_PATH:
-            self.mode, requested = "fixed", batch * points
-        self.rows = requested if requested is not None else (batch * points if self.mode == "cuda" else batch)
-        self.max_rows = batch * min(points, CPU_MAX_POINTS)
-        self._saved: dict[int, int] = {}
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not (tensor.is_leaf and tensor.requires_grad):  # parameters do not grow with the rows
-            storage = tensor.untyped_storage()
-            self._saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    def watch(self):
-        """Context for the chunk's forward: records saved activations during the CPU probe."""
-        if self.mode == "cpu":
-            return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
-        return contextlib.nullcontext()
-
-    def end(self, rows: int) -> None:
-        """After a chunk of ``rows`` forward rows ran: settle the size on the CPU probe."""
-        if self.mode == "cpu":
-            per_row = max(sum(self._saved.values()), 1) / rows
-            self.rows = min(self.max_rows, max(self.batch, int(CPU_CHUNK_BYTES / per_row) // self.batch * self.batch))
-            self._saved.clear()
-            self.mode = "fixed"
-
-    def shrink(self, rows: int) -> bool:
-        """A chunk of ``rows`` ran out of CUDA memory: halve (whole path points while they fit).
-        False when the size was the caller's or is down to one row (the error then stands)."""
-        if self.mode != "cuda" or rows <= 1:
-            return False
-        half = rows // 2
-        self.rows = half // self.batch * self.batch if half >= self.batch else half
-        return True
-
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise ``ValueError`` when a floating tensor holds NaN or Inf."""
@@ -167,27 +99,41 @@ class IGOptions:
     internal_batch_size: int | None
     return_convergence_delta: bool
     progress: bool | None
+    #: ``steps="auto"`` (:mod:`fastattr.core.adaptive`; ``alphas`` and ``weights`` are then empty)
+    auto: AutoSteps | None = None
 
 
-def resolve_options(*, steps: int, method: str, internal_batch_size: int | None, backend: str | None,
+def resolve_options(*, steps: int | str, method: str | None, internal_batch_size: int | None, backend: str | None,
                     device: torch.device, return_convergence_delta: bool = False,
-                    progress: bool | None = None) -> IGOptions:
-    """Validate and resolve the options of one integrated-gradients call."""
-    alphas, weights = quadrature(method, steps)
+                    progress: bool | None = None, tolerance: float | None = None) -> IGOptions:
+    """Validate and resolve the options of one integrated-gradients call: a fixed rule (``method``,
+    default ``"uniform"``, with ``steps``) or ``steps="auto"`` with an optional ``tolerance``."""
+    check_auto_options(steps, tolerance, method)
+    auto = None
+    if steps == "auto":
+        auto = AutoSteps() if tolerance is None else AutoSteps(tolerance=float(tolerance))
+        alphas = weights = torch.zeros(0, dtype=torch.float64)
+    else:
+        alphas, weights = quadrature(method or "uniform", steps)
     check_internal_batch_size(internal_batch_size)
     return IGOptions(alphas, weights, resolve_backend(backend, device), internal_batch_size,
-                     bool(return_convergence_delta), progress)
+                     bool(return_convergence_delta), progress, auto)
 
 
 @dataclass
 class IGResult:
     """What the core returns: attributions per key, the convergence delta when asked, the rows per
-    forward settled on, and the targets explained."""
+    forward settled on, the targets explained, and for ``steps="auto"`` each sample's points and
+    estimated error."""
 
     attributions: dict[str, torch.Tensor]
     delta: torch.Tensor | None
     chunk_rows: int
     targets: torch.Tensor
+    #: path points each sample took (``steps="auto"``; ``None`` for a fixed rule: the rule's count)
+    points: torch.Tensor | None = None
+    #: each sample's estimated relative error (``steps="auto"``)
+    error: torch.Tensor | None = None
 
 
 def _float_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -205,48 +151,88 @@ def _rows_of(value: Any, sample: torch.Tensor, batch: int) -> Any:
     return value
 
 
-class _Kernels:
-    """The interpolate / accumulate / finalize trio of one backend."""
+class Kernels:
+    """The path kernels of one backend: the fixed rule's interpolate / accumulate / finalize, and
+    the listed rows' interpolate_rows / density (:mod:`fastattr.core.adaptive`)."""
 
     def __init__(self, backend: str) -> None:
         triton = backend == "triton"
+        self.backend = backend
         self.interpolate = ops.interpolate_triton if triton else ops.interpolate_torch
         self.accumulate = ops.accumulate_triton if triton else ops.accumulate_torch
         self.finalize = ops.finalize_triton if triton else ops.finalize_torch
+        self.interpolate_rows = ops.interpolate_rows_triton if triton else ops.interpolate_rows_torch
+        self.density = ops.density_triton if triton else ops.density_torch
 
 
-class _ChunkRunner:
-    """Runs the path rows (sample x path point) of one batch in chunks: each chunk is one forward
-    and one input-only backward whose gradients are reduced into per-key accumulators.
+def kernels_for(options: IGOptions, xs: Mapping[str, torch.Tensor]) -> Kernels:
+    """The options' backend, or torch where an input is not float32 (the kernels compute in
+    float32; float64 inputs keep their precision)."""
+    wide = any(torch.promote_types(x.dtype, torch.float32) != torch.float32 for x in xs.values())
+    return Kernels("torch" if wide else options.backend)
+
+
+class GridPath:
+    """The fixed rule's rows: row ``r`` is sample ``r % B`` at path point ``r // B``; gradients
+    are reduced with the rule's weights into one accumulator per key."""
+
+    def __init__(self, xs: Mapping[str, torch.Tensor], options: IGOptions, kernels: Kernels) -> None:
+        first = next(iter(xs.values()))
+        self.batch, self.points, self.kernels = first.shape[0], len(options.alphas), kernels
+        self.total = self.batch * self.points
+        self.alphas, self.weights = options.alphas, options.weights
+        self.acc_weights = torch.ones_like(self.weights) if is_equal_weight(self.weights) else self.weights
+        self.accs = {k: torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+                     for k, x in xs.items()}
+
+    def samples(self, start: int, rows: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(start, start + rows, device=device) % self.batch
+
+    def interpolate(self, key: str, x: torch.Tensor, b: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+        return self.kernels.interpolate(x, b, self.alphas, start, rows)
+
+    def reduce(self, key: str, grad: torch.Tensor, start: int) -> None:
+        self.kernels.accumulate(self.accs[key], grad, self.acc_weights, start)
+
+    def record(self, logits: torch.Tensor, start: int) -> None:
+        """The rows' target logits: not needed by a fixed rule."""
+
+    def attributions(self, xs: Mapping[str, torch.Tensor], bs: Mapping[str, torch.Tensor],
+                     summed: set[str]) -> dict[str, torch.Tensor]:
+        divisor = float(self.points) if is_equal_weight(self.weights) else 1.0
+        return {k: self.kernels.finalize(xs[k], bs[k], self.accs[k], divisor, k in summed).to(xs[k].dtype)
+                for k in xs}
+
+
+class ChunkRunner:
+    """Runs a path's rows in chunks: each chunk is one forward and one input-only backward whose
+    gradients the path reduces (:class:`GridPath`: weighted sums; the adaptive rule's listed
+    rows: one attribution density per row).
 
     The logits at the inputs (for an argmax target and the convergence delta) ride along as extra
     rows of the first chunk's forward; no gradient flows from them.
     """
 
     def __init__(self, forward: RowsForward, xs: dict[str, torch.Tensor], bs: dict[str, torch.Tensor],
-                 extra: Mapping[str, Any], options: IGOptions, need_fx: bool) -> None:
+                 extra: Mapping[str, Any], options: IGOptions, need_fx: bool, path: Any,
+                 per_row: float | None = None) -> None:
         self.forward, self.xs, self.bs, self.extra, self.options = forward, xs, bs, extra, options
         self.keys = list(xs)
         first = xs[self.keys[0]]
-        self.batch, self.device = first.shape[0], first.device
-        backend = options.backend
-        acc_dtype = {k: torch.promote_types(x.dtype, torch.float32) for k, x in xs.items()}
-        if backend == "triton" and any(d != torch.float32 for d in acc_dtype.values()):
-            backend = "torch"  # the kernels accumulate in float32; float64 inputs keep their precision
-        self.kernels = _Kernels(backend)
-        self.accs = {k: torch.zeros(x.shape, dtype=acc_dtype[k], device=self.device) for k, x in xs.items()}
+        self.batch, self.device, self.path = first.shape[0], first.device, path
         self.need_fx = need_fx
         self.fx: torch.Tensor | None = None
-        self.sizer = ChunkSizer(options.internal_batch_size, self.batch, len(options.alphas), self.device,
-                                row_elements=sum(x[0].numel() for x in xs.values()))
+        points = -(-path.total // self.batch)
+        self.sizer = ChunkSizer(options.internal_batch_size, self.batch, points, self.device,
+                                row_elements=sum(x[0].numel() for x in xs.values()), per_row=per_row)
 
     def _chunk(self, start: int, rows: int, endpoint_rows: int, target: Any, targets: torch.Tensor | None):
-        alphas, batch, device = self.options.alphas, self.batch, self.device
-        sample = torch.arange(start, start + rows, device=device) % batch
+        batch, device = self.batch, self.device
+        sample = self.path.samples(start, rows, device)
         if endpoint_rows:
             sample = torch.cat([sample, torch.arange(batch, device=device)])
         with torch.enable_grad():
-            path = {k: self.kernels.interpolate(self.xs[k], self.bs[k], alphas, start, rows).requires_grad_(True)
+            path = {k: self.path.interpolate(k, self.xs[k], self.bs[k], start, rows).requires_grad_(True)
                     for k in self.keys}
             points = {k: torch.cat([path[k], self.xs[k]]) if endpoint_rows else path[k] for k in self.keys}
             with self.sizer.watch():
@@ -257,17 +243,16 @@ class _ChunkRunner:
                 self.fx = _float_logits(logits[rows:])
             if targets is None:
                 targets = resolve_targets(target, self.fx, batch, logits.shape[1], device)
-            score = logits[:rows].gather(1, targets.index_select(0, sample[:rows]).unsqueeze(1)).sum()
+            picked = logits[:rows].gather(1, targets.index_select(0, sample[:rows]).unsqueeze(1)).squeeze(1)
             # The path tensor is a leaf, so autograd.grad hands back exactly the [rows, ...]
             # gradients the reduction kernel consumes.
-            grads = torch.autograd.grad(score, [path[k] for k in self.keys], allow_unused=True)
+            grads = torch.autograd.grad(picked.sum(), [path[k] for k in self.keys], allow_unused=True)
+        self.path.record(picked.detach(), start)
         return grads, targets
 
     def run(self, target: Any, targets: torch.Tensor | None) -> torch.Tensor:
         """Every path row; returns the targets (resolved from the first chunk when ``targets`` is None)."""
-        weights = self.options.weights
-        acc_weights = torch.ones_like(weights) if is_equal_weight(weights) else weights
-        total = self.batch * len(self.options.alphas)
+        total = self.path.total
         progress = self.options.progress
         bar = tqdm(total=total, desc="integrated gradients", unit="row", leave=False,
                    disable=None if progress is None else not progress)
@@ -283,21 +268,14 @@ class _ChunkRunner:
                 torch.cuda.empty_cache()
                 continue
             for k, g in zip(self.keys, grads, strict=False):
-                if g is not None:
-                    self.kernels.accumulate(self.accs[k], g, acc_weights, start)
+                if g is not None:  # an unused input: nothing to add (its rows stay zero)
+                    self.path.reduce(k, g, start)
             del grads
             self.sizer.end(rows + extra)
             start += rows
             bar.update(rows)
         bar.close()
         return targets
-
-    def attributions(self, summed: set[str]) -> dict[str, torch.Tensor]:
-        weights = self.options.weights
-        divisor = float(len(weights)) if is_equal_weight(weights) else 1.0
-        return {k: self.kernels.finalize(self.xs[k], self.bs[k], self.accs[k], divisor,
-                                         k in summed).to(self.xs[k].dtype)
-                for k in self.keys}
 
 
 def run_integrated_gradients(forward: RowsForward, xs: dict[str, torch.Tensor], bs: dict[str, torch.Tensor],
@@ -308,21 +286,29 @@ def run_integrated_gradients(forward: RowsForward, xs: dict[str, torch.Tensor], 
     endpoint logits); ``extra`` batch-first tensors (in any nesting) gathered per row."""
     summed = set(sum_last_dim)
     need_fx = targets is None and target is None or options.return_convergence_delta
-    runner = _ChunkRunner(forward, xs, bs, extra or {}, options, need_fx)
+    path = GridPath(xs, options, kernels_for(options, xs))
+    runner = ChunkRunner(forward, xs, bs, extra or {}, options, need_fx, path)
     targets = runner.run(target, targets)
-    attributions = runner.attributions(summed)
-    delta = None
-    if options.return_convergence_delta:
-        batch = runner.batch
-        with torch.no_grad():
-            fb = _float_logits(_logits_2d(forward(bs, dict(extra or {}))))
-        if fb.shape[0] != batch:
-            raise ValueError(f"forward returned {fb.shape[0]} rows for a batch of {batch}")
-        idx = targets.unsqueeze(1)
-        gap = runner.fx.gather(1, idx).squeeze(1) - fb.gather(1, idx).squeeze(1)
-        total_attr = sum(a.reshape(batch, -1).sum(dim=1).to(gap.dtype) for a in attributions.values())
-        delta = total_attr - gap
+    attributions = path.attributions(xs, bs, summed)
+    delta = convergence_delta(forward, bs, extra, runner.fx, targets, attributions) \
+        if options.return_convergence_delta else None
     return IGResult(attributions, delta, runner.sizer.rows, targets)
+
+
+def convergence_delta(forward: RowsForward, bs: dict[str, torch.Tensor], extra: Mapping[str, Any] | None,
+                      fx: torch.Tensor, targets: torch.Tensor,
+                      attributions: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per sample, ``sum(attributions) - (f(x) - f(b))`` for the target logit (``fx``: the
+    logits at the inputs)."""
+    batch = fx.shape[0]
+    with torch.no_grad():
+        fb = _float_logits(_logits_2d(forward(bs, dict(extra or {}))))
+    if fb.shape[0] != batch:
+        raise ValueError(f"forward returned {fb.shape[0]} rows for a batch of {batch}")
+    idx = targets.unsqueeze(1)
+    gap = fx.gather(1, idx).squeeze(1) - fb.gather(1, idx).squeeze(1)
+    total_attr = sum(a.reshape(batch, -1).sum(dim=1).to(gap.dtype) for a in attributions.values())
+    return total_attr - gap
 
 
 def integrated_gradients(
@@ -377,6 +363,9 @@ def integrated_gradients(
     if clash:
         raise ValueError(f"additional_inputs reuse input keys: {sorted(clash)}")
     xs = {k: inputs[k].detach().contiguous() for k in keys}
+    if isinstance(steps, str) and steps == "auto":
+        raise ValueError("steps='auto' is available through fastattr.IntegratedGradients(model).attribute(...); "
+                         "integrated_gradients takes an integer number of steps")
     options = resolve_options(steps=steps, method=method, internal_batch_size=internal_batch_size, backend=backend,
                               device=xs[keys[0]].device, return_convergence_delta=return_convergence_delta,
                               progress=progress)

@@ -58,7 +58,7 @@ def padded_work(sizes: np.ndarray, spans: Sequence[int]) -> np.ndarray:
     return work
 
 
-def plan_groups(lengths: torch.Tensor, spans: Sequence[int], points: int,
+def plan_groups(lengths: torch.Tensor, spans: Sequence[int], points: int | Sequence[int],
                 group_cost: float) -> list[tuple[torch.Tensor, list[int]]]:
     """Groups ``[(sample index, padded sizes), ...]`` minimising the padded work (samples x
     ``points`` x padded positions) plus ``group_cost`` per group, over contiguous runs of the
@@ -67,7 +67,7 @@ def plan_groups(lengths: torch.Tensor, spans: Sequence[int], points: int,
     Args:
         lengths: ``[B, D]`` integer lengths per sample along every padded dim.
         spans: columns of ``lengths`` owned by each feature (sums to ``D``).
-        points: rows each sample runs as (path points).
+        points: rows each sample runs as (path points): one count for every sample, or one per sample.
         group_cost: fixed cost of one group, in row-positions.
 
     Deterministic: ties are broken by the sample's position. Every sample is in exactly one group.
@@ -79,6 +79,7 @@ def plan_groups(lengths: torch.Tensor, spans: Sequence[int], points: int,
     own = padded_work(L, spans)
     order = np.lexsort(tuple(L[:, ::-1].T) + (own,))  # by own work, then lengths, then position (stable)
     L = L[order]
+    rows = np.concatenate([[0.0], np.cumsum(np.broadcast_to(np.asarray(points, dtype=np.float64), (batch,))[order])])
     cuts = np.unique(np.linspace(0, batch, min(batch, MAX_CUTS) + 1).round().astype(np.int64))
     best = np.full(len(cuts), np.inf)
     best[0] = 0.0
@@ -87,7 +88,7 @@ def plan_groups(lengths: torch.Tensor, spans: Sequence[int], points: int,
         run_max = np.maximum.accumulate(L[cuts[i]:], axis=0)  # group maxima for every end
         ends = cuts[i + 1:]
         sizes = run_max[ends - cuts[i] - 1]
-        cost = best[i] + (ends - cuts[i]) * points * padded_work(sizes, spans) + group_cost
+        cost = best[i] + (rows[ends] - rows[cuts[i]]) * padded_work(sizes, spans) + group_cost
         better = cost < best[i + 1:]
         best[i + 1:] = np.where(better, cost, best[i + 1:])
         back[i + 1:] = np.where(better, i, back[i + 1:])

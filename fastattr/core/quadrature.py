@@ -1,10 +1,28 @@
 """Quadrature rules on [0, 1] for the integrated-gradients path integral."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from fastattr.core.checks import check_steps
+
+# steps="auto" (fastattr.core.adaptive): the default relative tolerance. With it every patient of the
+# demo's model and of PyHealth's Transformer was within 1e-2 of the converged reference and the
+# median within 2e-3 (benchmarks/ig_accuracy.py; README and benchmarks/RESULTS.md).
+AUTO_TOLERANCE = 5e-3
+# Most path points one sample may take under steps="auto" (then one warning names the samples
+# left above their tolerance).
+AUTO_MAX_POINTS = 129
+
+
+@dataclass(frozen=True)
+class AutoSteps:
+    """``steps="auto"``: the relative tolerance and the cap on path points per sample."""
+
+    tolerance: float = AUTO_TOLERANCE
+    max_points: int = AUTO_MAX_POINTS
 
 METHODS = (
     "uniform",

@@ -5,12 +5,14 @@ from typing import Any
 
 import torch
 
-from fastattr.core.checks import check_steps
-from fastattr.core.integrated import check_baseline, check_finite, resolve_options, run_integrated_gradients
+from fastattr.core.checks import check_steps, check_tolerance
+from fastattr.core.integrated import IGResult, check_baseline, check_finite, resolve_options, run_integrated_gradients
 from fastattr.core.precision import model_precision
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Interpreter
+from fastattr.interpret.convergence import StepsReport, warn_unconverged
 from fastattr.interpret.features import FeatureBatch, model_device, require_methods
+from fastattr.interpret.ig_adaptive import AdaptiveRun
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
 from fastattr.interpret.outputs import logits_of, reported_probabilities
 
@@ -31,7 +33,9 @@ class IntegratedGradients(Interpreter):
             ``dataset.input_processors``, ``forward``, ``forward_from_embedding``,
             ``get_embedding_model``). It is put in eval mode.
         use_embeddings: interpolate token features in embedding space (PyHealth's default).
-        steps: default number of path subintervals.
+        steps: default number of path subintervals, or ``"auto"``: each sample's path refined
+            until its estimated relative error is under ``tolerance`` (:mod:`fastattr.core.adaptive`).
+        tolerance: the default relative tolerance of ``steps="auto"`` (``None``: 1e-3).
         backend: default backend, ``"auto" | "torch" | "triton"``; ``None`` reads ``FASTATTR_BACKEND``.
         pack_lengths: ``"auto"`` (default): run samples in length groups once a check shows the
             model's logits ignore padding (checked once per model and feature layout; a model
@@ -42,27 +46,37 @@ class IntegratedGradients(Interpreter):
             stay float32).
     """
 
-    def __init__(self, model: torch.nn.Module, use_embeddings: bool = True, steps: int = 50, *,
-                 backend: str | None = None, pack_lengths: bool | str = "auto", precision: str = "fp32") -> None:
+    def __init__(self, model: torch.nn.Module, use_embeddings: bool = True, steps: int | str = 50, *,
+                 tolerance: float | None = None, backend: str | None = None, pack_lengths: bool | str = "auto",
+                 precision: str = "fp32") -> None:
         super().__init__(model, ("forward",), group_method="integrated_gradients", compared="logits", backend=backend,
                          pack_lengths=pack_lengths, precision=precision)
         if use_embeddings:
             require_methods(model, ("forward_from_embedding", "get_embedding_model"),
                             "IntegratedGradients with use_embeddings=True")
-        check_steps(steps)
+        check_steps(steps, auto=True)
+        check_tolerance(tolerance)
+        if tolerance is not None and steps != "auto":
+            raise ValueError(f"tolerance applies only with steps='auto'; got steps={steps!r}")
         self.use_embeddings = use_embeddings
         self.steps = steps
+        self.tolerance = tolerance
         #: rows per forward the last ``attribute`` call settled on (the largest over its groups)
         self.last_internal_batch_size: int | None = None
+        #: path points each sample of the last call took (``[B]``; the rule's count for a fixed rule)
+        self.last_steps: torch.Tensor | None = None
+        #: each sample's estimated relative error in the last ``steps="auto"`` call (else ``None``)
+        self.last_error_estimates: torch.Tensor | None = None
 
     def attribute(
         self,
         baseline: dict[str, torch.Tensor] | None = None,
-        steps: int | None = None,
+        steps: int | str | None = None,
         target_class_idx: int | torch.Tensor | None = None,
         *,
+        tolerance: float | None = None,
         internal_batch_size: int | None = None,
-        method: str = "uniform",
+        method: str | None = None,
         return_convergence_delta: bool = False,
         backend: str | None = None,
         progress: bool | None = None,
@@ -75,13 +89,21 @@ class IntegratedGradients(Interpreter):
         Args:
             baseline: per feature key, a baseline in raw input space (token ids for token
                 features); ``None`` gives PyHealth's defaults.
-            steps: path subintervals (default: the constructor's ``steps``).
+            steps: path subintervals, or ``"auto"`` (default: the constructor's ``steps``).
+                ``"auto"`` refines each sample's path in adaptive Simpson panels, reusing every
+                evaluation, until the estimated error of its whole attribution is at most
+                ``tolerance`` times its norm, at most 129 points per sample (one warning names
+                the samples left above; ``last_steps`` and ``last_error_estimates`` give each
+                sample's points and estimate). It does not reproduce PyHealth's numbers: it
+                approximates the exact integral, which PyHealth's 50-step rule misses by ~2%.
             target_class_idx: class to explain, an int or one class per sample (tensor, array,
                 list); ``None`` takes the argmax of the model's logits. Ignored for a single logit.
             internal_batch_size: rows (sample x path point) per forward; results do not depend on it.
                 Default: on CUDA all rows of a length group (halved on out-of-memory); on the CPU
                 sized from the activation bytes of a one-point probe.
-            method: quadrature rule; ``"uniform"`` is PyHealth's (steps + 1 equal-weight points).
+            tolerance: relative tolerance of ``steps="auto"`` (default: the constructor's, else 1e-3).
+            method: quadrature rule of an integer ``steps`` (default ``"uniform"``, PyHealth's:
+                steps + 1 equal-weight points); not with ``steps="auto"``.
             return_convergence_delta: also return, per sample, ``sum(attributions) - (f(x) - f(b))``.
             backend: ``"auto" | "torch" | "triton"`` for this call.
             progress: progress bar over the path (``None``: only on a terminal).
@@ -92,7 +114,10 @@ class IntegratedGradients(Interpreter):
         model = self.model
         device, call = self.begin(batch, backend, pack_lengths, precision)
         pack, mode = call.pack_lengths, call.precision
-        options = resolve_options(steps=self.steps if steps is None else steps, method=method,
+        steps = self.steps if steps is None else steps
+        if tolerance is None and steps == "auto":
+            tolerance = self.tolerance
+        options = resolve_options(steps=steps, method=method, tolerance=tolerance,
                                   internal_batch_size=internal_batch_size, backend=call.backend, device=device,
                                   return_convergence_delta=return_convergence_delta, progress=progress)
         features = FeatureBatch.from_batch(model, batch, device=device)
@@ -114,12 +139,19 @@ class IntegratedGradients(Interpreter):
             if embed is None:
                 raise TypeError("IntegratedGradients with use_embeddings=True needs model.get_embedding_model() "
                                 "to return the embedding module; it returned None")
-        task = self._task(features, baselines, embed, targets, options, mode)
-        (attributions, delta, rows), groups = self._lengths.execute(
-            features, layout_key(features, embed is not None), task,
-            pack=pack, points=len(options.alphas), device=device)
+        if options.auto:
+            auto = AdaptiveRun(self, features, baselines, embed, targets, options, mode, pack, device)
+            (attributions, delta, rows, steps_report), groups = auto.run(), auto.groups
+        else:
+            task = self._task(features, baselines, embed, targets, options, mode)
+            (attributions, delta, rows, steps_report), groups = self._lengths.execute(
+                features, layout_key(features, embed is not None), task,
+                pack=pack, points=len(options.alphas), device=device)
         self.last_groups = [(features.size, None)] if groups is None else [(len(i), sizes) for i, sizes in groups]
         self.last_internal_batch_size = rows
+        self.last_steps, self.last_error_estimates = steps_report.points, steps_report.error
+        if options.auto:
+            warn_unconverged(steps_report, options.auto, batch.get("patient_id"))
         return (attributions, delta) if return_convergence_delta else attributions
 
     # -- pieces ------------------------------------------------------------------------------
@@ -129,18 +161,20 @@ class IntegratedGradients(Interpreter):
         endpoint logits, probed before any group runs)."""
         device = targets.device
 
-        def run(group: Group | None, part: FeatureBatch) -> tuple[dict[str, torch.Tensor], Any, int]:
+        def run(group: Group | None, part: FeatureBatch) -> tuple[dict[str, torch.Tensor], Any, int, StepsReport]:
             cut = baselines if group is None else {k: features.cut(k, b, *group) for k, b in baselines.items()}
-            result = run_integrated_gradients(self._forward(part, embed, mode), *self._endpoints(part, cut, embed),
-                                              options,
-                                              targets=targets if group is None else targets[group[0].to(device)],
-                                              extra=part.others(), sum_last_dim=self._summed(part, embed))
-            return part.expand(result.attributions), result.delta, result.chunk_rows
+            result: IGResult = run_integrated_gradients(
+                self._forward(part, embed, mode), *self._endpoints(part, cut, embed), options,
+                targets=targets if group is None else targets[group[0].to(device)], extra=part.others(),
+                sum_last_dim=self._summed(part, embed))
+            return part.expand(result.attributions), result.delta, result.chunk_rows, \
+                StepsReport.of(result, part.size, len(options.alphas))
 
-        def place(parts: list) -> tuple[dict[str, torch.Tensor], Any, int]:
+        def place(parts: list) -> tuple[dict[str, torch.Tensor], Any, int, StepsReport]:
             delta = place_rows(features.size, [(i, r[1]) for i, _, r in parts]) if options.return_convergence_delta \
                 else None
-            return features.place([(i, r[0]) for i, _, r in parts]), delta, max(r[2] for _, _, r in parts)
+            return (features.place([(i, r[0]) for i, _, r in parts]), delta, max(r[2] for _, _, r in parts),
+                    StepsReport.placed(features.size, [(i, r[3]) for i, _, r in parts]))
 
         def probe(groups: list[Group]) -> float:
             return self._padding_difference(features, baselines, embed, groups)

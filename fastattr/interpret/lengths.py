@@ -15,7 +15,7 @@ does the cutting and the putting back.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -93,7 +93,8 @@ class LengthGroups:
         self.model, self.method, self.what, self.quiet = model, method, what, quiet
         self.verdicts: dict[tuple, tuple[bool, float]] = {}
 
-    def plan(self, features: FeatureBatch, *, pack: Any, points: int, device: torch.device) -> list[Group] | None:
+    def plan(self, features: FeatureBatch, *, pack: Any, points: int | Sequence[int],
+             device: torch.device) -> list[Group] | None:
         """The groups ``[(sample index, padded sizes), ...]`` to run, or ``None`` to run the batch as
         it is (packing off, or nothing to trim)."""
         if pack is False:
@@ -103,8 +104,8 @@ class LengthGroups:
             return None
         return groups
 
-    def execute(self, features: FeatureBatch, key: tuple, task: GroupedTask[Result], *, pack: Any, points: int,
-                device: torch.device) -> tuple[Result, list[Group] | None]:
+    def execute(self, features: FeatureBatch, key: tuple, task: GroupedTask[Result], *, pack: Any,
+                points: int | Sequence[int], device: torch.device) -> tuple[Result, list[Group] | None]:
         """Run ``task`` on ``features`` in length groups where that is exact, else on the padded batch.
 
         Returns the result for the whole batch and the groups that ran (``None``: the padded batch).

@@ -51,7 +51,10 @@ def _add_attribute(sub: Any) -> None:
                            "(default; --no-sort-by-length keeps the cohort's order)")
     attribute.add_argument("--batch-tokens", type=int, default=None,
                            help="padded codes per sorted batch instead of --batch-size patients")
-    attribute.add_argument("--steps", type=int, default=50, help="IG steps")
+    attribute.add_argument("--steps", type=_steps, default=50,
+                           help="IG steps, or 'auto': each patient's path refined to --tolerance")
+    attribute.add_argument("--tolerance", type=float, default=None,
+                           help="relative tolerance of --steps auto (default 5e-3; README: what each costs)")
     attribute.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                            help="the model's arithmetic: fp32 (default, exact), tf32 or bf16 (faster on GPUs; "
                            "fastattr's sums stay fp32; the README states what each costs in fidelity)")
@@ -121,9 +124,21 @@ def run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _steps(text: str) -> int | str:
+    """``--steps``: an integer, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or 'auto'; got {text!r}") from None
+
+
 def _checked_attribute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if args.size < 1 or args.batch_size < 1 or args.steps < 1:
-        parser.error("--size, --batch-size and --steps must be >= 1")
+    if args.size < 1 or args.batch_size < 1 or (args.steps != "auto" and args.steps < 1):
+        parser.error("--size, --batch-size and --steps must be >= 1 (--steps may also be auto)")
+    if args.tolerance is not None and (args.steps != "auto" or not 0 < args.tolerance < float("inf")):
+        parser.error("--tolerance must be a positive finite number and goes with --steps auto")
     if args.batch_tokens is not None and (args.batch_tokens < 1 or not args.sort_by_length):
         parser.error("--batch-tokens must be >= 1 and cannot go with --no-sort-by-length")
     return run_attribute(args)
@@ -260,7 +275,7 @@ def _attribute(args: argparse.Namespace) -> None:
     loader = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=args.batch_size, shuffle=False,
                                          collate_fn=CohortDataset.collate)
     if args.method == "ig":
-        interpreter = IntegratedGradients(model, steps=args.steps)
+        interpreter = IntegratedGradients(model, steps=args.steps, tolerance=args.tolerance)
     else:
         interpreter = CheferRelevance(model)
     kwargs = {"precision": args.precision} if args.precision != "fp32" else {}

@@ -62,7 +62,7 @@ def _attribute_with_retry(interpreter: Any, batch: dict[str, Any], index: int, k
     size = batch_size(batch)
     try:
         result = interpreter.attribute(**kwargs, **batch)
-        return [(0, size, result, getattr(interpreter, "last_predictions", None))]
+        return [(0, size, result, getattr(interpreter, "last_predictions", None), _path_report(interpreter))]
     except torch.cuda.OutOfMemoryError as exc:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -72,8 +72,18 @@ def _attribute_with_retry(interpreter: Any, batch: dict[str, Any], index: int, k
     parts = []
     for start, stop in ((0, half), (half, size)):
         sub = _attribute_with_retry(interpreter, select_samples(batch, slice(start, stop)), index, kwargs)
-        parts += [(start + a, start + b, r, p) for a, b, r, p in sub]
+        parts += [(start + a, start + b, r, p, q) for a, b, r, p, q in sub]
     return parts
+
+
+def _path_report(interpreter: Any) -> dict[str, torch.Tensor]:
+    """What ``IntegratedGradients(steps="auto")`` says about each patient's path: ``steps`` (the
+    path points it took) and ``error_estimate`` (its estimated relative error); empty for a fixed
+    rule (every patient takes the rule's points: ``run.json`` has them) and other interpreters."""
+    steps, error = getattr(interpreter, "last_steps", None), getattr(interpreter, "last_error_estimates", None)
+    if not isinstance(steps, torch.Tensor) or not isinstance(error, torch.Tensor):
+        return {}
+    return {"steps": steps.detach().cpu().contiguous(), "error_estimate": error.detach().cpu().contiguous()}
 
 
 def _concat(parts: list[tuple]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, Any]:
@@ -160,7 +170,9 @@ def attribute_dataset(interpreter: Interpreter | Attributor, dataloader: Iterabl
         annotations: ``{feature: {code name: label}}`` marked in reports (e.g. known risk
             factors; the synthetic cohort's planted codes and distractors).
         **attribute_kwargs: passed to ``interpreter.attribute`` (``steps``, ``target_class_idx``,
-            ``return_convergence_delta``...). With ``return_convergence_delta`` the delta is stored.
+            ``return_convergence_delta``...). With ``return_convergence_delta`` the delta is stored;
+            with ``steps="auto"`` each patient's path points (``steps``) and estimated relative
+            error (``error_estimate``).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is started (NCCL on GPUs, gloo on
     CPUs) and rank r takes batches r, r + W, ...: the same batches as a single process, so the
@@ -242,6 +254,8 @@ def _run(interpreter: Any, model: Any, dataloader: Any, store: ShardStore, done:
             parts = _attribute_with_retry(interpreter, batch, index, attribute_kwargs)
             attributions, delta, predictions = _concat(parts)
             tensors = {f"attr/{k}": v.detach().contiguous().cpu() for k, v in attributions.items()}
+            reports = [p[4] for p in parts]
+            tensors.update({k: torch.cat([r[k] for r in reports]) for k in reports[0] if all(k in r for r in reports)})
             if delta is not None:
                 tensors["convergence_delta"] = delta.detach().contiguous().cpu()
             if model is not None and hasattr(model, "feature_keys"):

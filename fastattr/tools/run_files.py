@@ -155,8 +155,13 @@ def run_info(interpreter: Any, model: Any, vocab: Mapping[str, Any] | None = Non
     return {"format": RUN_FORMAT, "method": type(interpreter).__name__, "model": type(model).__name__,
             "features": features,
             "annotations": {k: {str(c): str(v) for c, v in m.items()} for k, m in (annotations or {}).items()},
-            "options": {k: _json_safe(v) for k, v in (attribute_kwargs or {}).items()},
+            "options": {k: _json_safe(v) for k, v in {**_defaults(interpreter), **(attribute_kwargs or {})}.items()},
             "batching": dict(batching or {})}
+
+
+def _defaults(interpreter: Any) -> dict[str, Any]:
+    """The interpreter's own defaults a call may leave out (IG's ``steps`` and ``tolerance``)."""
+    return {k: getattr(interpreter, k) for k in ("steps", "tolerance") if getattr(interpreter, k, None) is not None}
 
 
 def record_timing(out: Path, timing: Mapping[str, float]) -> None:
