@@ -63,6 +63,17 @@ def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, base
                                    target_class_idx: Any = None, use_embeddings: bool = True,
                                    **batch: Any) -> dict[str, torch.Tensor]:
     """Attributions by PyHealth 2.1.0's algorithm: ``steps + 1`` single-point forward/backward passes."""
+    alphas = [step / steps for step in range(steps + 1)]
+    return path_loop_integrated_gradients(model, alphas, [1.0 / (steps + 1)] * (steps + 1), baseline,
+                                          target_class_idx, use_embeddings, **batch)
+
+
+def path_loop_integrated_gradients(model: torch.nn.Module, alphas: list[float], weights: list[float],
+                                   baseline: dict | None = None, target_class_idx: Any = None,
+                                   use_embeddings: bool = True, **batch: Any) -> dict[str, torch.Tensor]:
+    """PyHealth's algorithm with any quadrature: one forward/backward per path point ``alphas[j]``,
+    the gradients summed with ``weights[j]`` (PyHealth's own: ``k / steps``, ``1 / (steps + 1)``);
+    with a converged rule, the reference integral for ``steps="auto"``."""
     model.eval()
     device = _device(model)
     inputs, values, slots, token = _ig_inputs(model, batch, device)
@@ -90,12 +101,12 @@ def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, base
             x[k], base[k] = ex[k], eb[k]
     x = {k: v.float() if not v.is_floating_point() else v for k, v in x.items()}
     base = {k: b.to(x[k].dtype) for k, b in base.items()}
-    grads = _path_gradients(model, inputs, slots, token, x, base, targets, steps, embedder)
+    grads = _path_gradients(model, inputs, slots, token, x, base, targets, alphas, weights, embedder)
 
-    # steps 7-8: average, times (x - b), summed over the embedding dim, mapped to the raw shape
+    # steps 7-8: the weighted sum, times (x - b), summed over the embedding dim, mapped to the raw shape
     result = {}
     for k in x:
-        attr = (x[k] - base[k]) * (grads[k] / (steps + 1))
+        attr = (x[k] - base[k]) * grads[k]
         if k in embedded and attr.dim() >= 3:
             attr = attr.sum(dim=-1)
         shape = raw_shapes[k]
@@ -108,11 +119,10 @@ def step_loop_integrated_gradients(model: torch.nn.Module, steps: int = 50, base
 
 
 def _path_gradients(model: Any, inputs: dict, slots: dict, token: dict, x: dict, base: dict, targets: torch.Tensor,
-                    steps: int, embedder: Any) -> dict[str, torch.Tensor]:
-    """Step 6: one forward and backward per path point, the gradients summed."""
+                    alphas: list[float], weights: list[float], embedder: Any) -> dict[str, torch.Tensor]:
+    """Step 6: one forward and backward per path point, the gradients summed with the weights."""
     grads = {k: torch.zeros_like(x[k]) for k in x}
-    for step in range(steps + 1):
-        alpha = step / steps
+    for alpha, weight in zip(alphas, weights, strict=True):
         points = {k: (base[k] + alpha * (x[k] - base[k])).detach().requires_grad_(True) for k in x}
         call = {}
         for k, feature in inputs.items():
@@ -127,7 +137,7 @@ def _path_gradients(model: Any, inputs: dict, slots: dict, token: dict, x: dict,
         out.gather(1, targets.view(-1, 1)).sum().backward()
         for k in x:
             if points[k].grad is not None:
-                grads[k] += points[k].grad
+                grads[k] += weight * points[k].grad
     model.zero_grad(set_to_none=True)
     return grads
 

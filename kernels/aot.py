@@ -100,6 +100,14 @@ def cases(full: bool) -> Iterator[tuple[str, bool, Callable[[], object]]]:
         for summed in (True, False):
             yield (f"IG finalize {n} sum_last={summed}", True,
                    lambda x=x, c=acc, s=summed: ig.finalize_triton(x, x, c, 51.0, s))
+        # steps="auto": a round's listed rows (sample, point) over the same batch
+        listed, points = _meta(600, dtype=torch.int64), _meta(600, dtype=torch.float64)
+        yield (f"IG interpolate_rows {n} 600 rows", True,
+               lambda x=x, i=listed, al=points: ig.interpolate_rows_triton(x, x, i, al))
+        for summed in (True, False):
+            yield (f"IG density {n} 600 rows sum_last={summed}", True,
+                   lambda x=x, i=listed, g=_meta(600, 100, 128, dtype=dtype), s=summed:
+                   ig.density_triton(x, x, i, g, s))
         shapes = [(4, 4, 128), (4, 4, 512), (4, 4, 2048), (32, 4, 100)]
         for batch, heads, tokens in shapes:
             maps = _meta(batch, heads, tokens, tokens, dtype=dtype)
@@ -120,7 +128,10 @@ def cases(full: bool) -> Iterator[tuple[str, bool, Callable[[], object]]]:
                 yield (f"IG kernels {n} {batch}x{tokens}x{dim}", False, lambda x=x, acc=acc, b=batch, t=tokens, d=dim: (
                     ig.interpolate_triton(x, x, _meta(8, dtype=torch.float64), 3, 5),
                     ig.accumulate_triton(acc, _meta(5, t, d, dtype=x.dtype), _meta(8), 3),
-                    ig.finalize_triton(x, x, acc, 8.0, True)))
+                    ig.finalize_triton(x, x, acc, 8.0, True),
+                    ig.interpolate_rows_triton(x, x, _meta(7, dtype=torch.int64), _meta(7, dtype=torch.float64)),
+                    ig.density_triton(x, x, _meta(7, dtype=torch.int64), _meta(7, t, d, dtype=x.dtype), True),
+                    ig.density_triton(x, x, _meta(7, dtype=torch.int64), _meta(7, t, d, dtype=x.dtype), False)))
     if full:
         big = _meta(1, 1 << 15, (1 << 16) + 3, dtype=torch.float16)  # 2^31 + elements in one sample
         yield "IG interpolate float16 width > 2^31", False, lambda: ig.interpolate_triton(

@@ -8,13 +8,16 @@ whole path at once (trapezoid doubling with Romberg, Gauss-Legendre of growing o
 peak's resolution on every part of every patient's path; panels refined where their own error is
 large spend it only around the peak.
 
-Each panel ``[a, b]`` holds five equally spaced points; Simpson's rule on its halves is the value
-and the difference from Simpson's rule on the whole panel, divided by 15, is its error estimate
-(both are vectors over every attributed entry, so the estimate sees each feature's error, not only
-the completeness gap). A sample has converged when its panels' estimates sum to at most
-``tolerance`` times the norm of its attribution; otherwise the panels with the largest estimates
-are halved (each half reuses three points and adds two) until the rest is under half the budget.
-A sample starts with two panels (nine points) and never takes more than ``max_points``.
+Each panel ``[a, b]`` holds five equally spaced points; Simpson's rule on its halves is its value.
+Its error estimate is the larger of (a) the difference from Simpson's rule on the whole panel,
+divided by 15, a norm over every attributed entry (so it sees each feature's error, not only the
+completeness gap), and (b) ``GAP_WEIGHT`` times the panel's completeness gap: its value summed over
+every entry against the change of the target logit across the panel (the forward computes the
+logit at every point anyway). A peak between a panel's points escapes (a) but not (b). A sample has
+converged when its panels' estimates sum to at most ``tolerance`` times the norm of its
+attribution; otherwise its panels with the largest estimates are cut (in 2; in 4 or 8 when far
+above their share of the budget) until the rest is under half the budget. A sample starts with two
+panels (nine points) and never takes more than ``max_points``.
 
 The rows of each round are listed as (sample, path point) and run through the same chunked
 forward and input-only backward as the fixed rules (:class:`fastattr.core.integrated.ChunkRunner`);
@@ -165,7 +168,8 @@ class _Panels:
         return torch.tensor([float(logit[w[GRID]] - logit[w[0]]) for w in self.where], dtype=torch.float64)
 
 
-# Weight of a panel's completeness gap in its error estimate (measured: benchmarks/ig_accuracy.py).
+# Weight of a panel's completeness gap in its error estimate: with 0.5 and the default tolerance the
+# demo's model met its targets with the fewest points (benchmarks/RESULTS.md, "IG to a requested accuracy").
 GAP_WEIGHT = 0.5
 
 
