@@ -47,8 +47,8 @@ def test_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
     assert done.returncode == 0
     compiled = report["compiled"]
     kernels = {c["key"].split()[0] for c in compiled}
-    assert kernels == {"_interpolate_kernel", "_accumulate_kernel", "_finalize_kernel", "_row_partial_kernel",
-                       "_row_combine_kernel", "_cam_kernel"}
+    assert kernels == {"_interpolate_kernel", "_accumulate_kernel", "_finalize_kernel", "_interpolate_rows_kernel",
+                       "_density_kernel", "_row_partial_kernel", "_row_combine_kernel", "_cam_kernel"}
     assert {c["arch"] for c in compiled} == {90, 80}
     assert all(c["error"] is None and c["spilled_bytes"] == 0 for c in compiled)
     # the pipelined loops really are pipelined (cp.async) in the IG reduction

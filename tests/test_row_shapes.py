@@ -81,6 +81,10 @@ def test_rows_are_the_batch_of_one_whatever_the_batching(tmp_path, method):
                 assert got.shape == value.shape[1:], (name, i, key)
                 torch.testing.assert_close(got, value[0], rtol=1e-5, atol=1e-6)
                 assert row[f"keep/{key}"].shape == got.shape
+            first = stores["sorted"][i]  # runs batched differently: the same shapes, values to float rounding
+            assert first.keys() == row.keys() and all(first[k].shape == row[k].shape for k in row)
+            for k in row:
+                torch.testing.assert_close(row[k], first[k], rtol=0, atol=1e-6)
             assert row["input/codes"].shape == data[i]["codes"].shape
             assert row["input/visits"].shape == data[i]["visits"].shape  # own visits, the processor's width
             assert torch.equal(row["input/visits"], data[i]["visits"])

@@ -82,7 +82,7 @@ def run_listed_rows(forward: RowsForward, xs: dict[str, torch.Tensor], bs: dict[
     to skip the CPU probe)."""
     path = ListedPath(samples, alphas, xs, bs, summed, kernels_for(options, xs))
     runner = ChunkRunner(forward, xs, bs, dict(extra), options, False, path, per_row=per_row)
-    runner.run(None, targets)
+    runner.run(targets)
     return path.density, path.logit, runner.sizer
 
 

@@ -78,3 +78,18 @@ def check_pack_lengths(pack_lengths: Any) -> None:
     if not (pack_lengths is True or pack_lengths is False or
             (isinstance(pack_lengths, str) and pack_lengths == "auto")):
         raise ValueError(f"pack_lengths must be 'auto', True or False; got {pack_lengths!r}")
+
+
+def check_percentages(percentages: Any) -> list[float]:
+    """``percentages`` as a list, after checking it is a non-empty sequence of numbers in (0, 100]."""
+    if isinstance(percentages, (int, float)) or not isinstance(percentages, Sequence) or not percentages or any(
+            isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100 for p in percentages):
+        raise ValueError(f"percentages must be a non-empty list of numbers in (0, 100]; got {percentages!r}")
+    return list(percentages)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+

@@ -209,8 +209,8 @@ class ChunkRunner:
     gradients the path reduces (:class:`GridPath`: weighted sums; the adaptive rule's listed
     rows: one attribution density per row).
 
-    The logits at the inputs (for an argmax target and the convergence delta) ride along as extra
-    rows of the first chunk's forward; no gradient flows from them.
+    The logits at the inputs (for the convergence delta) ride along as extra rows of the first
+    chunk's forward; no gradient flows from them.
     """
 
     def __init__(self, forward: RowsForward, xs: dict[str, torch.Tensor], bs: dict[str, torch.Tensor],
@@ -226,7 +226,7 @@ class ChunkRunner:
         self.sizer = ChunkSizer(options.internal_batch_size, self.batch, points, self.device,
                                 row_elements=sum(x[0].numel() for x in xs.values()), per_row=per_row)
 
-    def _chunk(self, start: int, rows: int, endpoint_rows: int, target: Any, targets: torch.Tensor | None):
+    def _chunk(self, start: int, rows: int, endpoint_rows: int, targets: torch.Tensor) -> tuple:
         batch, device = self.batch, self.device
         sample = self.path.samples(start, rows, device)
         if endpoint_rows:
@@ -241,17 +241,15 @@ class ChunkRunner:
                 raise ValueError(f"forward returned {logits.shape[0]} rows for {rows + endpoint_rows} inputs")
             if endpoint_rows:
                 self.fx = _float_logits(logits[rows:])
-            if targets is None:
-                targets = resolve_targets(target, self.fx, batch, logits.shape[1], device)
             picked = logits[:rows].gather(1, targets.index_select(0, sample[:rows]).unsqueeze(1)).squeeze(1)
             # The path tensor is a leaf, so autograd.grad hands back exactly the [rows, ...]
             # gradients the reduction kernel consumes.
             grads = torch.autograd.grad(picked.sum(), [path[k] for k in self.keys], allow_unused=True)
         self.path.record(picked.detach(), start)
-        return grads, targets
+        return grads
 
-    def run(self, target: Any, targets: torch.Tensor | None) -> torch.Tensor:
-        """Every path row; returns the targets (resolved from the first chunk when ``targets`` is None)."""
+    def run(self, targets: torch.Tensor) -> None:
+        """Every path row, for the target logit of each row's sample (``targets``: one class per sample)."""
         total = self.path.total
         progress = self.options.progress
         bar = tqdm(total=total, desc="integrated gradients", unit="row", leave=False,
@@ -261,7 +259,7 @@ class ChunkRunner:
             rows = min(self.sizer.rows, total - start)
             extra = self.batch if self.need_fx and self.fx is None else 0
             try:
-                grads, targets = self._chunk(start, rows, extra, target, targets)
+                grads = self._chunk(start, rows, extra, targets)
             except torch.cuda.OutOfMemoryError:
                 if not self.sizer.shrink(rows):
                     raise
@@ -275,22 +273,22 @@ class ChunkRunner:
             start += rows
             bar.update(rows)
         bar.close()
-        return targets
 
 
 def run_integrated_gradients(forward: RowsForward, xs: dict[str, torch.Tensor], bs: dict[str, torch.Tensor],
-                             options: IGOptions, *, target: Any = None, targets: torch.Tensor | None = None,
-                             extra: Mapping[str, Any] | None = None, sum_last_dim: Iterable[str] = ()) -> IGResult:
-    """The core, on validated inputs: ``xs`` floating, batch first, contiguous; ``bs`` expanded to
-    them; ``targets`` one class per sample or None (then resolved from ``target`` and the
-    endpoint logits); ``extra`` batch-first tensors (in any nesting) gathered per row."""
+                             options: IGOptions, *, targets: torch.Tensor, extra: Mapping[str, Any] | None = None,
+                             sum_last_dim: Iterable[str] = (), fx: torch.Tensor | None = None) -> IGResult:
+    """The core (the one entry point of a fixed rule), on validated inputs: ``xs`` floating, batch
+    first, contiguous; ``bs`` expanded to them; ``targets`` one class per sample (resolved by the
+    caller); ``extra`` batch-first tensors (in any nesting) gathered per row; ``fx`` the logits at
+    the inputs where the caller has them (for the convergence delta; else they ride along as extra
+    rows of the first chunk)."""
     summed = set(sum_last_dim)
-    need_fx = targets is None and target is None or options.return_convergence_delta
     path = GridPath(xs, options, kernels_for(options, xs))
-    runner = ChunkRunner(forward, xs, bs, extra or {}, options, need_fx, path)
-    targets = runner.run(target, targets)
+    runner = ChunkRunner(forward, xs, bs, extra or {}, options, options.return_convergence_delta and fx is None, path)
+    runner.run(targets)
     attributions = path.attributions(xs, bs, summed)
-    delta = convergence_delta(forward, bs, extra, runner.fx, targets, attributions) \
+    delta = convergence_delta(forward, bs, extra, runner.fx if fx is None else fx, targets, attributions) \
         if options.return_convergence_delta else None
     return IGResult(attributions, delta, runner.sizer.rows, targets)
 
@@ -369,9 +367,14 @@ def integrated_gradients(
     options = resolve_options(steps=steps, method=method, internal_batch_size=internal_batch_size, backend=backend,
                               device=xs[keys[0]].device, return_convergence_delta=return_convergence_delta,
                               progress=progress)
-    result = run_integrated_gradients(lambda points, rows: forward({**points, **rows}), xs,
-                                      _expand_baselines(xs, baselines), options, target=target, extra=extra,
-                                      sum_last_dim=sum_last_dim)
+    rows_forward: RowsForward = lambda points, rows: forward({**points, **rows})  # noqa: E731
+    with torch.no_grad():  # the class explained (and f(x) for the delta) from one forward at the inputs
+        fx = _float_logits(_logits_2d(rows_forward(xs, extra)))
+    if fx.shape[0] != xs[keys[0]].shape[0]:
+        raise ValueError(f"forward returned {fx.shape[0]} rows for a batch of {xs[keys[0]].shape[0]}")
+    targets = resolve_targets(target, fx, fx.shape[0], fx.shape[1], fx.device)
+    result = run_integrated_gradients(rows_forward, xs, _expand_baselines(xs, baselines), options, targets=targets,
+                                      extra=extra, sum_last_dim=sum_last_dim, fx=fx)
     if return_convergence_delta:
         return result.attributions, result.delta
     return result.attributions

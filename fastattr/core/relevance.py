@@ -17,6 +17,19 @@ Layer = tuple[torch.Tensor, torch.Tensor]
 FULL_PATH_FLOPS = {"cpu": 2.0 ** 23, "cuda": 0.0}
 
 
+def avg_heads(cam: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """PyHealth's ``avg_heads``: mean over heads of ``clamp(grad * cam, 0)``; 3-D inputs are
+    taken as one head and only clamped."""
+    if cam.dim() < 4 and grad.dim() < 4:
+        return (grad * cam).clamp(min=0)
+    return (grad * cam).clamp(min=0).mean(dim=1)
+
+
+def apply_self_attention_rules(R_ss: torch.Tensor, cam_ss: torch.Tensor) -> torch.Tensor:
+    """PyHealth's ``apply_self_attention_rules``: ``cam_ss @ R_ss``."""
+    return torch.matmul(cam_ss, R_ss)
+
+
 def full_path_is_cheaper(batch: int, tokens: int, layers: int, device: torch.device) -> bool:
     """Whether forming the whole R beats picking rows for maps of this size on ``device``."""
     return 2.0 * layers * batch * tokens ** 3 <= FULL_PATH_FLOPS.get(device.type, 0.0)

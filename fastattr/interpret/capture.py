@@ -140,3 +140,26 @@ class OldTensors:
             return False
         return any(old._version == version == grad._version
                    for old, version in self.held.get(grad.untyped_storage().data_ptr(), ()))
+
+
+def first_stale(layers: Any, old: OldTensors) -> tuple[str, int] | None:
+    """The first attention gradient an earlier call left, as ``(key, layer)``, or ``None``."""
+    if not isinstance(layers, dict):
+        return None
+    for key, pairs in layers.items():
+        for i, pair in enumerate(pairs if isinstance(pairs, (list, tuple)) else ()):
+            if is_pair(pair) and isinstance(pair[1], torch.Tensor) and old.stale(pair[1]):
+                return key, i
+    return None
+
+
+def is_pair(pair: Any) -> bool:
+    """An attention layer as ``get_attention_layers`` lists it: ``(attention map, gradient)``."""
+    return isinstance(pair, (list, tuple)) and len(pair) == 2
+
+
+def all_gradients(layers: Any) -> bool:
+    """Whether every listed attention layer has a gradient tensor."""
+    return isinstance(layers, dict) and all(
+        isinstance(pairs, (list, tuple)) and all(is_pair(p) and isinstance(p[1], torch.Tensor) for p in pairs)
+        for pairs in layers.values())

@@ -8,32 +8,22 @@ from typing import Any
 
 import torch
 
+from fastattr.core import relevance as chefer_core
 from fastattr.core.backend import resolve_backend
 from fastattr.core.precision import model_precision
-from fastattr.core.relevance import check_layers, chefer_relevance, full_path_is_cheaper, propagate
 from fastattr.core.targets import resolve_targets, target_tensor
+from fastattr.interpret import capture
 from fastattr.interpret.base import Interpreter
 from fastattr.interpret.batches import select_samples
-from fastattr.interpret.capture import HookedTensors, ModuleState, OldTensors, gradient_sinks
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
 from fastattr.interpret.outputs import logits_of, reported_probabilities
 from fastattr.interpret.row_picks import RowPicks, detect_row_picks  # noqa: F401  (detect_row_picks: public path)
 
+# PyHealth's helper functions, at their PyHealth-like path (fastattr.interpret.chefer.avg_heads)
+avg_heads, apply_self_attention_rules = chefer_core.avg_heads, chefer_core.apply_self_attention_rules
+propagate = chefer_core.propagate
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
-
-
-def avg_heads(cam: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """PyHealth's ``avg_heads``: mean over heads of ``clamp(grad * cam, 0)``; 3-D inputs are
-    taken as one head and only clamped."""
-    if cam.dim() < 4 and grad.dim() < 4:
-        return (grad * cam).clamp(min=0)
-    return (grad * cam).clamp(min=0).mean(dim=1)
-
-
-def apply_self_attention_rules(R_ss: torch.Tensor, cam_ss: torch.Tensor) -> torch.Tensor:
-    """PyHealth's ``apply_self_attention_rules``: ``cam_ss @ R_ss``."""
-    return torch.matmul(cam_ss, R_ss)
 
 
 @dataclass
@@ -93,7 +83,7 @@ class CheferRelevance(Interpreter):
         super().__init__(model, CHEFER_METHODS, group_method="chefer", compared="logits and relevance",
                          backend=backend, pack_lengths=pack_lengths, precision=precision)
         self._row_picks = RowPicks()  # per layout: is get_relevance_tensor a row pick
-        self._state = ModuleState(model)
+        self._state = capture.ModuleState(model)
         self._read: list[tuple[weakref.ref, int]] = []  # the gradients the last pass read, while they live
         self._hooks_tensors = False  # whether the model's last forward registered gradient hooks on tensors
 
@@ -169,12 +159,12 @@ class CheferRelevance(Interpreter):
         model = self.model
         for reach_weights in (False, True):
             done = self._forward_backward(data, target, reach_weights, precision, device)
-            if done.reached_weights or done.stale is None and _all_gradients(done.layers):
+            if done.reached_weights or done.stale is None and capture.all_gradients(done.layers):
                 break
         logits, layers, stale = done.logits, done.layers, done.stale
         if not isinstance(layers, dict) or not layers:
             raise ValueError("model.get_attention_layers() must return {feature key: [(attn, grad), ...]}")
-        tokens = {k: check_layers(pairs, f"attention layers of {k!r}")[1] for k, pairs in layers.items()}
+        tokens = {k: chefer_core.check_layers(pairs, f"attention layers of {k!r}")[1] for k, pairs in layers.items()}
         if stale is not None:
             raise ValueError(f"attention layer {stale[1]} of {stale[0]!r} still holds the gradient of an earlier "
                              "call: this backward did not reach it")
@@ -184,10 +174,10 @@ class CheferRelevance(Interpreter):
         stated = getattr(model, "get_relevance_rows", None)
         if callable(stated):
             rows = stated(**data)
-            relevance = {k: chefer_relevance(layers[k], rows[k].to(maps), backend=use) for k in layers}
+            relevance = {k: chefer_core.chefer_relevance(layers[k], rows[k].to(maps), backend=use) for k in layers}
         else:
             picks = None
-            small = all(full_path_is_cheaper(batch, n, len(layers[k]), maps) for k, n in tokens.items())
+            small = all(chefer_core.full_path_is_cheaper(batch, n, len(layers[k]), maps) for k, n in tokens.items())
             if not small:
                 picks = self._row_picks.find(model, key, tokens, batch, data, maps)
             if picks is not None:
@@ -210,10 +200,10 @@ class CheferRelevance(Interpreter):
         # to hook its maps and no embedding weight is frozen: then its maps require grad anyway.
         if isinstance(embed, torch.nn.Module) and not (
                 self._hooks_tensors and all(p.requires_grad for p in embed.parameters())):
-            handle = embed.register_forward_hook(gradient_sinks(embedded))
+            handle = embed.register_forward_hook(capture.gradient_sinks(embedded))
         model.set_attention_hooks(True)
         try:
-            with torch.enable_grad(), HookedTensors() as hooked, model_precision(precision, device):
+            with torch.enable_grad(), capture.HookedTensors() as hooked, model_precision(precision, device):
                 out = model(**data)
                 logits = logits_of(out)
         finally:
@@ -234,7 +224,7 @@ class CheferRelevance(Interpreter):
         self.last_predictions_as_given = given and precision == "fp32"
         del out
         score = logits.gather(1, targets.unsqueeze(1)).sum()  # sum(one_hot(target) * logits): the same gradient
-        old = OldTensors(self._state, self._read)
+        old = capture.OldTensors(self._state, self._read)
         reach_weights = reach_weights or not sinks
         weights = [p for p in model.parameters() if p.requires_grad] if reach_weights else []
         if not sinks and not weights:
@@ -245,29 +235,8 @@ class CheferRelevance(Interpreter):
         torch.autograd.grad(score, sinks + weights, allow_unused=True)
         del score, sinks, weights, hooked, embedded
         layers = model.get_attention_layers()
-        stale = _first_stale(layers, old)
+        stale = capture.first_stale(layers, old)
         return _Backward(logits.detach(), prob, targets, layers, stale, reach_weights)
-
-
-def _first_stale(layers: Any, old: OldTensors) -> tuple[str, int] | None:
-    """The first attention gradient an earlier call left, as ``(key, layer)``, or ``None``."""
-    if not isinstance(layers, dict):
-        return None
-    for key, pairs in layers.items():
-        for i, pair in enumerate(pairs if isinstance(pairs, (list, tuple)) else ()):
-            if _is_pair(pair) and isinstance(pair[1], torch.Tensor) and old.stale(pair[1]):
-                return key, i
-    return None
-
-
-def _is_pair(pair: Any) -> bool:
-    return isinstance(pair, (list, tuple)) and len(pair) == 2
-
-
-def _all_gradients(layers: Any) -> bool:
-    return isinstance(layers, dict) and all(
-        isinstance(pairs, (list, tuple)) and all(_is_pair(p) and isinstance(p[1], torch.Tensor) for p in pairs)
-        for pairs in layers.values())
 
 
 def _difference(whole: _Pass, packed: _Pass) -> float:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fastattr.core.checks import check_count, check_pack_lengths
+from fastattr.core.checks import check_choice, check_count, check_pack_lengths, check_percentages
 from fastattr.metrics.ablation import STRATEGIES, ablate_rows
 from fastattr.metrics.filters import SampleClass, SampleFilterFn, classifier_type, get_model_predictions
 from fastattr.metrics.masks import top_masks
@@ -19,12 +19,8 @@ PERCENTAGES = [1, 5, 10, 20, 50]
 
 def check_metric_options(percentages: Any, ablation_strategy: Any) -> list[float]:
     """The percentages as a list, after checking both options (one message naming each)."""
-    if isinstance(percentages, (int, float)) or not isinstance(percentages, Sequence) or not percentages or any(
-            isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100 for p in percentages):
-        raise ValueError(f"percentages must be a non-empty list of numbers in (0, 100]; got {percentages!r}")
-    if ablation_strategy not in STRATEGIES:
-        raise ValueError(f"ablation_strategy must be one of {', '.join(STRATEGIES)}; got {ablation_strategy!r}")
-    return list(percentages)
+    check_choice("ablation_strategy", ablation_strategy, STRATEGIES)
+    return check_percentages(percentages)
 
 
 def check_attributions(model: Any, inputs: Any, attributions: Any) -> None:
