@@ -8,7 +8,7 @@
 # "all" is: tests (the GPU tier), pyhealth (IG in fp32/tf32/bf16 and the three ways users call both
 # methods, against the real PyHealth: benchmarks/pyhealth_device.py), pipeline (fastattr attribute's
 # runner against attribute() alone) and precision (the fidelity of tf32/bf16 on the demo's model).
-# Earlier parts, a few minutes each: kernels (GB/s vs copy, TFLOP/s vs cuBLAS), e2e (vs the
+# Earlier parts, a few minutes each: accuracy (steps="auto" against fixed rules), kernels (GB/s vs copy, TFLOP/s vs cuBLAS), e2e (vs the
 # fastattr.loop stand-in, Captum, the floor), longtail, tables (100,000 patients summarised,
 # exported, reported; needs pandas and pyarrow wheels in .whl/).
 # Logs go to $OUT (or ./gpu-results). The device image has torch, Triton, pytest, safetensors,
@@ -62,6 +62,8 @@ for part in "${parts[@]}"; do
         > "$out/demo.log" 2>&1 || { tail -20 "$out/demo.log"; exit 1; }
       python3 -m benchmarks.cohort_tables --checkpoint "$out/model.pt" --size "${TABLES_SIZE:-100000}" \
         --out /tmp/fastattr-run --device cuda --batch-size 512 2>&1 | tee "$out/tables.log" ;;
+    accuracy)  # steps="auto" against the fixed rules on the demo's trained model (not in "all": ~2 minutes)
+      "$py" -m benchmarks.ig_accuracy --models demo --device "$device" --repeats 3 2>&1 | tee "$out/accuracy.log" ;;
     tests)
       "$py" -m pytest -m gpu tests -q -p no:cacheprovider -rs 2>&1 | tail -30 | tee "$out/gpu-tests.log" ;;
     kernels)

@@ -33,17 +33,17 @@ RULES = [("uniform", 5), ("uniform", 50), ("uniform", 200), ("riemann_trapezoid"
 REFERENCE = ("gausslegendre", 256)
 
 
-def demo_model(patients: int, seed: int):
+def demo_model(patients: int, seed: int, device: str = "cpu"):
     """The demo's Transformer, trained as ``fastattr demo`` trains it, and long-tailed batches of 32."""
     from fastattr.tools.demo import _trained
     from fastattr.tools.synthetic import SyntheticCohort
 
     torch.manual_seed(0)
     cohort = SyntheticCohort(patients=2000, seed=0)
-    model, _ = _trained(cohort, 1600, 600, torch.device("cpu"), 0, None)
+    model, _ = _trained(cohort, 1600, 600, torch.device(device), 0, None)
     tail = SyntheticCohort(patients=patients, seed=seed, vocab=cohort.vocab, lengths="lognormal", median_codes=15,
                            longest=256)
-    batches = [{"codes": tail.batch(range(s, min(s + 32, patients)), pad_to_longest=True)["codes"]}
+    batches = [{"codes": tail.batch(range(s, min(s + 32, patients)), pad_to_longest=True)["codes"].to(device)}
                for s in range(0, patients, 32)]
     return model.eval(), batches
 
@@ -51,6 +51,10 @@ def demo_model(patients: int, seed: int):
 def pyhealth_model(patients: int, seed: int):
     model, _, loader = cohort_loaders(patients, 15, 256, 2, 2, 64, "cpu", True, seed=seed)
     return model, [{k: v for k, v in b.items() if k in model.feature_keys} for b in loader(32)]
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
 
 
 def call(ig: fastattr.IntegratedGradients, rule: tuple[str, float | int | None]) -> dict:
@@ -81,7 +85,7 @@ def label(rule) -> str:
     return f"{name[method]}, steps {value}"
 
 
-def measure(name: str, model, batches, repeats: int) -> None:
+def measure(name: str, model, batches, repeats: int, device: str = "cpu") -> None:
     ig = fastattr.IntegratedGradients(model)
     reference, _ = attribute_all(ig, batches, REFERENCE)
     patients = len(reference)
@@ -92,9 +96,9 @@ def measure(name: str, model, batches, repeats: int) -> None:
                                for r, ref in zip(rows, reference, strict=True)])
         results[rule] = (errors, points.double().mean().item())
     timing = time_interleaved({rule: (lambda rule=rule: attribute_all(ig, batches, rule)) for rule in RULES},
-                              repeats, "cpu")
+                              repeats, device)
     print(f"\n### {name}: {patients} patients in {len(batches)} batches; reference Gauss-Legendre 256 nodes; "
-          f"torch {torch.__version__}, {platform.processor() or 'cpu'}, threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}, {_device_name(device)}, threads {torch.get_num_threads()}, "
           f"median of {repeats} interleaved\n")
     base = timing[("uniform", 50)]["median_ms"]
     print("| rule | points per patient | median error | worst patient | wall s | speed vs steps 50 |")
@@ -117,9 +121,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["demo", "pyhealth"], choices=["demo", "pyhealth"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (PyHealth's model runs on the CPU only here)")
     args = parser.parse_args()
     if "demo" in args.models:
-        measure("the demo's Transformer (trained, 2 layers, d32)", *demo_model(128, args.seed), args.repeats)
+        measure("the demo's Transformer (trained, 2 layers, d32)", *demo_model(128, args.seed, args.device),
+                args.repeats, args.device)
     if "pyhealth" in args.models:
         if pyhealth_available():
             measure("PyHealth 2.1.0 Transformer (2 layers, 2 heads, d64, untrained)", *pyhealth_model(64, args.seed),

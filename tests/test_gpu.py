@@ -130,3 +130,33 @@ def test_length_packing_on_cuda_equals_padded_and_oracle(monkeypatch):
     for k in packed:
         assert rel_err(packed[k], padded[k]) <= 1e-5 and rel_err(packed[k], oracle[k]) <= 1e-5
     assert bool((packed["codes"][x == 0] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_listed_row_kernels(dtype):
+    rtol, atol = TOL[dtype]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for shape, summed in (((3, 17, 5), True), ((3, 63, 130), False), ((2, 500, 128), True)):
+        x = torch.randn(shape, device="cuda", generator=g).to(dtype)
+        b = torch.randn(shape, device="cuda", generator=g).to(dtype)
+        samples = torch.randint(0, shape[0], (19,), device="cuda", generator=g)
+        alphas = torch.rand(19, device="cuda", generator=g, dtype=torch.float64)
+        rows = ig_ops.interpolate_rows_torch(x.float(), b.float(), samples, alphas)
+        torch.testing.assert_close(ig_ops.interpolate_rows_triton(x, b, samples, alphas).float(),
+                                   ig_ops.interpolate_rows_torch(x, b, samples, alphas).float(), rtol=rtol, atol=atol)
+        grads = torch.randn(rows.shape, device="cuda", generator=g).to(dtype)
+        torch.testing.assert_close(ig_ops.density_triton(x, b, samples, grads, summed),
+                                   ig_ops.density_torch(x, b, samples, grads, summed), rtol=rtol, atol=atol * 10)
+
+
+def test_auto_steps_on_cuda_match_the_cpu():
+    model, batch = own_model("transformer", seed=3)
+    ig = fastattr.IntegratedGradients(model, steps="auto")
+    on_cpu = ig.attribute(backend="torch", **batch)
+    cpu_points = ig.last_steps.clone()
+    model.cuda()
+    on_cuda = ig.attribute(backend="triton", **{k: v.cuda() if isinstance(v, torch.Tensor) else v
+                                                for k, v in batch.items()})
+    assert (ig.last_steps.cpu() - cpu_points).abs().max() <= 4, "the same panels, up to a near-threshold one"
+    for key in on_cpu:
+        torch.testing.assert_close(on_cuda[key].cpu(), on_cpu[key], rtol=1e-3, atol=1e-5)

@@ -10,17 +10,21 @@ short by a kill is ignored and its shard redone), and at the end rank 0 merges t
 the manifest (written to a temporary name and renamed). So a killed process leaves either the old
 state or the new one, and listing a shard costs the same at the end of a long run as at its start.
 ``run.json`` describes the run (method, model, features and their vocabularies, annotations).
+
+This module is the writer (:class:`ShardStore`) and the names readers import; the rest of the run
+folder lives beside it: :mod:`fastattr.tools.run_locks` (one writer per rank),
+:mod:`fastattr.tools.run_journal` (the rank journals), :mod:`fastattr.tools.run_files` (atomic
+files, manifests and checksums, ``run.json``), :mod:`fastattr.tools.run_reader` (the reader) and
+:mod:`fastattr.tools.row_shapes` (each sample's own row shape).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -41,87 +45,13 @@ from fastattr.tools.run_files import (
     write_atomic,
     write_run_info,
 )
+from fastattr.tools.run_journal import rank_parts
+from fastattr.tools.run_locks import Lock, RunLockedError, holder
 from fastattr.tools.run_reader import SCORES_FOLDER, Attributions, load_attributions, open_run
 
 __all__ = ["FORMAT", "RUN_FORMAT", "RUN_INFO", "SCORES_FOLDER", "Attributions", "DiskFullError", "RunLockedError",
            "ShardStore", "load_attributions", "open_run", "read_run_info", "record_timing", "run_info",
            "write_atomic", "write_run_info"]
-
-
-def _read_journal(path: Path) -> dict[str, dict]:
-    """A rank's journal: a format line, then one JSON line per finished shard. A line that is not
-    one of ours (cut short by a kill, garbage, something else's JSON, a missing format line) is
-    skipped: its shard, if any, is redone. Only a journal of another format is an error."""
-    entries: dict[str, dict] = {}
-    lines = path.read_bytes().split(b"\n")
-    for line in lines[:-1]:  # the part after the last newline is a torn write
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(entry, dict):
-            continue
-        if "format" in entry and len(entry) == 1:
-            if entry["format"] != FORMAT:
-                raise ValueError(f"{path} is not a fastattr attribution journal (format {entry['format']!r})")
-        elif {"file", "batch", "sha256", "patients", "ids"} <= set(entry) and isinstance(entry["file"], str) \
-                and isinstance(entry["batch"], int):
-            entries[entry["file"]] = entry
-    return entries
-
-
-def _rank_parts(out: Path) -> dict[str, dict]:
-    """Shards listed by the rank journals of an unfinished run (and by the whole-file rank
-    manifests that fastattr wrote before journals)."""
-    shards: dict[str, dict] = {}
-    for path in sorted(out.glob("manifest.rank*.json")):
-        part = read_manifest(path)
-        if part:
-            shards.update(part["shards"])
-    for path in sorted(out.glob("manifest.rank*.jsonl")):
-        shards.update(_read_journal(path))
-    return shards
-
-
-class RunLockedError(RuntimeError):
-    """Another live process is writing the same run folder (and rank)."""
-
-
-class _Lock:
-    """An exclusive ``flock`` on a file of the run folder, held while a writer runs and released by
-    the operating system when the process ends however it ends (a SIGKILL included). The file
-    says who holds it; it is never deleted (deleting a lock file races with the next taker)."""
-
-    def __init__(self, path: Path, shared: bool = False) -> None:
-        self.path, self.fd = path, os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-
-    @property
-    def held(self) -> bool:
-        return self.fd is not None
-
-    def say(self, holder: dict[str, Any]) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(holder).encode(), 0)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
-
-
-def _holder(path: Path) -> str:
-    try:
-        who = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        who = {}
-    if not who:
-        return "a process that has not said who it is yet"
-    return f"process {who.get('pid')} on host {who.get('host')}, started {who.get('started')}"
 
 
 class ShardStore:
@@ -142,19 +72,19 @@ class ShardStore:
         self.journal_path = out / f"manifest.rank{rank}.jsonl"
         self.shards: dict[str, dict] = {}
         self.mine: dict[str, dict] = {}
-        self._locks: list[_Lock] = []
+        self._locks: list[Lock] = []
 
     def lock(self) -> None:
         """Take this rank's lock and a shared lock for this number of processes, or raise
         :class:`RunLockedError` naming who holds the run."""
-        mine = _Lock(self.out / f".lock.rank{self.rank}")
+        mine = Lock(self.out / f".lock.rank{self.rank}")
         if not mine.held:
             raise RunLockedError(f"{self.out} is being written by another fastattr run: rank {self.rank} is held by "
-                                 f"{_holder(self.out / f'.lock.rank{self.rank}')}. Wait for it to finish or stop it, "
+                                 f"{holder(self.out / f'.lock.rank{self.rank}')}. Wait for it to finish or stop it, "
                                  "then run the same command again to resume (two writers of one folder would lose "
                                  "the run)")
         self._locks.append(mine)
-        world = _Lock(self.out / f".lock.world{self.world}", shared=True)
+        world = Lock(self.out / f".lock.world{self.world}", shared=True)
         if not world.held:  # a writer with another number of processes is checking this one: let it win
             self.release()
             raise RunLockedError(f"{self.out} is being opened by another fastattr run at the same time; run again")
@@ -162,12 +92,12 @@ class ShardStore:
         for other in self.out.glob(".lock.world*"):
             if other.name == f".lock.world{self.world}":
                 continue
-            probe = _Lock(other)
+            probe = Lock(other)
             if not probe.held:
                 self.release()
                 raise RunLockedError(f"{self.out} is being written by another fastattr run with "
                                      f"{other.name.removeprefix('.lock.world')} processes (rank 0 held by "
-                                     f"{_holder(self.out / '.lock.rank0')}); wait for it to finish or stop it, "
+                                     f"{holder(self.out / '.lock.rank0')}); wait for it to finish or stop it, "
                                      "then run again to resume")
             probe.release()
         mine.say({"pid": os.getpid(), "host": socket.gethostname(), "rank": self.rank, "world": self.world,
@@ -187,7 +117,7 @@ class ShardStore:
         if existing is not None and not resume:
             raise FileExistsError(f"{self.out} already holds an attribution run; pass resume=True to continue it")
         shards = dict(existing["shards"]) if existing else {}
-        shards.update(_rank_parts(self.out))  # ranks of an interrupted run
+        shards.update(rank_parts(self.out))  # ranks of an interrupted run
         self.shards = {n: {**e, "identity": identity(self.out / e["file"])}
                        for n, e in verified(self.out, shards, repair=True).items()}
         self.mine = {n: e for n, e in self.shards.items() if e["batch"] % self.world == self.rank}
@@ -217,7 +147,7 @@ class ShardStore:
         replaced it) is checked by its checksum; if that fails it is left out, the journals are
         kept and the run is not finished: running it again redoes that batch."""
         merged = dict(self.shards)
-        merged.update(_rank_parts(self.out))
+        merged.update(rank_parts(self.out))
         changed = [n for n, e in merged.items() if e.get("identity") != _identity_or_none(self.out / e["file"])]
         lost = [n for n in changed if not intact(self.out / merged[n]["file"], merged[n]["sha256"])]
         if lost:

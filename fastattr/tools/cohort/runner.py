@@ -1,10 +1,6 @@
-"""Cohort-scale attribution: every batch of a dataloader, streamed to a run folder as checksummed
-shards (:mod:`fastattr.tools.store`), resumable after any interruption, and shardable across
-processes with torch.distributed. The pieces: how batches are cut (:mod:`fastattr.tools.cohort_batching`),
-the prefetch and writer threads (:mod:`fastattr.tools.cohort_pipeline`), the process group
-(:mod:`fastattr.tools.cohort_distributed`); the synthetic cohort's dataset is
-:class:`fastattr.tools.synthetic.CohortDataset`.
-"""
+"""The cohort runner: :func:`attribute_dataset` streams every batch of a dataloader to a run folder as
+checksummed shards (:mod:`fastattr.tools.store`), resumable after any interruption, and shardable
+across processes with torch.distributed."""
 from __future__ import annotations
 
 import time
@@ -21,29 +17,11 @@ from fastattr.interpret.base import Attributor, Interpreter
 from fastattr.interpret.batches import batch_size, select_samples
 from fastattr.interpret.features import FeatureBatch, model_device
 from fastattr.interpret.outputs import logits_of, reported_probabilities
-from fastattr.tools.cohort_batching import (
-    COHORT_BATCH_TOKENS,
-    SORT_WINDOW,
-    LengthSortedBatches,
-    choose_batching,
-    in_order,
-)
-from fastattr.tools.cohort_distributed import barrier, on_every_rank, start_process_group
-from fastattr.tools.cohort_pipeline import Prefetch, ShardWriter
+from fastattr.tools.cohort.batching import LengthSortedBatches, choose_batching, in_order
+from fastattr.tools.cohort.distributed import barrier, on_every_rank, start_process_group
+from fastattr.tools.cohort.pipeline import Prefetch, ShardWriter
 from fastattr.tools.row_shapes import AloneShapes, row_shapes
-from fastattr.tools.store import (
-    Attributions,
-    ShardStore,
-    load_attributions,
-    read_run_info,
-    record_timing,
-    run_info,
-    write_run_info,
-)
-from fastattr.tools.synthetic import CohortDataset
-
-__all__ = ["COHORT_BATCH_TOKENS", "SORT_WINDOW", "Attributions", "CohortDataset", "LengthSortedBatches",
-           "attribute_dataset", "load_attributions"]
+from fastattr.tools.store import ShardStore, read_run_info, record_timing, run_info, write_run_info
 
 ID_KEYS = ("patient_id", "visit_id")
 
