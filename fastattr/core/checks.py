@@ -73,11 +73,15 @@ def check_precision(precision: str | None) -> None:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
 
 
+def check_auto_flag(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is ``"auto"``, ``True`` or ``False``."""
+    if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"{name} must be 'auto', True or False; got {value!r}")
+
+
 def check_pack_lengths(pack_lengths: Any) -> None:
     """Raise ``ValueError`` unless ``pack_lengths`` is ``"auto"``, ``True`` or ``False``."""
-    if not (pack_lengths is True or pack_lengths is False or
-            (isinstance(pack_lengths, str) and pack_lengths == "auto")):
-        raise ValueError(f"pack_lengths must be 'auto', True or False; got {pack_lengths!r}")
+    check_auto_flag("pack_lengths", pack_lengths)
 
 
 def check_percentages(percentages: Any) -> list[float]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastattr.core.checks import check_steps
+from fastattr.core.checks import check_choice, check_steps
 
 # steps="auto" (fastattr.core.adaptive): the default relative tolerance. With it every patient of the
 # demo's model and of PyHealth's Transformer was within 1e-2 of the converged reference and the
@@ -67,7 +67,7 @@ def quadrature(method: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         alphas = (nodes + 1.0) / 2.0
         weights = w / 2.0
     else:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        check_choice("method", method, METHODS)
     return torch.from_numpy(alphas), torch.from_numpy(weights)
 
 

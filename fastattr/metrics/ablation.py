@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fastattr.core.checks import check_choice
+
 STRATEGIES = ("zero", "mean", "noise")
 
 
@@ -24,15 +26,14 @@ def ablate_rows(x: torch.Tensor, masks: torch.Tensor, strategy: str, batch: torc
     padded batch, whose mean or standard deviation fills removed continuous values."""
     if is_discrete(x):
         return _ablate_codes(x, masks)
+    check_choice("ablation_strategy", strategy, STRATEGIES)
     if strategy == "zero":
         return x * (1 - masks)
     if strategy == "mean":
         return x * (1 - masks) + batch.mean(dim=0, keepdim=True) * masks
-    if strategy == "noise":
-        shape = torch.broadcast_shapes(x.shape, masks.shape)
-        noise = torch.randn(shape, dtype=x.dtype, device=x.device) * batch.std()
-        return x * (1 - masks) + noise * masks
-    raise ValueError(f"ablation_strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    shape = torch.broadcast_shapes(x.shape, masks.shape)  # "noise"
+    noise = torch.randn(shape, dtype=x.dtype, device=x.device) * batch.std()
+    return x * (1 - masks) + noise * masks
 
 
 def _ablate_codes(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastattr.core.checks import check_choice
+
 PAD, UNK, FIRST_CODE = 0, 1, 2
 CODE_TYPES = ("D", "P", "M")  # diagnosis, procedure, medication
 
@@ -101,8 +103,7 @@ class SyntheticCohort:
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name} must be (min, max) with 1 <= min <= max; got {(lo, hi)}")
-        if self.lengths not in ("uniform", "lognormal"):
-            raise ValueError(f"lengths must be 'uniform' or 'lognormal'; got {self.lengths!r}")
+        check_choice("lengths", self.lengths, ("uniform", "lognormal"))
         if self.median_codes <= 0 or self.sigma < 0 or self.longest < 1:
             raise ValueError(f"need median_codes > 0, sigma >= 0 and longest >= 1; got {self.median_codes}, "
                              f"{self.sigma}, {self.longest}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fastattr.core.checks import check_count
+from fastattr.core.checks import check_auto_flag, check_count
 from fastattr.interpret.batches import batch_size
 from fastattr.interpret.features import FeatureLayout, model_device
 from fastattr.tools.row_shapes import AloneShapes, alone_shapes, iterate_recording
@@ -149,8 +149,7 @@ def choose_batching(dataloader: Any, model: Any, sort_by_length: Any, batch_toke
               recorded: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
     """The batches to attribute (a loader, or :class:`LengthSortedBatches` over its dataset) and
     how they were made (stored in ``run.json``, and reused when a run is resumed with defaults)."""
-    if not (sort_by_length is True or sort_by_length is False or sort_by_length == "auto"):
-        raise ValueError(f"sort_by_length must be 'auto', True or False; got {sort_by_length!r}")
+    check_auto_flag("sort_by_length", sort_by_length)
     check_count("batch_tokens", batch_tokens, optional=True)
     if isinstance(dataloader, LengthSortedBatches):
         return dataloader, {"sorted": True, "batch_size": dataloader.batch_size,
