@@ -9,7 +9,8 @@ is taken from a path point instead of the input, Chefer's R (or its row vector) 
 Chefer's results take IG's shape rule, its length groups are put back or fed wrongly, stale
 attention gradients go unnoticed, the padding check's verdict is ignored; the evaluator shares one
 padding verdict across kinds of ablated rows, drops the NEGATIVE sign, the keep-one-code rule or the
-tie rule.
+tie rule; a run's rows lose their own shape (from the masks instead of the batch of one, or not read
+back); steps="auto" leaves the completeness gap out of its estimate or keeps refining converged samples.
 """
 import os
 import pathlib
@@ -62,7 +63,7 @@ M = [
  ("Chefer groups get the features with the masks fastattr appended", "fastattr/interpret/features.py",
   "            parts = feature[:-1] if key in self.appended else feature",
   "            parts = feature"),
- ("stale attention gradients not looked for", "fastattr/interpret/chefer.py",
+ ("stale attention gradients not looked for", "fastattr/interpret/capture.py",
   "isinstance(pair[1], torch.Tensor) and old.stale(pair[1])",
   "isinstance(pair[1], torch.Tensor) and False"),
  ("the padding check's verdict ignored", "fastattr/interpret/lengths.py",
@@ -80,6 +81,18 @@ M = [
  ("evaluator: masks without PyHealth's tie rule", "fastattr/metrics/masks.py",
   "    if bool(tied.any()):",
   "    if False:"),
+ ("run rows: each sample's own shape taken from the masks, not from its batch of one", "fastattr/tools/row_shapes.py",
+  "    if alone is None:\n",
+  "    if True:\n"),
+ ("run rows: the reader ignores the stored row shapes", "fastattr/tools/run_reader.py",
+  "                if SHAPE_PREFIX + name in names:",
+  "                if False:"),
+ ("steps='auto': a panel's completeness gap left out of its estimate", "fastattr/core/adaptive.py",
+  "GAP_WEIGHT = 0.5\n",
+  "GAP_WEIGHT = 0.0\n"),
+ ("steps='auto': a converged sample keeps refining", "fastattr/core/adaptive.py",
+  "        if left <= budget:\n            continue",
+  "        if left <= budget and False:\n            continue"),
 ]
 survivors = []
 for name, path, old, new in M:

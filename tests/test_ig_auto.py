@@ -88,13 +88,13 @@ def test_each_sample_converges_on_its_own_whatever_its_batch():
 
 
 def test_the_cap_stops_a_sample_and_one_warning_names_it():
-    model, batch = own_model("transformer", seed=1)
-    ig = fastattr.IntegratedGradients(model, steps="auto", tolerance=1e-12)
-    with pytest.warns(UserWarning, match=r"4 sample\(s\) stayed above the tolerance 1e-12 at the cap of 129 path "
+    model, batch = own_model("mlp", seed=1)  # ReLU kinks: 1e-6 is out of reach within 129 points
+    ig = fastattr.IntegratedGradients(model, steps="auto", tolerance=1e-6)
+    with pytest.warns(UserWarning, match=r"4 sample\(s\) stayed above the tolerance 1e-06 at the cap of 129 path "
                                          r"points per sample \(sample: estimated relative error\) 0 \(a\): "):
         ig.attribute(**batch)
     assert (ig.last_steps <= 129).all() and (ig.last_steps > 100).all()
-    assert (ig.last_error_estimates > 1e-12).all()
+    assert (ig.last_error_estimates > 1e-6).all()
 
 
 def test_convergence_delta_comes_from_the_paths_own_end_points():
@@ -184,3 +184,25 @@ def test_the_cohort_runner_stores_each_patients_points_and_estimate(tmp_path):
     attribute_dataset(fastattr.IntegratedGradients(model, steps=4), [batch], fixed, progress=False,
                       sort_by_length=False)
     assert "steps" not in load_attributions(fixed)[0] and load_attributions(fixed).info["options"] == {"steps": 4}
+
+
+def test_a_peak_between_the_first_points_is_found_by_the_completeness_gap():
+    # The logit jumps across a bump of width ~0.01 at alpha 0.56: the density is ~0 at all nine
+    # starting points, so Simpson's estimate alone sees nothing; the panel's completeness gap (the
+    # logit moves by ~1 across it) sends the panel to be cut until the bump is resolved.
+    def forward(points: dict, rows: dict) -> torch.Tensor:
+        z = points["x"].sum(-1)
+        return torch.stack([torch.sigmoid((z - 0.56) / 0.002), -z], dim=1)
+
+    xs, bs = {"x": torch.full((2, 4), 0.25)}, {"x": torch.zeros(2, 4)}
+    xs["x"][1] *= 0.4  # sample 1's path never reaches the bump: smooth, nine points
+    targets = torch.zeros(2, dtype=torch.long)
+    fine = resolve_options(steps=4096, method="gausslegendre", internal_batch_size=None, backend="torch",
+                           device=torch.device("cpu"))
+    ref = run_integrated_gradients(forward, xs, bs, fine, targets=targets).attributions
+    assert ref["x"][0].abs().sum() > 0.9, "the bump carries the attribution"
+    result = run_adaptive_integrated_gradients(forward, xs, bs, dataclasses.replace(fine, auto=AutoSteps(5e-3)),
+                                               targets=targets)
+    errors = relative_errors(result.attributions, ref)
+    assert errors[0] < 2e-2, errors
+    assert result.points[0] > 20 and result.points[1] == 9

@@ -162,22 +162,32 @@ class _Panels:
     def points(self) -> list[int]:
         return [len(w) for w in self.where]
 
+    def floors(self) -> list[float]:
+        """Per sample, the smallest error worth refining for: ``FLOOR`` times its largest target
+        logit along the path (float32 rounds logits, and so completeness gaps, at ~1e-7 of them)."""
+        logit = self.logit.abs().cpu()
+        return [FLOOR * max(1.0, float(logit[list(w.values())].max())) for w in self.where]
+
     def path_gap(self) -> torch.Tensor:
         """Per sample, the target logit at the input minus at the baseline (both always evaluated)."""
         logit = self.logit.cpu()
         return torch.tensor([float(logit[w[GRID]] - logit[w[0]]) for w in self.where], dtype=torch.float64)
 
 
+# The absolute error floor, relative to the largest logit along a sample's path (float32's resolution).
+FLOOR = 1e-6
 # Weight of a panel's completeness gap in its error estimate: with 0.5 and the default tolerance the
 # demo's model met its targets with the fewest points (benchmarks/RESULTS.md, "IG to a requested accuracy").
 GAP_WEIGHT = 0.5
 
 
-def _to_split(panels: _Panels, norms: list[float], tolerance: float, max_points: int
+def _to_split(panels: _Panels, norms: list[float], floors: list[float], tolerance: float, max_points: int
               ) -> tuple[dict[int, list[tuple[int, int]]], list[float]]:
     """The pieces each sample's worst panels are cut into next, and every sample's estimated
     relative error. Per sample, largest estimates first until the rest is within half the budget
-    (``tolerance`` times the attribution's norm), while the cap allows the new points; a panel far
+    (``tolerance`` times the attribution's norm, and never below ``floors``: float32's resolution of
+    the logits, so an attribution that is ~0 is not refined for rounding), while the cap allows the
+    new points; a panel far
     above its share of the budget is cut in 4 or 8 at once (Simpson's error falls ~32x per
     halving), saving rounds. A sample within its budget, or capped, gets nothing."""
     by_sample: list[list[int]] = [[] for _ in range(panels.batch)]
@@ -188,7 +198,7 @@ def _to_split(panels: _Panels, norms: list[float], tolerance: float, max_points:
     for s, ids in enumerate(by_sample):
         left = sum(panels.error[i] for i in ids)
         relative.append(left / norms[s] if norms[s] > 0 else (0.0 if left == 0 else math.inf))
-        budget = tolerance * norms[s]
+        budget = max(tolerance * norms[s], floors[s])
         if left <= budget:
             continue
         share, points, cut = budget / 2 / len(ids), counts[s], []
@@ -234,7 +244,7 @@ def integrate_adaptively(evaluate: Evaluate, batch: int, auto: AutoSteps) -> Ada
         panels.add_panels(todo)
         totals = panels.totals()
         squared = sum(t.double().pow(2).reshape(batch, -1).sum(dim=1) for t in totals.values())
-        todo, relative = _to_split(panels, squared.sqrt().tolist(), auto.tolerance, auto.max_points)
+        todo, relative = _to_split(panels, squared.sqrt().tolist(), panels.floors(), auto.tolerance, auto.max_points)
     return Adaptive(totals, torch.tensor(panels.points()), torch.tensor(relative, dtype=torch.float64),
                     panels.path_gap())
 
