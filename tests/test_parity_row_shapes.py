@@ -81,26 +81,29 @@ TORCHRUN = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     import fastattr, pyhealth_cases
-    model, loader = pyhealth_cases.build_loader("nested", "Transformer", num_classes=2, n=34, batch=16, seed=11,
-                                                embedding_dim=16, heads=2, num_layers=1)
+    model, loader = pyhealth_cases.build_loader({kind!r}, {model!r}, num_classes={classes}, n=34, batch=16, seed=11,
+                                                **{kwargs!r})
     fastattr.attribute_dataset(fastattr.IntegratedGradients(model, steps={steps}), loader, sys.argv[1],
                                progress=False)
 """)
 
 
 @pytest.mark.slow
-def test_torchrun_rows_equal_pyhealths_batch_of_one(tmp_path):
+@pytest.mark.parametrize("name", ["flat-ig", "nested-ig"])
+def test_torchrun_rows_equal_pyhealths_batch_of_one(tmp_path, name):
+    kind, model_name, classes, kwargs, _ = CASES[name]
     script = tmp_path / "run.py"
-    script.write_text(TORCHRUN.format(tests=os.path.dirname(__file__), steps=STEPS))
+    script.write_text(TORCHRUN.format(tests=os.path.dirname(__file__), kind=kind, model=model_name, classes=classes,
+                                      kwargs=kwargs, steps=STEPS))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(script), str(tmp_path / "two")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     store = fastattr.load_attributions(tmp_path / "two")
     assert len({s["batch"] % 2 for s in store.shards.values()}) == 2, "both ranks wrote shards"
-    model, _ = build("nested-ig")
-    _, theirs = interpreters("nested-ig", model)
-    assert_rows(store, pyhealth_batch_of_one("nested-ig", model, theirs), "torchrun")
+    model, _ = build(name)
+    _, theirs = interpreters(name, model)
+    assert_rows(store, pyhealth_batch_of_one(name, model, theirs), "torchrun")
 
 
 def test_a_nested_runs_patients_are_scored_as_pyhealths_evaluator_scores_a_batch_of_one(tmp_path):
