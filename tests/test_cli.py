@@ -110,3 +110,27 @@ def test_demo_after_a_plain_install_runs_without_the_report_extra(tmp_path):
 
     runs = tmp_path / "runs"
     assert len(load_attributions(runs / "ig")) == len(load_attributions(runs / "chefer")) == 200
+
+
+TOLERANCE_RULE = "--tolerance must be a positive finite number and goes with --steps auto"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "auto", "--tolerance", "0"], TOLERANCE_RULE),
+    (["--steps", "20", "--tolerance", "1e-3"], TOLERANCE_RULE),
+    (["--steps", "fast"], "argument --steps: must be an integer or 'auto'; got 'fast'"),
+])
+def test_attribute_steps_auto_options_are_checked(tmp_path, checkpoint, capsys, extra, message):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["attribute", "--size", "5", "--checkpoint", str(checkpoint), "--out", str(tmp_path), *extra])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_attribute_steps_auto_stores_each_patients_points(tmp_path, checkpoint):
+    from fastattr.tools.store import load_attributions
+
+    assert cli.main(["attribute", "--size", "12", "--checkpoint", str(checkpoint), "--steps", "auto", "--tolerance",
+                     "2e-3", "--device", "cpu", "--out", str(tmp_path / "run")]) in (0, None)
+    store = load_attributions(tmp_path / "run")
+    assert store.info["options"] == {"steps": "auto", "tolerance": 2e-3}
+    assert all(9 <= int(store[i]["steps"]) <= 129 and float(store[i]["error_estimate"]) >= 0 for i in range(12))
