@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from fastattr.core.checks import check_steps, check_tolerance
+from fastattr.core.checks import check_auto_options
 from fastattr.core.integrated import IGResult, check_baseline, check_finite, resolve_options, run_integrated_gradients
 from fastattr.core.precision import model_precision
 from fastattr.core.targets import resolve_targets
@@ -54,10 +54,7 @@ class IntegratedGradients(Interpreter):
         if use_embeddings:
             require_methods(model, ("forward_from_embedding", "get_embedding_model"),
                             "IntegratedGradients with use_embeddings=True")
-        check_steps(steps, auto=True)
-        check_tolerance(tolerance)
-        if tolerance is not None and steps != "auto":
-            raise ValueError(f"tolerance applies only with steps='auto'; got steps={steps!r}")
+        check_auto_options(steps, tolerance, None)
         self.use_embeddings = use_embeddings
         self.steps = steps
         self.tolerance = tolerance

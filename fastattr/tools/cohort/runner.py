@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -33,25 +33,31 @@ def _ids(batch: dict[str, Any], size: int, index: int) -> dict[str, list[str]]:
     return ids
 
 
-def _attribute_with_retry(interpreter: Any, batch: dict[str, Any], index: int, kwargs: dict[str, Any]):
-    """Attribute ``batch``; on CUDA out-of-memory, retry in halves down to one patient. Returns
-    ``[(start, stop, result, predictions or None), ...]``; the predictions are the interpreter's
-    own (``last_predictions``), so the model runs no extra forward for them."""
+class _Part(NamedTuple):
+    """One ``attribute`` call's output for consecutive patients of a batch: the result, the
+    interpreter's own predictions (``last_predictions``: no extra forward) and its path report."""
+
+    result: Any
+    predictions: Any
+    report: dict[str, torch.Tensor]
+
+
+def _attribute_with_retry(interpreter: Any, batch: dict[str, Any], index: int, kwargs: dict[str, Any]
+                          ) -> list[_Part]:
+    """Attribute ``batch``; on CUDA out-of-memory, retry in halves down to one patient. Returns the
+    parts in patient order."""
     size = batch_size(batch)
     try:
         result = interpreter.attribute(**kwargs, **batch)
-        return [(0, size, result, getattr(interpreter, "last_predictions", None), _path_report(interpreter))]
+        return [_Part(result, getattr(interpreter, "last_predictions", None), _path_report(interpreter))]
     except torch.cuda.OutOfMemoryError as exc:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if size == 1:
             raise RuntimeError(f"batch {index} ran out of memory even one patient at a time") from exc
     half = (size + 1) // 2
-    parts = []
-    for start, stop in ((0, half), (half, size)):
-        sub = _attribute_with_retry(interpreter, select_samples(batch, slice(start, stop)), index, kwargs)
-        parts += [(start + a, start + b, r, p, q) for a, b, r, p, q in sub]
-    return parts
+    return [part for start, stop in ((0, half), (half, size))
+            for part in _attribute_with_retry(interpreter, select_samples(batch, slice(start, stop)), index, kwargs)]
 
 
 def _path_report(interpreter: Any) -> dict[str, torch.Tensor]:
@@ -64,16 +70,17 @@ def _path_report(interpreter: Any) -> dict[str, torch.Tensor]:
     return {"steps": steps.detach().cpu().contiguous(), "error_estimate": error.detach().cpu().contiguous()}
 
 
-def _concat(parts: list[tuple]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, Any]:
-    """``(attributions, convergence delta or None, (probabilities, targets) or None)`` of the parts."""
-    results = [p[2] for p in parts]
-    pairs = [r if isinstance(r, tuple) else (r, None) for r in results]
+def _concat(parts: list[_Part]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, Any, dict[str, torch.Tensor]]:
+    """``(attributions, convergence delta or None, (probabilities, targets) or None, path report)``
+    of the parts (a report entry only where every part has it)."""
+    pairs = [p.result if isinstance(p.result, tuple) else (p.result, None) for p in parts]
     attributions = {k: torch.cat([a[k] for a, _ in pairs]) for k in pairs[0][0]}
     delta = torch.cat([d for _, d in pairs]) if pairs[0][1] is not None else None
-    preds = [p[3] for p in parts]
+    preds = [p.predictions for p in parts]
     predictions = None if any(p is None for p in preds) else \
         (torch.cat([p[0] for p in preds]), torch.cat([p[1] for p in preds]))
-    return attributions, delta, predictions
+    report = {k: torch.cat([p.report[k] for p in parts]) for k in parts[0].report if all(k in p.report for p in parts)}
+    return attributions, delta, predictions, report
 
 
 def _inputs(model: Any, batch: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -230,10 +237,9 @@ def _run(interpreter: Any, model: Any, dataloader: Any, store: ShardStore, done:
                 continue
             began = time.perf_counter()
             parts = _attribute_with_retry(interpreter, batch, index, attribute_kwargs)
-            attributions, delta, predictions = _concat(parts)
+            attributions, delta, predictions, report = _concat(parts)
             tensors = {f"attr/{k}": v.detach().contiguous().cpu() for k, v in attributions.items()}
-            reports = [p[4] for p in parts]
-            tensors.update({k: torch.cat([r[k] for r in reports]) for k in reports[0] if all(k in r for r in reports)})
+            tensors.update(report)
             if delta is not None:
                 tensors["convergence_delta"] = delta.detach().contiguous().cpu()
             if model is not None and hasattr(model, "feature_keys"):
