@@ -44,6 +44,12 @@ FIRST_PANELS = 2
 GRID = 1 << 24
 
 
+def density_shapes(xs: Mapping[str, torch.Tensor], summed: set[str]) -> dict[str, tuple[int, ...]]:
+    """Per key, one row's attribution density shape: the path value's, without the embedding dim
+    where it is summed."""
+    return {k: tuple(x.shape[1:-1] if k in summed else x.shape[1:]) for k, x in xs.items()}
+
+
 class ListedPath:
     """Rows given as (sample, path point): each row's gradient becomes its attribution density,
     and its target logit is kept (the path's value there)."""
@@ -52,9 +58,8 @@ class ListedPath:
                  bs: Mapping[str, torch.Tensor], summed: set[str], kernels: Any) -> None:
         self.samples_, self.alphas, self.xs, self.bs = samples, alphas, xs, bs
         self.summed, self.kernels, self.total = summed, kernels, len(samples)
-        self.density = {k: torch.zeros((self.total, *(x.shape[1:-1] if k in summed else x.shape[1:])),
-                                       dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-                        for k, x in xs.items()}
+        self.density = {k: torch.zeros((self.total, *shape), dtype=torch.promote_types(xs[k].dtype, torch.float32),
+                                       device=xs[k].device) for k, shape in density_shapes(xs, summed).items()}
         self.logit = torch.zeros(self.total, dtype=torch.float64, device=samples.device)
 
     def samples(self, start: int, rows: int, device: torch.device) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fastattr.core.adaptive import GRID, adaptive_delta, integrate_adaptively, run_listed_rows
+from fastattr.core.adaptive import GRID, adaptive_delta, density_shapes, integrate_adaptively, run_listed_rows
 from fastattr.core.integrated import IGOptions
 from fastattr.interpret.convergence import StepsReport
 from fastattr.interpret.features import FeatureBatch, scatter_rows
@@ -23,9 +23,7 @@ class AdaptiveRun:
                  targets: torch.Tensor, options: IGOptions, mode: str, pack: Any, device: torch.device) -> None:
         self.ig, self.features, self.baselines, self.embed = ig, features, baselines, embed
         self.targets, self.options, self.mode, self.pack, self.device = targets, options, mode, pack, device
-        xs, _ = ig._endpoints(features, baselines, embed)
-        summed = ig._summed(features, embed)
-        self.shapes = {k: tuple(x.shape[1:-1] if k in summed else x.shape[1:]) for k, x in xs.items()}
+        self.shapes = density_shapes(ig._endpoints(features, baselines, embed)[0], ig._summed(features, embed))
         self.rows_used: int | None = None
         self.row_bytes: dict[int, float] = {}  # a row's input elements -> activation bytes per row (probed)
         self.groups: list[Group] | None = None
