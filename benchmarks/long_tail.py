@@ -6,6 +6,7 @@
     python -m benchmarks.long_tail loops     # as users call it: batch-1 loop, batch-32 loop, attribute_dataset
     python -m benchmarks.long_tail tokens    # attribute_dataset over a batch-1 loader: padded positions per batch
     python -m benchmarks.long_tail groups    # a batch-32 loop for each per-group cost: what GROUP_COST is chosen from
+    python -m benchmarks.long_tail groups --methods ig-auto    # the same for IG's steps="auto" rounds
 
 Run it with the PyHealth environment's python to time PyHealth itself; without PyHealth the
 baseline is ``fastattr.loop`` (PyHealth's algorithms restated) on fastattr's own Transformer, and
@@ -168,8 +169,9 @@ def run_cohort(args) -> None:
 def _loop_data(method: str, args, use_pyhealth: bool):
     """The model, its samples and a loader factory (PyHealth's get_dataloader when PyHealth
     imports) for one method of ``loops``, ``tokens`` and ``groups``."""
-    patients = args.ig_patients if method == "ig" else args.chefer_patients
-    layers = args.layers if method == "ig" else args.chefer_layers
+    ig = method.startswith("ig")
+    patients = args.ig_patients if ig else args.chefer_patients
+    layers = args.layers if ig else args.chefer_layers
     model, items, loader = cohort_loaders(patients, args.median, args.longest, layers, args.heads, args.dim,
                                           args.device, use_pyhealth, seed=args.seed)
     return model, items, loader, layers
@@ -224,6 +226,15 @@ def run_tokens(args) -> None:
                   flush=True)
 
 
+def _grouped_interpreter(method: str, model, steps: int):
+    """The interpreter ``groups`` times and the key of its cost in ``GROUP_COST``."""
+    if method == "ig":
+        return fastattr.IntegratedGradients(model, steps=steps), "integrated_gradients"
+    if method == "ig-auto":
+        return fastattr.IntegratedGradients(model, steps="auto"), "adaptive_integrated_gradients"
+    return fastattr.CheferRelevance(model), "chefer"
+
+
 def run_groups(args) -> None:
     """A loop over batches of 32 long-tailed patients, once per candidate per-group cost of the
     length packing (``fastattr.core.packing.GROUP_COST[method][device]``): fewer, larger groups
@@ -235,10 +246,8 @@ def run_groups(args) -> None:
     device = torch.device(args.device).type
     for method in args.methods:
         model, dataset, loader, layers = _loop_data(method, args, use_pyhealth)
-        interp = fastattr.IntegratedGradients(model, steps=args.steps) if method == "ig" else \
-            fastattr.CheferRelevance(model)
+        interp, key = _grouped_interpreter(method, model, args.steps)
         batches = list(loader(args.batch))
-        key = "integrated_gradients" if method == "ig" else "chefer"
         original = packing.GROUP_COST[key][device]
 
         def loop(cost):
@@ -318,10 +327,13 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 128, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 256])
-    parser.add_argument("--methods", nargs="+", choices=["ig", "chefer"], default=["ig", "chefer"])
+    parser.add_argument("--methods", nargs="+", choices=["ig", "ig-auto", "chefer"], default=["ig", "chefer"],
+                        help="ig-auto (steps='auto'): groups only")
     parser.add_argument("--costs", type=float, nargs="+", default=[0, 100, 300, 1000, 3000, 10000, 1e12])
     parser.add_argument("--token-budgets", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     args = parser.parse_args()
+    if "ig-auto" in args.methods and args.what != "groups":
+        parser.error("--methods ig-auto is measured by 'groups' only")
     if args.threads:
         torch.set_num_threads(args.threads)
     {"batch": run_batch, "cohort": run_cohort, "chunks": run_chunks, "loops": run_loops,

@@ -24,6 +24,14 @@ import torch
 # faster than the padded batch with a fifth of its memory; 10,000 (three groups) and 400,000
 # (one) were slower.
 #
+# IG's adaptive rounds (``steps="auto"``): a round lists a few rows per sample (9 in the first, 4-28
+# in later ones), and a group adds its forwards but, past the first round, no chunk-size probe.
+# Measured on the 2-core reference CPU (benchmarks/RESULTS.md, "steps='auto' plans its own length
+# groups"): `python -m benchmarks.long_tail groups --methods ig-auto` (PyHealth's 2-layer, 4-head
+# Transformer, 128 long-tailed patients) ran 100-1,000 within 5% of one another and 3,000 1.28x
+# slower; on the demo's trained Transformer `python -m benchmarks.ig_accuracy` went from 1.38x to
+# 1.62x the speed of `steps=50` with 1,000 instead of 3,000. On CUDA not measured: the IG figure.
+#
 # Chefer: one forward with attention hooks, one backward and the relevance per group, one row per
 # sample. Measured on the 2-core reference CPU (`python -m benchmarks.long_tail groups`, PyHealth's
 # 4-layer, dim-64 Transformer, 512 long-tailed patients in batches of 32, benchmarks/RESULTS.md):
@@ -32,6 +40,7 @@ import torch
 # (the same unit, one forward and backward per group there too).
 GROUP_COST = {
     "integrated_gradients": {"cpu": 3000.0, "cuda": 50000.0},
+    "adaptive_integrated_gradients": {"cpu": 1000.0, "cuda": 50000.0},
     "chefer": {"cpu": 300.0, "cuda": 50000.0},
     "evaluator": {"cpu": 300.0, "cuda": 50000.0},
 }

@@ -55,7 +55,8 @@ class AdaptiveRun:
         task = GroupedTask(run, place, probe=lambda groups: self.ig._padding_difference(sub, base, self.embed, groups))
         (density, logit), groups = self.ig._lengths.execute(sub, layout_key(sub, self.embed is not None), task,
                                                             pack=self.pack, points=[counts[s] for s in active],
-                                                            device=self.device)
+                                                            device=self.device,
+                                                            method="adaptive_integrated_gradients")
         if self.first:
             self.groups, self.first = groups, False
         return density, logit

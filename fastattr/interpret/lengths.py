@@ -83,7 +83,8 @@ class LengthGroups:
 
     Args:
         model: the interpreter's model (named in warnings and errors).
-        method: ``"integrated_gradients"`` or ``"chefer"``: which measured group cost applies.
+        method: which measured group cost applies (a key of
+            :data:`fastattr.core.packing.GROUP_COST`; a call may name another, e.g. IG's adaptive rounds).
         what: what the check compares, for the messages ("logits", "logits and relevance").
         quiet: no warning when the check fails under ``"auto"`` (the evaluator: rows whose scores
             depend on the padded width are PyHealth's definition, not a defect the user can mend).
@@ -94,27 +95,31 @@ class LengthGroups:
         self.verdicts: dict[tuple, tuple[bool, float]] = {}
 
     def plan(self, features: FeatureBatch, *, pack: Any, points: int | Sequence[int],
-             device: torch.device) -> list[Group] | None:
+             device: torch.device, method: str | None = None) -> list[Group] | None:
         """The groups ``[(sample index, padded sizes), ...]`` to run, or ``None`` to run the batch as
-        it is (packing off, or nothing to trim)."""
+        it is (packing off, or nothing to trim); ``method``: whose group cost applies (default the
+        interpreter's)."""
         if pack is False:
             return None
-        groups = plan_groups(features.lengths(), features.padded_spans(), points, group_cost(self.method, device))
+        cost = group_cost(method or self.method, device)
+        groups = plan_groups(features.lengths(), features.padded_spans(), points, cost)
         if len(groups) == 1 and groups[0][1] == features.padded_sizes():
             return None
         return groups
 
     def execute(self, features: FeatureBatch, key: tuple, task: GroupedTask[Result], *, pack: Any,
-                points: int | Sequence[int], device: torch.device) -> tuple[Result, list[Group] | None]:
+                points: int | Sequence[int], device: torch.device,
+                method: str | None = None) -> tuple[Result, list[Group] | None]:
         """Run ``task`` on ``features`` in length groups where that is exact, else on the padded batch.
 
         Returns the result for the whole batch and the groups that ran (``None``: the padded batch).
         The first batch of a model and layout (``key``, see :func:`layout_key`) is checked: by
         ``task.probe`` before the groups run, else by running the padded batch too and comparing
         (``task.difference``); the verdict is cached and a failed check falls back to the padded
-        batch (warning once with ``"auto"``, raising with ``True``).
+        batch (warning once with ``"auto"``, raising with ``True``). ``method`` names the group cost
+        that plans the groups (default the interpreter's).
         """
-        groups = self.plan(features, pack=pack, points=points, device=device)
+        groups = self.plan(features, pack=pack, points=points, device=device, method=method)
         if groups is not None and self.known(key) and not self.judge(key, None, pack):
             groups = None
         if groups is not None and not self.known(key) and task.probe is not None:
