@@ -3,6 +3,7 @@
 
     python -m benchmarks.ig_accuracy                  # the demo's model and, where importable, PyHealth's
     python -m benchmarks.ig_accuracy --models demo --repeats 1     # a quick look
+    python -m benchmarks.ig_accuracy --threads 1      # the algorithmic ratios (no small-op thread stalls)
 
 For each rule (PyHealth's uniform average, the trapezoid, Gauss-Legendre, ``steps="auto"``) at
 several step counts: each patient's relative L2 error of its whole attribution against a converged
@@ -122,10 +123,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (PyHealth's model runs on the CPU only here)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (CPU; 1 shows the algorithmic ratio)")
     args = parser.parse_args()
-    if "demo" in args.models:
-        measure("the demo's Transformer (trained, 2 layers, d32)", *demo_model(128, args.seed, args.device),
-                args.repeats, args.device)
+    # The demo's model is trained with torch's default threads whatever --threads says: training's
+    # float rounding depends on the thread count, and a differently trained model has other paths.
+    demo = demo_model(128, args.seed, args.device) if "demo" in args.models else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if demo is not None:
+        measure("the demo's Transformer (trained, 2 layers, d32)", *demo, args.repeats, args.device)
     if "pyhealth" in args.models:
         if pyhealth_available():
             measure("PyHealth 2.1.0 Transformer (2 layers, 2 heads, d64, untrained)", *pyhealth_model(64, args.seed),

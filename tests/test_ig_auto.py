@@ -206,3 +206,39 @@ def test_a_peak_between_the_first_points_is_found_by_the_completeness_gap():
     errors = relative_errors(result.attributions, ref)
     assert errors[0] < 2e-2, errors
     assert result.points[0] > 20 and result.points[1] == 9
+
+
+def test_adaptive_rounds_plan_their_groups_with_their_own_cost(monkeypatch):
+    # A round lists a few rows per sample: its groups are planned with the adaptive rounds' group
+    # cost, not the fixed rule's. Either plan gives the same attributions.
+    from fastattr.core import packing
+    model, batch = own_model("transformer", seed=5)
+    ig = fastattr.IntegratedGradients(model, steps="auto")
+    monkeypatch.setitem(packing.GROUP_COST["adaptive_integrated_gradients"], "cpu", 0.0)
+    monkeypatch.setitem(packing.GROUP_COST["integrated_gradients"], "cpu", 1e12)
+    split, split_groups, split_points = ig.attribute(**batch), ig.last_groups, ig.last_steps.clone()
+    monkeypatch.setitem(packing.GROUP_COST["adaptive_integrated_gradients"], "cpu", 1e12)
+    monkeypatch.setitem(packing.GROUP_COST["integrated_gradients"], "cpu", 0.0)
+    whole = ig.attribute(**batch)
+    assert len(split_groups) > 1 and ig.last_groups == [(4, None)]
+    assert torch.equal(split_points, ig.last_steps)
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
+def test_the_bound_benchmark_replays_the_rule_the_library_runs():
+    # benchmarks.ig_auto_bound samples each path on a grid and replays the adaptive rule on it:
+    # at the default tolerance that must be the real run (same points, same attributions).
+    from benchmarks.ig_auto_bound import replay, sampled_paths
+    model, batch = own_model("transformer", seed=5)
+    ig = fastattr.IntegratedGradients(model, steps="auto", tolerance=1e-3)
+    real = ig.attribute(**batch)
+    points = ig.last_steps.clone()
+    tables = []
+    with sampled_paths(256, tables):
+        ig.attribute(**batch)
+    assert len(tables) == 1
+    flat, replayed = replay(tables[0], 256, 1e-3)
+    assert torch.equal(replayed, points) and (points > 9).any(), points
+    expected = torch.cat([real[k].reshape(4, -1).double() for k in sorted(real)], dim=1)
+    torch.testing.assert_close(flat, expected, rtol=1e-4, atol=1e-6)
