@@ -4,6 +4,7 @@ from fastattr.core.quadrature import METHODS, quadrature
 from fastattr.core.relevance import chefer_relevance
 from fastattr.interpret.chefer import CheferRelevance, apply_self_attention_rules, avg_heads
 from fastattr.interpret.ig import IntegratedGradients
+from fastattr.interpret.padding import PaddingReport, check_padding
 from fastattr.metrics import Evaluator, evaluate_attribution
 from fastattr.tools.cohort import attribute_dataset
 from fastattr.tools.store import load_attributions
@@ -13,9 +14,11 @@ __all__ = [
     "Evaluator",
     "IntegratedGradients",
     "METHODS",
+    "PaddingReport",
     "apply_self_attention_rules",
     "attribute_dataset",
     "avg_heads",
+    "check_padding",
     "chefer_relevance",
     "evaluate_attribution",
     "integrated_gradients",

@@ -7,7 +7,9 @@ Each bug is what a plausible edit could do: the token mask becomes all ones, the
 is dropped, the embedding dim is not summed, the UNK baseline becomes padding, the target argmax
 is taken from a path point instead of the input, Chefer's R (or its row vector) starts at zeros,
 Chefer's results take IG's shape rule, its length groups are put back or fed wrongly, stale
-attention gradients go unnoticed, the padding check's verdict is ignored; the evaluator shares one
+attention gradients go unnoticed, the padding check's verdict is ignored, cached from one batch for
+later ones, skipped for Chefer once a batch passed, or forgotten for a model that failed it, the
+evaluator skips its batch's padding check; the evaluator shares one
 padding verdict across kinds of ablated rows, drops the NEGATIVE sign, the keep-one-code rule or the
 tie rule; a run's rows lose their own shape (from the masks instead of the batch of one, or not read
 back); steps="auto" leaves the completeness gap out of its estimate or loosens the tolerance.
@@ -69,9 +71,27 @@ M = [
  ("the padding check's verdict ignored", "fastattr/interpret/lengths.py",
   "        return ok\n",
   "        return True\n"),
+ ("the padding check's verdict cached from one batch (a passed probe taken for every later batch)",
+  "fastattr/interpret/lengths.py",
+  "        return probe is None or self.passes(features, probe(groups), pack, groups)\n",
+  "        if probe is None or ('passed',) + layout_key(features) in self.verdicts:\n"
+  "            return True\n"
+  "        ok = self.passes(features, probe(groups), pack, groups)\n"
+  "        self.verdicts[('passed',) + layout_key(features)] = (ok, 0.0)\n"
+  "        return ok\n"),
+ ("Chefer's per-batch padding check skipped once a batch passed", "fastattr/interpret/lengths.py",
+  "        if packed is not None and task.check is not None and not self.passes(",
+  "        if packed is not None and task.check is not None and ('checked',) not in self.verdicts and not "
+  "self.verdicts.update({('checked',): (True, 0.0)}) and not self.passes("),
+ ("a model that depends on padding is forgotten after its batch", "fastattr/interpret/padding.py",
+  "        _DEPENDENT.setdefault(model, {})[layout] = report\n",
+  "        pass\n"),
+ ("the evaluator's padding check of the batch skipped", "fastattr/metrics/removal.py",
+  "        return self.lengths.allows(features, self.pack_lengths, None, probe)",
+  "        return True"),
  ("evaluator: one padding verdict for every kind of ablated row", "fastattr/metrics/removal.py",
-  "            key = layout_key(features, phase, tuple(kind.tolist()))",
-  "            key = layout_key(features, phase)"),
+  '            key = layout_key(features, "ablated", tuple(kind.tolist()))',
+  '            key = layout_key(features, "ablated")'),
  ("evaluator: NEGATIVE samples scored without negated probabilities", "fastattr/metrics/removal.py",
   "        sign = torch.where(negative[keep], -1.0, 1.0).to(start.dtype)",
   "        sign = torch.ones_like(start)"),

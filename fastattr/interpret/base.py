@@ -64,6 +64,9 @@ class Interpreter:
         #: whether ``last_predictions`` hold the model's ``y_prob`` from a float32 forward of the batch as
         #: the caller gave it (the evaluator then needs no forward of its own)
         self.last_predictions_as_given = False
+        #: the float32 logits ``[B, C]`` of the forward that gave ``last_predictions`` (the evaluator's
+        #: padding check compares them when they are the batch's as given)
+        self.last_logits: torch.Tensor | None = None
         #: length groups of the last call: ``[(samples, padded sizes or None for the batch as given), ...]``
         self.last_groups: list[tuple[int, list[int] | None]] = []
         self._lengths = LengthGroups(model, group_method, compared)

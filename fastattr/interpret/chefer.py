@@ -18,6 +18,7 @@ from fastattr.interpret.batches import select_samples
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
 from fastattr.interpret.outputs import logits_of, reported_probabilities
+from fastattr.interpret.padding import trimmed_difference
 from fastattr.interpret.row_picks import RowPicks, detect_row_picks  # noqa: F401  (detect_row_picks: public path)
 
 # PyHealth's helper functions, at their PyHealth-like path (fastattr.interpret.chefer.avg_heads)
@@ -113,19 +114,23 @@ class CheferRelevance(Interpreter):
         task = self._task(features, data, target_class_idx, use, key, mode, device)
         done, groups = self._lengths.execute(features, key, task, pack=pack, points=1, device=device)
         self.last_groups = [(features.size, None)] if groups is None else [(len(i), sizes) for i, sizes in groups]
-        self.last_predictions = (done.prob, done.targets)
+        self.last_predictions, self.last_logits = (done.prob, done.targets), done.logits.float()
+        if groups is not None:  # the probabilities of the batch as given, from the reference forward
+            ref = self._reference.get()
+            self.last_predictions, self.last_logits = (ref.prob, ref.targets), ref.logits
+            self.last_predictions_as_given = self._reference.given
         return features.expand(done.relevance, nested_only=True)
 
     # -- pieces ------------------------------------------------------------------------------
     def _task(self, features: FeatureBatch, data: dict[str, Any], target: Any, use: str, key: tuple, mode: str,
               device: torch.device) -> GroupedTask:
         """Chefer's pass on a length group (the group's rows of the caller's batch, features cut) or on
-        the batch as given, its putting back, and its padding check (logits and relevance, run in
-        float32 whatever the precision: the check is about the model, not rounding)."""
-        per_sample = target
-        if target is not None and not isinstance(target, numbers.Integral):
-            per_sample = target_tensor(target, features.size, torch.device("cpu"))
+        the batch as given, its putting back, and its padding checks. Groups explain the classes of
+        one float32 no-grad forward of the batch as given (the argmax PyHealth takes, not one of a
+        trimmed group's), whose logits check every trimmed batch; the relevance is checked too, once
+        per layout (in float32 whatever the precision: the checks are about the model, not rounding)."""
         rest = {k: v for k, v in data.items() if k not in features.keys}
+        reference = _Reference(self.model, data, target, features.size)
 
         def pass_in(precision: str):
             def run(group: Group | None, part: FeatureBatch) -> _Pass:
@@ -133,12 +138,16 @@ class CheferRelevance(Interpreter):
                     return self._pass(data, target, use, key, precision, device)
                 index = group[0]
                 return self._pass({**select_samples(rest, index, features.size), **part.inputs()},
-                                  per_sample[index] if isinstance(per_sample, torch.Tensor) else per_sample,
-                                  use, key, precision, device)
+                                  reference.get().targets[index.to(device)], use, key, precision, device)
             return run
+
         run = pass_in(mode)
-        return GroupedTask(run, lambda parts: self._place(features, parts), difference=_difference,
-                           check_run=run if mode == "fp32" else pass_in("fp32"))
+        check = (lambda placed: relative_difference(reference.get().logits, placed.logits)) if mode == "fp32" else None
+        probe = None if mode == "fp32" else lambda groups: trimmed_difference(
+            reference.logits, features, groups, reference.get().logits)
+        self._reference = reference
+        return GroupedTask(run, lambda parts: self._place(features, parts), probe=probe, check=check,
+                           difference=_difference, check_run=run if mode == "fp32" else pass_in("fp32"))
 
     def _place(self, features: FeatureBatch, passes: list[tuple[torch.Tensor, FeatureBatch, _Pass]]) -> _Pass | None:
         """The groups' passes as one pass over the whole batch; ``None`` when the relevance of
@@ -237,6 +246,34 @@ class CheferRelevance(Interpreter):
         layers = model.get_attention_layers()
         stale = capture.first_stale(layers, old)
         return _Backward(logits.detach(), prob, targets, layers, stale, reach_weights)
+
+
+class _Reference:
+    """One float32 no-grad forward of the batch as given, made when a length group first needs it:
+    the logits that check the groups, the probabilities and the classes explained."""
+
+    def __init__(self, model: Any, data: dict[str, Any], target: Any, size: int) -> None:
+        self.model, self.data, self.target, self.size = model, data, target, size
+        self._done: _Pass | None = None
+        self.given = False
+
+    def logits(self, part: FeatureBatch) -> torch.Tensor:
+        """Float32 logits of a trimmed part, as a caller's batch would give it."""
+        with torch.no_grad():
+            return logits_of(self.model(**part.inputs())).float()
+
+    def get(self) -> _Pass:
+        if self._done is None:
+            with torch.no_grad():
+                out = self.model(**self.data)
+            logits = logits_of(out).float()
+            prob, self.given = reported_probabilities(out, logits)
+            per_sample = self.target
+            if per_sample is not None and not isinstance(per_sample, numbers.Integral):
+                per_sample = target_tensor(per_sample, self.size, logits.device)
+            targets = resolve_targets(per_sample, logits, self.size, logits.shape[1], logits.device)
+            self._done = _Pass({}, logits, prob, targets)
+        return self._done
 
 
 def _difference(whole: _Pass, packed: _Pass) -> float:

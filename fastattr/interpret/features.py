@@ -131,12 +131,14 @@ def layouts(model: Any) -> dict[str, FeatureLayout]:
 
 
 def _narrow_like(tensor: Any, full: torch.Size, sizes: tuple[int, ...]) -> Any:
-    """``tensor`` cut to ``sizes`` on each padded dim (1, 2, ...) where it spans the full value's size."""
+    """``tensor`` cut to ``sizes`` on each padded dim (1, 2, ...) where it spans the full value's size
+    (a size above the full one pads it further with zeros, the collate's padding)."""
     if not isinstance(tensor, torch.Tensor):
         return tensor
     for d, size in enumerate(sizes, start=1):
-        if tensor.dim() > d and tensor.shape[d] == full[d] and size < full[d]:
-            tensor = tensor.narrow(d, 0, size)
+        if tensor.dim() > d and tensor.shape[d] == full[d] and size != full[d]:
+            grow = [0, 0] * (tensor.dim() - d - 1) + [0, max(0, size - full[d])]
+            tensor = torch.nn.functional.pad(tensor, grow) if size > full[d] else tensor.narrow(d, 0, size)
     return tensor
 
 
@@ -276,16 +278,14 @@ class FeatureBatch:
                 for d in range(1, span + 1)]
 
     def _per_key(self, sizes: list[int]) -> dict[str, tuple[int, ...]]:
-        out, i = {}, 0
-        for key, span in zip(self.features, self.padded_spans(), strict=False):
-            out[key] = tuple(sizes[i:i + span])
-            i += span
-        return out
+        ends = torch.tensor(self.padded_spans(), dtype=torch.long).cumsum(0).tolist()
+        spans = self.padded_spans()
+        return {key: tuple(sizes[end - span:end]) for key, span, end in zip(self.features, spans, ends, strict=True)}
 
     def subset(self, index: torch.Tensor, sizes: list[int] | None = None) -> FeatureBatch:
-        """The samples ``index`` (LongTensor), with every padded dim cut to ``sizes`` (in the
-        order of :meth:`lengths`' columns; ``None`` keeps the full sizes). The time, value and
-        mask of a feature are cut together."""
+        """The samples ``index`` (LongTensor), with every padded dim cut (or padded further) to ``sizes``
+        (in the order of :meth:`lengths`' columns; ``None`` keeps the full sizes). The time, value
+        and mask of a feature are cut together."""
         per_key = self._per_key(sizes) if sizes is not None else {k: () for k in self.features}
         features, shapes = {}, {}
         for key, feature in self.features.items():

@@ -128,7 +128,7 @@ class IntegratedGradients(Interpreter):
         targets = resolve_targets(target_class_idx, logits, features.size, logits.shape[1], device)
         prob, given = reported_probabilities(out, logits)
         self.last_predictions_as_given = given and not features.appended
-        self.last_predictions = (prob, targets)
+        self.last_predictions, self.last_logits = (prob, targets), logits.detach().float()
 
         embed = None
         if self.use_embeddings:

@@ -70,15 +70,16 @@ class Evaluator:
 
     def evaluate(self, inputs: dict[str, Any], attributions: dict[str, torch.Tensor],
                  metrics: Sequence[str] = METRICS, return_per_percentage: bool = False, debug: bool = False,
-                 *, predictions: torch.Tensor | None = None) -> dict[str, Any]:
+                 *, predictions: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> dict[str, Any]:
         """Per metric, ``(scores [B], valid [B])`` (or ``{percentage: drops [B]}``) for one batch.
 
-        ``predictions``: the model's probabilities ``[B, C]`` of ``inputs`` when already known (from
-        an interpreter's forward); otherwise one forward computes them."""
+        ``predictions``: the model's probabilities ``[B, C]`` of ``inputs`` as given, when already known
+        (from an interpreter's forward), with their ``logits`` (the padding check's reference);
+        otherwise one forward computes them."""
         metrics = check_metric_names(metrics)
         check_attributions(self.model, inputs, attributions)
         scorer = self.metrics["comprehensiveness"].scorer
-        originals = scorer.originals(inputs, predictions)
+        originals = scorer.originals(inputs, predictions, logits)
         drops = scorer.drops(inputs, attributions, metrics, originals)
         out = {}
         for name in metrics:
@@ -102,7 +103,8 @@ class Evaluator:
         for batch in bar:
             batch = move_batch(batch, device)
             attributions = method.attribute(**batch)
-            results = self.evaluate(batch, attributions, metrics, predictions=self._predictions(method, batch))
+            prob, logits = self._predictions(method, batch)
+            results = self.evaluate(batch, attributions, metrics, predictions=prob, logits=logits)
             for name in metrics:
                 scores, mask = results[name]
                 sums[name] += (scores * mask).sum().item()
@@ -113,16 +115,18 @@ class Evaluator:
         sanity_warnings(results, sum(valid.values()), len(metrics) * total)
         return results
 
-    def _predictions(self, method: Any, batch: dict[str, Any]) -> torch.Tensor | None:
-        """The probabilities a fastattr interpreter's forward of ``batch`` gave, when they are the
-        model's ``y_prob`` of the batch as given, in float32 (else ``None``: the evaluator runs its own)."""
+    def _predictions(self, method: Any, batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The probabilities and logits a fastattr interpreter's forward of ``batch`` gave, when they are
+        the model's ``y_prob`` of the batch as given, in float32 (else ``None``: the evaluator runs its own)."""
         known = getattr(method, "last_predictions", None)
         if getattr(method, "model", None) is not self.model or getattr(method, "last_predictions_as_given", False) \
                 is not True or not isinstance(known, tuple):
-            return None
-        prob = known[0]
+            return None, None
+        prob, logits = known[0], getattr(method, "last_logits", None)
         sizes = {len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-        return prob if isinstance(prob, torch.Tensor) and sizes == {prob.shape[0]} else None
+        if not isinstance(prob, torch.Tensor) or sizes != {prob.shape[0]}:
+            return None, None
+        return prob, logits if isinstance(logits, torch.Tensor) and logits.shape[0] == prob.shape[0] else None
 
 
 def check_metric_names(metrics: Any) -> list[str]:

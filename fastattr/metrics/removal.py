@@ -39,11 +39,13 @@ CPU_FORWARD_POSITIONS = 4096
 @dataclass
 class Originals:
     """The unablated batch as the metrics see it: the explained class's probability (0 for
-    ``IGNORE``), the class, and each sample's :class:`SampleClass`."""
+    ``IGNORE``), the class, each sample's :class:`SampleClass`, and the model's logits of the batch
+    as given when the scorer ran that forward itself (``None`` otherwise; the padding check's reference)."""
 
     probs: torch.Tensor
     targets: torch.Tensor
     classes: torch.Tensor
+    scores: torch.Tensor | None = None
 
 
 class RemovalScorer:
@@ -69,11 +71,17 @@ class RemovalScorer:
         self.last_rows = 0  # ablated rows the last call ran (after skipping and deduplicating)
 
     # -- the two phases ----------------------------------------------------------------------
-    def originals(self, inputs: Mapping[str, Any], prob: torch.Tensor | None = None) -> Originals:
-        """The unablated probabilities (``prob [B, C]`` when known, else one grouped forward), classified."""
+    def originals(self, inputs: Mapping[str, Any], prob: torch.Tensor | None = None,
+                  scores: torch.Tensor | None = None) -> Originals:
+        """The unablated probabilities, classified: ``prob [B, C]`` when known (an interpreter's forward
+        of the batch as given, with its logits ``scores`` when known), else PyHealth's own call, one
+        no-grad forward of the batch as given, never trimmed: the class explained and the filter's
+        threshold are discrete steps that a trimmed run's float rounding could tip."""
         if prob is None:
-            prob = self.probabilities(inputs, phase="original")
-        return Originals(*classify(prob.clone(), self.kind, self.sample_filter))
+            with torch.no_grad():
+                out = self.model(**inputs)
+            prob, scores = probabilities(out, self.kind), _scores(out, self.kind)
+        return Originals(*classify(prob.clone(), self.kind, self.sample_filter), scores=scores)
 
     def drops(self, inputs: Mapping[str, Any], attributions: Mapping[str, torch.Tensor], metrics: Sequence[str],
               originals: Originals) -> dict[str, torch.Tensor]:
@@ -89,7 +97,8 @@ class RemovalScorer:
         rows, inverse, samples = _unique_rows(ablated, random=self.strategy == "noise")
         batch = _stacked(self.model, inputs, keep[samples], {k: v[rows, samples] for k, v in ablated.items()})
         self.last_rows = len(rows)
-        probs = self.probabilities(batch, originals.targets[keep[samples]], phase="ablated")
+        pack = self.pack_lengths if self.trimming_allowed(inputs, originals) else False
+        probs = self.probabilities(batch, originals.targets[keep[samples]], pack=pack)
         probs = probs[inverse].reshape(-1, len(keep))
         start = originals.probs[keep]
         sign = torch.where(negative[keep], -1.0, 1.0).to(start.dtype)
@@ -112,34 +121,54 @@ class RemovalScorer:
             out[key] = ablate_rows(value.index_select(0, keep), removal.index_select(1, keep), self.strategy, value)
         return out
 
-    def probabilities(self, batch: Mapping[str, Any], targets: torch.Tensor | None = None, *,
-                      phase: str = "original") -> torch.Tensor:
-        """The model's probabilities of every row of ``batch`` (``[N, C]``, or ``[N]`` of ``targets``),
-        run in length groups where that is exact.
+    def trimming_allowed(self, inputs: Mapping[str, Any], originals: Originals) -> bool:
+        """The padding check of this batch: whether the model's logits of its samples as given stay
+        the same with one more padding position along every padded dim (one forward). Ablated rows
+        are trimmed below their samples' widths by what their removal turned into padding, so the
+        check is on trailing padding itself, not on this batch's groups; a model that fails is
+        remembered as depending on padding (:mod:`fastattr.interpret.padding`)."""
+        if self.pack_lengths is False:
+            return False
+        features = FeatureBatch.from_batch(self.model, inputs)
+        if not any(features.padded_spans()):
+            return True
+        rest = {k: v for k, v in inputs.items() if k not in features.keys}
 
-        Each padding verdict is kept per layout, ``phase`` (``"original" | "ablated"``) and kind of
-        row: ablated rows whose first position was removed are unlike any row of the data (which is
-        left-aligned) and can depend on the padded width where other rows do not (PyHealth's
-        Transformer reads position 0 as its CLS token: a padding query there attends uniformly over
-        every padded position). So rows are split by which features keep their first position, and
-        each kind is checked, and trimmed or run padded, on its own."""
+        def probe(_: Any) -> float:
+            with torch.no_grad():
+                reference = originals.scores if originals.scores is not None else \
+                    _scores(self.model(**inputs), self.kind)
+                further = features.subset(torch.arange(features.size), [s + 1 for s in features.padded_sizes()])
+                return relative_difference(reference, _scores(self.model(**rest, **further.inputs()), self.kind))
+        return self.lengths.allows(features, self.pack_lengths, None, probe)
+
+    def probabilities(self, batch: Mapping[str, Any], targets: torch.Tensor | None = None, *,
+                      pack: bool | str | None = None) -> torch.Tensor:
+        """The model's probabilities of every ablated row of ``batch`` (``[N, C]``, or ``[N]`` of
+        ``targets``), run in length groups where that is exact (``pack``: default the scorer's).
+
+        Beyond the batch's padding check, a verdict is kept per layout and kind of row: ablated rows
+        whose first position was removed are unlike any row of the data (which is left-aligned) and
+        can depend on the padded width where other rows do not (PyHealth's Transformer reads position 0
+        as its CLS token: a padding query there attends uniformly over every padded position). So rows
+        are split by which features keep their first position, and each kind is checked, and trimmed
+        or run padded, on its own."""
+        pack = self.pack_lengths if pack is None else pack
         features = FeatureBatch.from_batch(self.model, batch)
-        if phase == "original":
-            return self._grouped(batch, features, targets, layout_key(features, phase))
         kinds, which = torch.unique(features.leading_present(), dim=0, return_inverse=True)
         parts = []
         for k, kind in enumerate(kinds):
-            key = layout_key(features, phase, tuple(kind.tolist()))
+            key = layout_key(features, "ablated", tuple(kind.tolist()))
             if len(kinds) == 1:
-                return self._grouped(batch, features, targets, key)
+                return self._grouped(batch, features, targets, key, pack)
             index = (which == k).nonzero().squeeze(1)
             rows = select_samples(batch, index, features.size)
             chosen = None if targets is None else targets[index.to(targets.device)]
-            parts.append((index, self._grouped(rows, FeatureBatch.from_batch(self.model, rows), chosen, key)))
+            parts.append((index, self._grouped(rows, FeatureBatch.from_batch(self.model, rows), chosen, key, pack)))
         return place_rows(features.size, parts)
 
     def _grouped(self, batch: Mapping[str, Any], features: FeatureBatch, targets: torch.Tensor | None,
-                 key: tuple) -> torch.Tensor:
+                 key: tuple, pack: bool | str) -> torch.Tensor:
         size = features.size
         rest = {k: v for k, v in batch.items() if k not in features.keys}
 
@@ -150,7 +179,7 @@ class RemovalScorer:
 
         task = GroupedTask(run, lambda parts: place_rows(size, [(i, r) for i, _, r in parts]),
                            difference=relative_difference)
-        result, _ = self.lengths.execute(features, key, task, pack=self.pack_lengths, points=1,
+        result, _ = self.lengths.execute(features, key, task, pack=pack, points=1,
                                          device=model_device(self.model))
         return result
 
@@ -178,6 +207,14 @@ class RemovalScorer:
                 outs.append(prob)
                 start = piece.stop
         return torch.cat(outs)
+
+
+def _scores(out: Any, kind: str) -> torch.Tensor:
+    """What the padding check compares: the model's logits (its probabilities when it gives none)."""
+    if isinstance(out, Mapping) and "logit" in out:
+        logits = out["logit"]
+        return (logits.unsqueeze(-1) if logits.dim() == 1 else logits).float()
+    return probabilities(out, kind).float()
 
 
 def value_of(model: Any, key: str, feature: Any) -> torch.Tensor:
