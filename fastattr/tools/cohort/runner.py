@@ -160,8 +160,11 @@ def attribute_dataset(interpreter: Interpreter | Attributor, dataloader: Iterabl
             error (``error_estimate``).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is started (NCCL on GPUs, gloo on
-    CPUs) and rank r takes batches r, r + W, ...: the same batches as a single process, so the
-    results are identical; every rank writes its own shards and rank 0 merges the manifest.
+    CPUs) and rank r takes batches r, r + W, ...: the same batches as a single process. On CPUs the
+    results are bitwise those of a single process with the same number of intra-op threads (torchrun
+    gives each rank ``OMP_NUM_THREADS=1``) and otherwise agree to float rounding
+    (:mod:`fastattr.tools.cohort.distributed` says why the runner leaves the thread count alone).
+    Every rank writes its own shards and rank 0 merges the manifest.
     A batch that runs out of CUDA memory is retried in halves before failing.
     """
     model = getattr(interpreter, "model", None)
