@@ -114,7 +114,7 @@ class LengthGroups:
         raising with ``True``). ``method`` names the group cost that plans the groups.
         """
         groups = self.plan(features, pack=pack, points=points, device=device, method=method)
-        if groups is not None and not self.allows(features, pack, groups, task.probe):
+        if groups is not None and not self.allows(features, pack, groups, task.probe, key):
             groups = None
         if groups is None:
             return task.run(None, features), None
@@ -135,12 +135,15 @@ class LengthGroups:
         return packed, groups
 
     def allows(self, features: FeatureBatch, pack: Any, groups: list[Group] | None,
-               probe: Callable[[list[Group]], float] | None) -> bool:
+               probe: Callable[[list[Group]], float] | None, key: tuple | None = None) -> bool:
         """Whether this batch may run trimmed: the model not known to depend on padding for its
-        layout, and ``probe(groups)`` (when given) within :data:`PADDING_RTOL`."""
+        layout, no failed once-per-layout check for ``key``, and ``probe(groups)`` (when given)
+        within :data:`PADDING_RTOL`."""
         known = known_dependence(self.model, layout_key(features))
         if known is not None:
             self.refuse(known, pack)
+            return False
+        if key in self.verdicts and not self.judge(key, self.verdicts[key][1], pack, features, groups or []):
             return False
         return probe is None or self.passes(features, probe(groups), pack, groups)
 
