@@ -174,8 +174,11 @@ class IntegratedGradients(Interpreter):
                     StepsReport.placed(features.size, [(i, r[3]) for i, _, r in parts]))
 
         def probe(groups: list[Group]) -> float:
-            return self._padding_difference(features, baselines, embed, groups)
-        return GroupedTask(run, place, probe=probe)
+            return self._padding_difference(features, baselines, embed, groups, at_baseline=False)
+
+        def own_probe(groups: list[Group]) -> float:
+            return self._padding_difference(features, baselines, embed, groups, at_baseline=True)
+        return GroupedTask(run, place, probe=probe, own_probe=own_probe)
 
     def _embedded(self, part: FeatureBatch, embed: Any) -> set[str]:
         return part.token_keys() if embed is not None else set()
@@ -214,26 +217,23 @@ class IntegratedGradients(Interpreter):
         return forward
 
     def _padding_difference(self, features: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any,
-                            groups: list[Group]) -> float:
-        """The padding check: the padded batch's logits at the input and at the baseline against
-        those of the trimmed groups (worst relative difference)."""
+                            groups: list[Group], *, at_baseline: bool) -> float:
+        """The padding check at one end of the path: the padded batch's logits at the input (the
+        model's own check) or at the baseline (IG's: a baseline that fills padded positions, such as
+        the UNK token, makes them data for a model that infers its mask from the embeddings) against
+        those of the trimmed groups (worst relative difference, float32: the check is about what the
+        model computes, not about rounding)."""
+        def logits(part: FeatureBatch, cut: dict[str, torch.Tensor]) -> torch.Tensor:
+            xs, bs = self._endpoints(part, cut, embed)
+            return self._forward(part, embed, "fp32")(bs if at_baseline else xs, part.others()).float()
         worst = 0.0
         with torch.no_grad():
-            full = self._endpoint_logits(features, baselines, embed)
+            full = logits(features, baselines)
             for index, sizes in groups:
                 part = features.subset(index, sizes)
                 cut = {k: features.cut(k, b, index, sizes) for k, b in baselines.items()}
-                for whole, trimmed in zip(full, self._endpoint_logits(part, cut, embed), strict=False):
-                    worst = max(worst, relative_difference(whole[index.to(whole.device)], trimmed))
+                worst = max(worst, relative_difference(full[index.to(full.device)], logits(part, cut)))
         return worst
-
-    def _endpoint_logits(self, part: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any):
-        """The model's logits at the input and at the baseline, in float32 (the padding check is
-        about what the model computes, not about rounding)."""
-        xs, bs = self._endpoints(part, baselines, embed)
-        forward = self._forward(part, embed, "fp32")
-        others = part.others()
-        return [forward(xs, others).float(), forward(bs, others).float()]
 
     def _baselines(self, baseline: dict[str, Any] | None, features: FeatureBatch) -> dict[str, torch.Tensor]:
         """Baselines in raw input space, expanded to each value's shape."""

@@ -28,7 +28,7 @@ class AdaptiveRun:
         self.row_bytes: dict[int, float] = {}  # a row's input elements -> activation bytes per row (probed)
         self.groups: list[Group] | None = None
         self.first = True
-        self.probed: float | None = None  # the call's padding check, made by the first round that trims
+        self.probed: dict[bool, float] = {}  # the call's padding checks (at the baseline?), by its first trimmed round
 
     def run(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, int, StepsReport]:
         """Attributions (raw value shapes), the convergence delta when asked, rows per forward and
@@ -53,7 +53,8 @@ class AdaptiveRun:
         def run(group: Group | None, part: FeatureBatch) -> Any:
             done = self._rows(group, part, sub, base, index, rows)
             return done if group is not None else place([(None, part, done)])  # the padded batch: whole already
-        task = GroupedTask(run, place, probe=lambda groups: self._probe(sub, base, groups))
+        task = GroupedTask(run, place, probe=lambda groups: self._probe(sub, base, groups, False),
+                           own_probe=lambda groups: self._probe(sub, base, groups, True))
         (density, logit), groups = self.ig._lengths.execute(sub, layout_key(sub, self.embed is not None), task,
                                                             pack=self.pack, points=[counts[s] for s in active],
                                                             device=self.device,
@@ -62,12 +63,13 @@ class AdaptiveRun:
             self.groups, self.first = groups, False
         return density, logit
 
-    def _probe(self, sub: FeatureBatch, base: dict[str, torch.Tensor], groups: list[Group]) -> float:
-        """IG's padding check, once per call: later rounds list rows of samples the first trimmed
+    def _probe(self, sub: FeatureBatch, base: dict[str, torch.Tensor], groups: list[Group], at_baseline: bool) -> float:
+        """IG's padding checks, once per call: later rounds list rows of samples the first trimmed
         round checked (every sample of the call is in the first round)."""
-        if self.probed is None:
-            self.probed = self.ig._padding_difference(sub, base, self.embed, groups)
-        return self.probed
+        if at_baseline not in self.probed:
+            self.probed[at_baseline] = self.ig._padding_difference(sub, base, self.embed, groups,
+                                                                   at_baseline=at_baseline)
+        return self.probed[at_baseline]
 
     def _rows(self, group: Group | None, part: FeatureBatch, sub: FeatureBatch, base: dict[str, torch.Tensor],
               index: torch.Tensor, rows: list[tuple[int, int]]) -> tuple[torch.Tensor, dict, torch.Tensor]:

@@ -48,7 +48,10 @@ class GroupedTask(Generic[Result]):
         place: the groups' results ``[(index, part, result), ...]`` as one result for the whole
             batch, or ``None`` when they cannot be put back in one shape.
         probe: the padding check of this batch before any group runs (``probe(groups) -> worst``
-            relative difference of the logits, padded against trimmed).
+            relative difference of the logits, padded against trimmed); a failure is the model's.
+        own_probe: a check of this batch before any group runs of what only this method feeds the
+            model (IG's baseline); a failure is kept for this interpreter and layout, not reported as
+            the model's.
         check: the padding check of this batch after the groups ran (``check(placed) -> worst``), for a
             task whose groups compute the logits anyway.
         difference: a further check made once per model and layout (``key``) after the groups ran: the
@@ -61,6 +64,7 @@ class GroupedTask(Generic[Result]):
     run: Callable[[Group | None, FeatureBatch], Result]
     place: Callable[[list[tuple[torch.Tensor, FeatureBatch, Result]]], Result | None]
     probe: Callable[[list[Group]], float] | None = None
+    own_probe: Callable[[list[Group]], float] | None = None
     check: Callable[[Result], float] | None = None
     difference: Callable[[Result, Result], float] | None = None
     check_run: Callable[[Group | None, FeatureBatch], Result] | None = None
@@ -116,6 +120,9 @@ class LengthGroups:
         groups = self.plan(features, pack=pack, points=points, device=device, method=method)
         if groups is not None and not self.allows(features, pack, groups, task.probe, key):
             groups = None
+        if groups is not None and task.own_probe is not None and not self.own_check_passes(
+                key, task.own_probe(groups), pack):
+            groups = None
         if groups is None:
             return task.run(None, features), None
         parts = [(group, features.subset(*group)) for group in groups]
@@ -157,12 +164,22 @@ class LengthGroups:
         self.refuse(report, pack)
         return False
 
+    def own_check_passes(self, key: tuple, worst: float, pack: Any) -> bool:
+        """Whether a check of what only this method feeds the model passed; a failure is kept for
+        ``key`` (this interpreter and layout) and raised with ``pack_lengths=True``."""
+        if worst <= PADDING_RTOL:
+            return True
+        self.verdicts[key] = (False, worst)
+        self.refuse(PaddingReport(type(self.model).__name__, worst, (), 0), pack)
+        return False
+
     def refuse(self, report: PaddingReport, pack: Any) -> None:
         """With ``pack_lengths=True`` a model that depends on padding is an error."""
         if pack is True:
             raise ValueError(f"pack_lengths=True, but {report.model}'s {self.what} change when padding is trimmed "
-                             f"(relative difference {report.difference:.2e} > {PADDING_RTOL:g}; padding of "
-                             f"{', '.join(report.features)}): trimming would change its results. Use "
+                             f"(relative difference {report.difference:.2e} > {PADDING_RTOL:g}"
+                             f"{'; padding of ' + ', '.join(report.features) if report.features else ''}): "
+                             "trimming would change its results. Use "
                              "pack_lengths='auto' or False for this model")
 
     def known(self, key: tuple) -> bool:
