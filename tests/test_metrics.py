@@ -252,3 +252,52 @@ def test_select_samples_keeps_tuple_slots_with_none():
     picked = select_samples({"lab": (None, values), "ids": ["a", "b"]}, torch.tensor([1, 1, 0]))
     assert picked["lab"][0] is None and torch.equal(picked["lab"][1], values[[1, 1, 0]])
     assert picked["ids"] == ["b", "b", "a"]
+
+
+class EmptyLabsReadTheWidth(ProtocolModel):
+    """Masked means of codes and of lab rows; a patient with no lab row left reads a learned vector
+    scaled by the padded width instead: ablated rows that remove every lab depend on the width, rows
+    that remove only the first labs do not."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=40),
+                            "labs": FeatureProcessor(token=False, size=3)})
+        super().__init__(spec, 3, 8)
+        self.empty = nn.Parameter(torch.randn(8))
+        self.head = nn.Linear(16, 3)
+
+    def forward_from_embedding(self, **batch):
+        pooled = []
+        for key in ("codes", "labs"):
+            emb, mask = batch[key][0], batch[key][-1].bool()
+            mask = mask.any(-1) if mask.dim() == 3 else mask
+            real = (emb * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+            pooled.append(torch.where(mask.any(1, keepdim=True), real, self.empty / emb.shape[1]))
+        return self._outputs(self.head(torch.cat(pooled, -1)), batch)
+
+
+def labs_batch(lab_lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    size = len(lab_lengths)
+    labs = torch.zeros(size, 6, 3)
+    for b, n in enumerate(lab_lengths):
+        labs[b, :n] = torch.rand(n, 3, generator=g) + 0.5
+    attributions = {"codes": torch.randn(size, 9, generator=g),
+                    "labs": torch.linspace(2, 1, 18).reshape(1, 6, 3) * (labs != 0) - 5 * (labs == 0)}
+    return {"codes": codes(size, 9, 40, g), "labs": labs}, attributions
+
+
+def test_rows_left_with_nothing_of_a_feature_are_a_kind_of_their_own(monkeypatch):
+    """A first batch whose ablated rows only lose their first labs (trimmed, exact) must not vouch for a
+    later batch whose rows lose every lab (they depend on the padded width and run padded)."""
+    monkeypatch.setitem(packing.GROUP_COST["evaluator"], "cpu", 0.0)
+    model = EmptyLabsReadTheWidth().eval()
+    evaluator = metrics.Evaluator(model, percentages=[50])
+    for lab_lengths, seed in (([4, 5, 6, 4, 5, 6, 4], 0), ([1, 2, 3, 1, 6, 2, 3], 1)):
+        batch, attributions = labs_batch(lab_lengths, seed)
+        got = evaluator.evaluate(batch, attributions, return_per_percentage=True)
+        for name in got:
+            ref, _ = loop_removal_scores(model, batch, attributions, sufficiency=name == "sufficiency",
+                                         kind="multiclass", sample_filter=evaluator.sample_filter, percentages=[50])
+            torch.testing.assert_close(got[name][50], ref[50], rtol=0, atol=1e-6)

@@ -8,6 +8,7 @@ from conftest import codes, rel_err
 import fastattr
 from fastattr.core import packing
 from fastattr.interpret.features import FeatureBatch
+from fastattr.interpret.lengths import LengthGroups
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
 
@@ -261,3 +262,34 @@ def test_chefer_groups_reach_the_model_in_the_callers_form(many_groups):
     got = chefer.attribute(**data)["codes"]
     assert len(chefer.last_groups) > 1
     assert rel_err(got, chefer_reference(model, **data)["codes"]) <= 1e-5
+
+
+def test_a_batch_whose_padding_costs_less_than_its_groups_and_check_runs_padded():
+    torch.manual_seed(0)
+    model = TransformerClassifier(FeatureSpec({"codes": FeatureProcessor(token=True, size=40)}), dim=16).eval()
+    lengths = LengthGroups(model, "chefer", "logits")
+    cpu = torch.device("cpu")
+    few_short = torch.ones(32, 400, dtype=torch.long) * 5
+    few_short[0, 300:] = 0  # one shorter patient: a group of its own would save less than it and the check cost
+    assert lengths.plan(FeatureBatch.from_batch(model, {"codes": few_short}), pack="auto", points=1, device=cpu) is None
+    long_tail = torch.zeros(32, 400, dtype=torch.long)
+    long_tail[:31, :3], long_tail[31] = 5, 5  # 31 short patients padded to one long one's width
+    groups = lengths.plan(FeatureBatch.from_batch(model, {"codes": long_tail}), pack="auto", points=1, device=cpu)
+    assert groups is not None and sorted(sizes for _, sizes in groups) == [[3], [400]]
+
+
+def test_chefer_plans_on_tokens_and_cuts_every_dim():
+    """A nested feature's codes within a visit are summed into one token: Chefer weighs visits, not codes,
+    and each group is still cut to its longest visit and its most codes."""
+    torch.manual_seed(0)
+    model = TransformerClassifier(_nested_spec(), num_classes=3, dim=16).eval()
+    visits = torch.zeros(32, 400, 30, dtype=torch.long)
+    visits[:, :2, :30] = 7  # every patient has 2 visits of 30 codes, one has 400 visits of 2 codes
+    visits[31, :400, :2] = 7
+    data = {"visits": visits, "labs": torch.randn(32, 3, 3)}
+    features = FeatureBatch.from_batch(model, data)
+    cpu = torch.device("cpu")
+    groups = LengthGroups(model, "chefer", "logits").plan(features, pack="auto", points=1, device=cpu)
+    assert groups is not None and sorted(s for _, s in groups) == [[2, 30, 3], [400, 30, 3]]
+    for index, sizes in groups:
+        assert sizes == features.lengths()[index].amax(dim=0).tolist()

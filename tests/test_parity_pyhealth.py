@@ -118,6 +118,7 @@ def test_length_packing_keeps_parity(name, monkeypatch, recwarn):
     from fastattr.core import packing
 
     monkeypatch.setitem(packing.GROUP_COST["integrated_gradients"], "cpu", 0.0)
+    monkeypatch.setitem(packing.CHECK_ROWS, "integrated_gradients", 0.0)
     model, batch = case(name)
     use_embeddings = "no-embeddings" not in name
     theirs = PyHealthIG(model, use_embeddings=use_embeddings).attribute(steps=7, **batch)
@@ -125,6 +126,8 @@ def test_length_packing_keeps_parity(name, monkeypatch, recwarn):
     ours = ig.attribute(steps=7, **batch)
     assert_parity(ours, theirs)
     warned = [w for w in recwarn if "depends on the padding of" in str(w.message)]
-    print(name, "groups:", ig.last_groups, "padding-dependent:", bool(warned))
-    assert len(ig.last_groups) > 1 or warned or all(s is None for _, s in ig.last_groups) and \
+    # IG's own path depends on padding where its baseline fills padded positions (kept quietly for IG)
+    baseline = any(not ok for ok, _ in ig._lengths.verdicts.values())
+    print(name, "groups:", ig.last_groups, "padding-dependent:", bool(warned), "at the baseline:", baseline)
+    assert len(ig.last_groups) > 1 or warned or baseline or all(s is None for _, s in ig.last_groups) and \
         "tensor-only" in name  # a tensor feature alone has no padded dim

@@ -46,6 +46,20 @@ GROUP_COST = {
 }
 
 
+# What running a batch trimmed costs beyond its groups, in padded rows of the method's own work: the
+# padding check of every trimmed batch (fastattr.interpret.padding). Chefer: one no-grad forward of
+# the padded batch, about a third of its forward and backward; IG: two no-grad forwards of the padded
+# batch (input and baseline; the trimmed ones cost about what trimming saves them), against (steps + 1)
+# forwards and backwards per sample. Without it, a batch whose padding is cheap was split into groups
+# that cost more than it saved (measured, benchmarks/RESULTS.md "PyHealth's MIMIC-IV example").
+CHECK_ROWS = {"integrated_gradients": 2 / 3, "adaptive_integrated_gradients": 2 / 3, "chefer": 1 / 3,
+              "evaluator": 0.0}
+# Methods whose work grows with each feature's first padded dim only (its tokens): Chefer's cost is the
+# model's attention over the tokens, and a nested feature's codes within a visit are summed into one
+# token by the models that have Chefer's protocol. IG and the evaluator count every padded position.
+TOKEN_WORK = {"chefer"}
+
+
 def group_cost(method: str, device: torch.device) -> float:
     """The fixed cost of one group of ``method`` on ``device``'s type (CUDA's for other accelerators)."""
     costs = GROUP_COST[method]
@@ -109,3 +123,13 @@ def plan_groups(lengths: torch.Tensor, spans: Sequence[int], points: int | Seque
         groups.append((torch.from_numpy(np.sort(members)), L[cuts[i]:cuts[j]].max(axis=0).tolist()))
         j = i
     return groups[::-1]
+
+
+def planned_work(groups: list[tuple[torch.Tensor, list[int]]], spans: Sequence[int],
+                 points: int | Sequence[int]) -> float:
+    """Padded work of ``groups`` (rows x padded positions), the planner's objective without group costs."""
+    rows = np.broadcast_to(np.asarray(points, dtype=np.float64), (sum(len(i) for i, _ in groups),))
+    per_sample = np.zeros(len(rows))
+    for index, sizes in groups:
+        per_sample[index.numpy()] = padded_work(np.asarray(sizes, dtype=np.int64)[None], spans)[0]
+    return float((rows * per_sample).sum())

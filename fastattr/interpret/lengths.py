@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from fastattr.core.packing import group_cost, plan_groups
+from fastattr.core.packing import CHECK_ROWS, TOKEN_WORK, group_cost, plan_groups, planned_work
 from fastattr.interpret.features import FeatureBatch, scatter_rows
 from fastattr.interpret.outputs import logits_of
 from fastattr.interpret.padding import (
@@ -100,10 +100,22 @@ class LengthGroups:
         interpreter's)."""
         if pack is False:
             return None
-        cost = group_cost(method or self.method, device)
-        groups = plan_groups(features.lengths(), features.padded_spans(), points, cost)
-        if len(groups) == 1 and groups[0][1] == features.padded_sizes():
+        method = method or self.method
+        cost, lengths, spans, full = group_cost(method, device), features.lengths(), features.padded_spans(), \
+            features.padded_sizes()
+        if method in TOKEN_WORK:  # planned on each feature's first padded dim; every dim cut to the group's longest
+            columns = [sum(spans[:i]) for i, span in enumerate(spans) if span]
+            spans = [1] * len(columns)
+        else:
+            columns = list(range(len(full)))
+        planned = plan_groups(lengths[:, columns], spans, points, cost)
+        groups = [(index, lengths[index].amax(dim=0).tolist()) for index, _ in planned]
+        if len(groups) == 1 and groups[0][1] == full:
             return None
+        padded = planned_work([(torch.arange(features.size), [full[c] for c in columns])], spans, points)
+        check = CHECK_ROWS[method] * padded / _mean(points)
+        if planned_work(planned, spans, points) + cost * len(planned) + check >= padded + cost:
+            return None  # the groups and the padding check would cost more than the padding they save
         return groups
 
     def execute(self, features: FeatureBatch, key: tuple, task: GroupedTask[Result], *, pack: Any,
@@ -207,6 +219,10 @@ class LengthGroups:
     def _logits(self, part: FeatureBatch) -> torch.Tensor:
         """The model's logits of ``part`` as a caller's batch would give it (for naming features)."""
         return logits_of(self.model(**part.inputs())).float()
+
+
+def _mean(points: int | Sequence[int]) -> float:
+    return float(points) if isinstance(points, int) else sum(points) / max(1, len(points))
 
 
 def _exercised(groups: list[Group], features: FeatureBatch) -> bool:

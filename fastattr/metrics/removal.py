@@ -148,14 +148,15 @@ class RemovalScorer:
         ``targets``), run in length groups where that is exact (``pack``: default the scorer's).
 
         Beyond the batch's padding check, a verdict is kept per layout and kind of row: ablated rows
-        whose first position was removed are unlike any row of the data (which is left-aligned) and
-        can depend on the padded width where other rows do not (PyHealth's Transformer reads position 0
-        as its CLS token: a padding query there attends uniformly over every padded position). So rows
-        are split by which features keep their first position, and each kind is checked, and trimmed
-        or run padded, on its own."""
+        whose first position was removed, or with nothing left of a feature, are unlike any row of the
+        data (which is left-aligned and has something of every feature) and can depend on the padded
+        width where other rows do not (PyHealth's Transformer reads position 0 as its CLS token: a
+        padding query there attends uniformly over every padded position; a feature with every position
+        masked attends uniformly over all of them). So rows are split by which features keep their first
+        position and which keep any, and each kind is checked, and trimmed or run padded, on its own."""
         pack = self.pack_lengths if pack is None else pack
         features = FeatureBatch.from_batch(self.model, batch)
-        kinds, which = torch.unique(features.leading_present(), dim=0, return_inverse=True)
+        kinds, which = torch.unique(_row_kinds(features), dim=0, return_inverse=True)
         parts = []
         for k, kind in enumerate(kinds):
             key = layout_key(features, "ablated", tuple(kind.tolist()))
@@ -207,6 +208,16 @@ class RemovalScorer:
                 outs.append(prob)
                 start = piece.stop
         return torch.cat(outs)
+
+
+def _row_kinds(features: FeatureBatch) -> torch.Tensor:
+    """``[B, 2K]`` bool per row, for the K features with padded dims: whether its first position holds
+    data, and whether any position does."""
+    padded = [k for k, span in zip(features.keys, features.padded_spans(), strict=True) if span]
+    if not padded:
+        return features.leading_present()
+    anything = torch.stack([features.mask(k).ne(0).reshape(features.size, -1).any(1).cpu() for k in padded], 1)
+    return torch.cat([features.leading_present(), anything], dim=1)
 
 
 def _scores(out: Any, kind: str) -> torch.Tensor:
