@@ -4,9 +4,11 @@
 
 A Transformer over one long-tailed token feature (PyHealth's when it imports, else fastattr's own; median 15
 codes, longest 200), which ignores padding, so every batch runs trimmed and is checked: IG (50 steps) probes
-the logits at the input and the baseline (four no-grad forwards), Chefer runs one padded no-grad forward (its
-targets and the reference its groups' logits are compared with), the evaluator pads the batch's samples one
-position further (one forward). The check's functions are wrapped with a timer; nothing else changes.
+the logits at the input and the baseline (two padded and two trimmed no-grad forwards), Chefer pads each
+group's samples one position further (one no-grad forward at the groups' widths; its groups' own logits are
+the reference), the evaluator trims the unablated samples in its length groups (one forward at the groups'
+widths; its padded forward is PyHealth's own). The check's functions are wrapped with a timer; nothing else
+changes.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from fastattr.interpret.ig import IntegratedGradients  # noqa: E402
 from fastattr.metrics.removal import RemovalScorer  # noqa: E402
 from fastattr.tools.bench import cohort_loaders, pyhealth_available  # noqa: E402
 
-CHECKS = {"IG": (IntegratedGradients, "_padding_difference"), "Chefer": (chefer_module._Reference, "get"),
+CHECKS = {"IG": (IntegratedGradients, "_padding_difference"), "Chefer": (chefer_module, "extended_difference"),
           "Evaluator": (RemovalScorer, "trimming_allowed")}
 
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 import fastattr
 from fastattr.core import packing
+from fastattr.interpret import chefer as chefer_module
 from fastattr.tools.cohort import CohortDataset, LengthSortedBatches, attribute_dataset, load_attributions
 from fastattr.tools.models import load_checkpoint
 from fastattr.tools.synthetic import SyntheticCohort
@@ -333,13 +334,16 @@ def test_no_extra_forward_for_probabilities(tmp_path, pack, monkeypatch):
     passes = []
     original = chefer._pass
     chefer._pass = lambda *a, **k: passes.append(1) or original(*a, **k)
+    checks = []
+    logits = chefer_module.input_logits
+    monkeypatch.setattr(chefer_module, "input_logits", lambda *a, **k: checks.append(1) or logits(*a, **k))
     attribute_dataset(counted, loader(cohort, batch_size=4), tmp_path)
-    references = counted.forwards - len(passes)  # Chefer's own forwards only: its passes and references
+    # Chefer's own forwards only: its passes and its padding checks (no-grad forwards of trimmed groups)
+    assert counted.forwards == len(passes) + len(checks)
     if pack is False:
-        assert len(passes) == 3 and references == 0  # one per batch
+        assert len(passes) == 3 and not checks  # one per batch
     else:
-        assert len(passes) > 3  # groups of each batch, and the padded batch once for the padding check
-        assert 1 <= references <= 3  # one no-grad forward of each trimmed batch: its targets and padding check
+        assert len(passes) > 3 and checks  # groups of each batch, and the padded batch once for the padding check
 
 
 def test_length_sorted_batches_by_tokens():

@@ -214,3 +214,26 @@ def test_models_that_ignore_padding_still_trim_every_batch(many_groups):
             ig.attribute(**batch)
             chefer.attribute(**batch)
             assert len(ig.last_groups) > 1 and len(chefer.last_groups) > 1
+
+
+class NearTieByWidth(TransformerClassifier):
+    """Classes 0 and 1 tied but for a term that grows with the padded width, far below the padding
+    check's tolerance: the argmax of a trimmed group and of the padded batch differ."""
+
+    def forward_from_embedding(self, **batch):
+        out = super().forward_from_embedding(**batch)
+        width = batch["codes"][0].shape[1]
+        logit = out["logit"]
+        tied = torch.stack([logit[:, 0], logit[:, 0] + 1e-7 * (width - 6.5), logit[:, 0] - 1.0], dim=1)
+        return self._outputs(tied, batch)
+
+
+def test_chefer_explains_the_padded_batchs_class_in_a_near_tie(many_groups, monkeypatch):
+    monkeypatch.setitem(packing.CHECK_ROWS, "chefer", 0.0)
+    model = sensitive_model(NearTieByWidth, FeatureSpec({"codes": FeatureProcessor(token=True, size=40)}), seed=8)
+    batch = odd_batch(8, [1, 2, 3, 4, 12])
+    chefer = fastattr.CheferRelevance(model)
+    got = chefer.attribute(**batch)["codes"]
+    assert len(chefer.last_groups) > 1  # trimmed: the width term is within the check's tolerance
+    assert torch.equal(chefer.last_predictions[1], torch.ones(5, dtype=torch.long))  # the padded batch's argmax
+    assert rel_err(got, full_chefer_relevance(model, **batch)["codes"]) <= 1e-5

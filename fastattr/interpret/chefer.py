@@ -18,7 +18,7 @@ from fastattr.interpret.batches import select_samples
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
 from fastattr.interpret.outputs import logits_of, reported_probabilities
-from fastattr.interpret.padding import trimmed_difference
+from fastattr.interpret.padding import PADDING_RTOL, extended_difference, input_logits
 from fastattr.interpret.row_picks import RowPicks, detect_row_picks  # noqa: F401  (detect_row_picks: public path)
 
 # PyHealth's helper functions, at their PyHealth-like path (fastattr.interpret.chefer.avg_heads)
@@ -115,37 +115,42 @@ class CheferRelevance(Interpreter):
         done, groups = self._lengths.execute(features, key, task, pack=pack, points=1, device=device)
         self.last_groups = [(features.size, None)] if groups is None else [(len(i), sizes) for i, sizes in groups]
         self.last_predictions, self.last_logits = (done.prob, done.targets), done.logits.float()
-        if groups is not None:  # the probabilities of the batch as given, from the reference forward
-            ref = self._reference.get()
-            self.last_predictions, self.last_logits = (ref.prob, ref.targets), ref.logits
-            self.last_predictions_as_given = self._reference.given
+        if groups is not None:  # trimmed groups' probabilities are not the batch's as given, to the bit
+            self.last_predictions_as_given = False
         return features.expand(done.relevance, nested_only=True)
 
     # -- pieces ------------------------------------------------------------------------------
     def _task(self, features: FeatureBatch, data: dict[str, Any], target: Any, use: str, key: tuple, mode: str,
               device: torch.device) -> GroupedTask:
         """Chefer's pass on a length group (the group's rows of the caller's batch, features cut) or on
-        the batch as given, its putting back, and its padding checks. Groups explain the classes of
-        one float32 no-grad forward of the batch as given (the argmax PyHealth takes, not one of a
-        trimmed group's), whose logits check every trimmed batch; the relevance is checked too, once
-        per layout (in float32 whatever the precision: the checks are about the model, not rounding)."""
+        the batch as given, its putting back, and its padding checks: every trimmed batch's groups'
+        logits against the same samples with one more padding position (a no-grad forward at the
+        groups' own widths), and the relevance once per layout (in float32 whatever the precision: the
+        checks are about the model, not rounding)."""
         rest = {k: v for k, v in data.items() if k not in features.keys}
-        reference = _Reference(self.model, data, target, features.size)
+        per_sample = target
+        if target is not None and not isinstance(target, numbers.Integral):
+            per_sample = target_tensor(target, features.size, torch.device("cpu"))
+        ran: list[Group] = []
 
         def pass_in(precision: str):
             def run(group: Group | None, part: FeatureBatch) -> _Pass:
                 if group is None:
                     return self._pass(data, target, use, key, precision, device)
-                index = group[0]
-                return self._pass({**select_samples(rest, index, features.size), **part.inputs()},
-                                  reference.get().targets[index.to(device)], use, key, precision, device)
+                ran.append(group)
+                rows = {**select_samples(rest, group[0], features.size), **part.inputs()}
+                chosen = per_sample[group[0]] if isinstance(per_sample, torch.Tensor) else per_sample
+                done = self._pass(rows, chosen, use, key, precision, device)
+                fixed = None if chosen is not None else padded_argmax(self.model, features, group[0], done)
+                return done if fixed is None else self._pass(rows, fixed, use, key, precision, device)
             return run
 
+        def logits(part: FeatureBatch) -> torch.Tensor:
+            return input_logits(self.model, part)
+
         run = pass_in(mode)
-        check = (lambda placed: relative_difference(reference.get().logits, placed.logits)) if mode == "fp32" else None
-        probe = None if mode == "fp32" else lambda groups: trimmed_difference(
-            reference.logits, features, groups, reference.get().logits)
-        self._reference = reference
+        check = (lambda placed: extended_difference(logits, features, ran, placed.logits)) if mode == "fp32" else None
+        probe = None if mode == "fp32" else lambda groups: extended_difference(logits, features, groups)
         return GroupedTask(run, lambda parts: self._place(features, parts), probe=probe, check=check,
                            difference=_difference, check_run=run if mode == "fp32" else pass_in("fp32"))
 
@@ -248,32 +253,25 @@ class CheferRelevance(Interpreter):
         return _Backward(logits.detach(), prob, targets, layers, stale, reach_weights)
 
 
-class _Reference:
-    """One float32 no-grad forward of the batch as given, made when a length group first needs it:
-    the logits that check the groups, the probabilities and the classes explained."""
+# Classes whose logits are this close (relative to the largest logit, at least 1) could swap places
+# between a trimmed group and the padded batch by float rounding, which the padding check bounds by
+# PADDING_RTOL: their class is taken from the padded batch's logits, as PyHealth takes it.
+TIE_RTOL = 10 * PADDING_RTOL
 
-    def __init__(self, model: Any, data: dict[str, Any], target: Any, size: int) -> None:
-        self.model, self.data, self.target, self.size = model, data, target, size
-        self._done: _Pass | None = None
-        self.given = False
 
-    def logits(self, part: FeatureBatch) -> torch.Tensor:
-        """Float32 logits of a trimmed part, as a caller's batch would give it."""
-        with torch.no_grad():
-            return logits_of(self.model(**part.inputs())).float()
-
-    def get(self) -> _Pass:
-        if self._done is None:
-            with torch.no_grad():
-                out = self.model(**self.data)
-            logits = logits_of(out).float()
-            prob, self.given = reported_probabilities(out, logits)
-            per_sample = self.target
-            if per_sample is not None and not isinstance(per_sample, numbers.Integral):
-                per_sample = target_tensor(per_sample, self.size, logits.device)
-            targets = resolve_targets(per_sample, logits, self.size, logits.shape[1], logits.device)
-            self._done = _Pass({}, logits, prob, targets)
-        return self._done
+def padded_argmax(model: Any, features: FeatureBatch, index: torch.Tensor, done: _Pass) -> torch.Tensor | None:
+    """A trimmed group's classes where a near-tie (:data:`TIE_RTOL`) resolves otherwise at the batch's
+    width (those samples' logits there, PyHealth's argmax), else ``None``: the group's argmax stands."""
+    logits = done.logits
+    if logits.shape[1] == 1:
+        return None
+    top = logits.topk(2, dim=1).values
+    near = (top[:, 0] - top[:, 1]) <= TIE_RTOL * logits.abs().amax(dim=1).clamp_min(1.0)
+    if not bool(near.any()):
+        return None
+    targets = done.targets.clone()
+    targets[near] = input_logits(model, features.subset(index[near.cpu()])).argmax(dim=1).to(targets.device)
+    return None if torch.equal(targets, done.targets) else targets
 
 
 def _difference(whole: _Pass, packed: _Pass) -> float:

@@ -22,10 +22,10 @@ import torch
 
 from fastattr.core.packing import CHECK_ROWS, TOKEN_WORK, group_cost, plan_groups, planned_work
 from fastattr.interpret.features import FeatureBatch, scatter_rows
-from fastattr.interpret.outputs import logits_of
 from fastattr.interpret.padding import (
     PADDING_RTOL,
     PaddingReport,
+    input_logits,
     known_dependence,
     layout_key,
     record_dependence,
@@ -171,7 +171,7 @@ class LengthGroups:
         (warned once with ``"auto"``, raised with ``True``)."""
         if worst <= PADDING_RTOL:
             return True
-        report = report_for(self.model, self._logits, features, worst)
+        report = report_for(self.model, lambda part: input_logits(self.model, part), features, worst)
         record_dependence(self.model, layout_key(features), report, warn=pack == "auto")
         self.refuse(report, pack)
         return False
@@ -215,10 +215,6 @@ class LengthGroups:
         if not ok and pack is True:
             self.refuse(PaddingReport(type(self.model).__name__, worst, (), 0), pack)
         return ok
-
-    def _logits(self, part: FeatureBatch) -> torch.Tensor:
-        """The model's logits of ``part`` as a caller's batch would give it (for naming features)."""
-        return logits_of(self.model(**part.inputs())).float()
 
 
 def _mean(points: int | Sequence[int]) -> float:

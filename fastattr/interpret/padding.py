@@ -15,8 +15,10 @@ for the next one, so:
   user is warned once per model, with the feature whose padding it does not ignore named.
 
 The check costs no-grad forwards only: IG's probe is two padded and two trimmed forwards (against
-its 51 forwards and backwards), Chefer's one padded forward (its groups' own logits are compared),
-the evaluator's one trimmed forward of the unablated batch (its padded forward is PyHealth's own).
+its 51 forwards and backwards); Chefer pads each group's samples one position further (one forward at
+the groups' own widths; the groups' logits are the reference); the evaluator runs the unablated batch
+trimmed in its groups (its padded forward is PyHealth's own). benchmarks/padding_check_cost.py
+measures what share of each call that is.
 :func:`check_padding` is the same test for a user to run up front, on any batch, even one patient.
 """
 from __future__ import annotations
@@ -126,6 +128,12 @@ def _caller_level() -> int:
     return level
 
 
+def input_logits(model: Any, part: FeatureBatch, rest: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """Float32 no-grad logits of ``part`` as a caller's batch would give it (``rest``: its other entries)."""
+    with torch.no_grad():
+        return logits_of(model(**(rest or {}), **part.inputs())).float()
+
+
 def trimmed_difference(logits: LogitsFn, features: FeatureBatch, groups: list[Group],
                        reference: torch.Tensor | None = None) -> float:
     """Worst relative difference between ``logits(features)`` (or ``reference``, its value when
@@ -136,6 +144,21 @@ def trimmed_difference(logits: LogitsFn, features: FeatureBatch, groups: list[Gr
         for index, sizes in groups:
             part = logits(features.subset(index, sizes))
             worst = max(worst, relative_difference(whole[index.to(whole.device)], part))
+    return worst
+
+
+def extended_difference(logits: LogitsFn, features: FeatureBatch, groups: list[Group],
+                        reference: torch.Tensor | None = None) -> float:
+    """Worst relative difference between ``logits`` of each group's samples at the group's sizes
+    (``reference``: those logits in batch order, when computed already) and at one more padding
+    position along every padded dim: a check of trailing padding that costs a forward at the groups'
+    own widths, not at the batch's."""
+    worst = 0.0
+    with torch.no_grad():
+        for index, sizes in groups:
+            own = logits(features.subset(index, sizes)) if reference is None else reference[index.to(reference.device)]
+            further = logits(features.subset(index, [size + 1 for size in sizes]))
+            worst = max(worst, relative_difference(own, further))
     return worst
 
 
@@ -199,12 +222,8 @@ def check_padding(model: torch.nn.Module, batch: Mapping[str, Any], *, extra: in
     model.eval()
     features = FeatureBatch.from_batch(model, batch, device=model_device(model))
     rest = {k: v for k, v in batch.items() if k not in features.keys}
-
-    def logits(part: FeatureBatch) -> torch.Tensor:
-        return logits_of(model(**rest, **part.inputs())).float()
-
     try:
-        differences = feature_differences(logits, features, extra=extra)
+        differences = feature_differences(lambda part: input_logits(model, part, rest), features, extra=extra)
     finally:
         model.train(was_training)
     found = tuple(k for k, d in differences.items() if d > PADDING_RTOL)

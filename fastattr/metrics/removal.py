@@ -23,6 +23,7 @@ import torch
 from fastattr.interpret.batches import select_samples
 from fastattr.interpret.features import FeatureBatch, FeatureLayout, model_device
 from fastattr.interpret.lengths import GroupedTask, LengthGroups, layout_key, place_rows, relative_difference
+from fastattr.interpret.padding import extended_difference, input_logits, trimmed_difference
 from fastattr.metrics.ablation import ablate_rows
 from fastattr.metrics.filters import SampleClass, SampleFilterFn, classify, probabilities
 from fastattr.metrics.masks import top_masks
@@ -122,24 +123,30 @@ class RemovalScorer:
         return out
 
     def trimming_allowed(self, inputs: Mapping[str, Any], originals: Originals) -> bool:
-        """The padding check of this batch: whether the model's logits of its samples as given stay
-        the same with one more padding position along every padded dim (one forward). Ablated rows
-        are trimmed below their samples' widths by what their removal turned into padding, so the
-        check is on trailing padding itself, not on this batch's groups; a model that fails is
-        remembered as depending on padding (:mod:`fastattr.interpret.padding`)."""
+        """The padding check of this batch: whether the model's logits of its samples as given stay the
+        same trimmed in the batch's length groups (a forward at the groups' widths, against the padded
+        forward the originals made), or, where nothing of the batch can be trimmed (one patient, equal
+        lengths), with one more padding position along every padded dim. Ablated rows are trimmed below
+        their samples' widths where their removal left trailing padding: the check is of trailing
+        padding itself. A model that fails is remembered as depending on padding
+        (:mod:`fastattr.interpret.padding`)."""
         if self.pack_lengths is False:
             return False
         features = FeatureBatch.from_batch(self.model, inputs)
         if not any(features.padded_spans()):
             return True
-        rest = {k: v for k, v in inputs.items() if k not in features.keys}
+        device = model_device(self.model)
+
+        def logits(part: FeatureBatch) -> torch.Tensor:
+            return input_logits(self.model, part)
 
         def probe(_: Any) -> float:
-            with torch.no_grad():
-                reference = originals.scores if originals.scores is not None else \
-                    _scores(self.model(**inputs), self.kind)
-                further = features.subset(torch.arange(features.size), [s + 1 for s in features.padded_sizes()])
-                return relative_difference(reference, _scores(self.model(**rest, **further.inputs()), self.kind))
+            reference = originals.scores if originals.scores is not None else input_logits(self.model, features)
+            groups = self.lengths.plan(features, pack=True, points=1, device=device)
+            if groups is not None:
+                return trimmed_difference(logits, features, groups, reference)
+            return extended_difference(logits, features, [(torch.arange(features.size), features.padded_sizes())],
+                                       reference)
         return self.lengths.allows(features, self.pack_lengths, None, probe)
 
     def probabilities(self, batch: Mapping[str, Any], targets: torch.Tensor | None = None, *,
