@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command. 0) ruff over the repository; 1) the whole suite in the current environment (kernels through
-# Triton's CPU interpreter); 2) the PyHealth parity tier in the PyHealth 2.1.0 environment PyHealth's users have
-# (Python 3.12, pip's own resolution: tests/pyhealth_env.sh), where the parity tests must run, not skip. -P keeps
+# Triton's CPU interpreter); 2) the default tier and the PyHealth parity tier in the PyHealth 2.1.0 environment
+# PyHealth's users have (Python 3.12, pip's own resolution: tests/pyhealth_env.sh), where the parity tests must
+# run, not skip. -P keeps
 # the repository root off sys.path there: its kernels/ folder would shadow the `kernels` package transformers imports.
 # FASTATTR_SKIP_PARITY=1 skips step 2. Extra arguments go to the first pytest run.
 set -euo pipefail
@@ -10,5 +11,6 @@ python -m ruff check .  # the house rules (pyproject.toml [tool.ruff]) are part 
 python -m pytest "$@"
 if [ "${FASTATTR_SKIP_PARITY:-0}" != "1" ]; then
   venv="$(bash tests/pyhealth_env.sh)"
-  FASTATTR_REQUIRE_PYHEALTH=1 "$venv/bin/python" -P -m pytest -m parity
+  # the default tier again on PyHealth's Python (3.12), and the parity tier there
+  FASTATTR_REQUIRE_PYHEALTH=1 "$venv/bin/python" -P -m pytest -m "parity or not slow"
 fi
