@@ -124,8 +124,8 @@ class LengthGroups:
         """Run ``task`` on ``features`` in length groups where that is exact, else on the padded batch.
 
         Returns the result for the whole batch and the groups that ran (``None``: the padded batch).
-        Every batch that would run trimmed is checked (``task.probe`` before the groups run, else
-        ``task.check`` after); ``task.difference`` is checked once per ``key`` (see :func:`layout_key`).
+        Every batch that would run trimmed is checked (``task.probe`` and ``task.own_probe`` before the
+        groups run, ``task.check`` after); ``task.difference`` once per ``key`` (see :func:`layout_key`).
         A failed check falls back to the padded batch (warning once per model with ``"auto"``,
         raising with ``True``). ``method`` names the group cost that plans the groups.
         """
@@ -198,15 +198,13 @@ class LengthGroups:
         """Whether the once-per-layout check was made for ``key`` (see :func:`layout_key`)."""
         return key in self.verdicts
 
-    def judge(self, key: tuple, worst: float, pack: Any, features: FeatureBatch, groups: list[Group],
-              conclusive: bool | None = None) -> bool:
+    def judge(self, key: tuple, worst: float, pack: Any, features: FeatureBatch, groups: list[Group]) -> bool:
         """Whether the once-per-layout check for ``key`` allows trimming; the first result is kept
         (a failure is also recorded as the model's unless ``quiet``). A passed check whose groups did
-        not trim every padded dim (``conclusive``, default: from ``groups``) records nothing: a
-        dependence on padding along an untrimmed dim could not have shown."""
+        not trim every padded dim records nothing: a dependence on padding along an untrimmed dim
+        could not have shown."""
         if key not in self.verdicts:
-            conclusive = _exercised(groups, features) if conclusive is None else conclusive
-            if worst <= PADDING_RTOL and not conclusive:
+            if worst <= PADDING_RTOL and not _exercised(groups, features):
                 return True
             self.verdicts[key] = (worst <= PADDING_RTOL, worst)
             if worst > PADDING_RTOL and not self.quiet:
