@@ -237,3 +237,28 @@ def test_chefer_explains_the_padded_batchs_class_in_a_near_tie(many_groups, monk
     assert len(chefer.last_groups) > 1  # trimmed: the width term is within the check's tolerance
     assert torch.equal(chefer.last_predictions[1], torch.ones(5, dtype=torch.long))  # the padded batch's argmax
     assert rel_err(got, full_chefer_relevance(model, **batch)["codes"]) <= 1e-5
+
+
+class AttendsPaddingWithCode39(TransformerClassifier):
+    """Attends to its padding only for patients holding code 39 (recognised by its embedding): every
+    kind of ablated row of a batch without it ignores padding, so only the check of each batch's own
+    samples can see the dependence in a later batch that has it."""
+
+    def _tokens(self, key, feature):
+        value, mask = super()._tokens(key, feature)
+        return value, mask | (value[..., 0] > 50).any(1, keepdim=True)
+
+
+def test_the_evaluator_checks_each_batchs_own_samples(many_groups):
+    model = sensitive_model(AttendsPaddingWithCode39, FeatureSpec({"codes": FeatureProcessor(token=True, size=40)}),
+                            seed=5)
+    with torch.no_grad():
+        model.embedding_model.layers["codes"].weight[39, 0] = 100.0
+    evaluator = metrics.Evaluator(model, percentages=[20, 50])
+    for seed, with_39 in ((0, False), (1, False), (2, True)):
+        batch = odd_batch(20 + seed, [1, 3, 4, 6, 9, 2, 5])
+        batch["codes"] = batch["codes"] % 28 + (batch["codes"] > 0).long() * 2  # ids in [2, 30): no code 39
+        if with_39:
+            batch["codes"][[1, 4], 0] = 39
+        attributions = {"codes": torch.randn(batch["codes"].shape, generator=torch.Generator().manual_seed(seed))}
+        assert_evaluator_matches_oracle(model, evaluator, batch, attributions)
