@@ -293,3 +293,23 @@ def test_chefer_plans_on_tokens_and_cuts_every_dim():
     assert groups is not None and sorted(s for _, s in groups) == [[2, 30, 3], [400, 30, 3]]
     for index, sizes in groups:
         assert sizes == features.lengths()[index].amax(dim=0).tolist()
+
+
+def test_chefer_weighs_tokens_and_the_checks_cost(monkeypatch):
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    model = TransformerClassifier(_nested_spec(), num_classes=3, dim=16).eval()
+    visits = torch.zeros(32, 20, 30, dtype=torch.long)
+    visits[:16, :20, :1] = 7  # 16 patients with 20 visits of one code, 16 with one visit of 30 codes
+    visits[16:, :1, :30] = 7
+    features = FeatureBatch.from_batch(model, {"visits": visits, "labs": torch.randn(32, 3, 3)})
+    assert LengthGroups(model, "chefer", "logits").plan(features, pack="auto", points=1, device=cpu) is None
+    by_codes = LengthGroups(model, "integrated_gradients", "logits").plan(features, pack="auto", points=1, device=cpu)
+    assert by_codes is not None and len(by_codes) == 2  # counted by codes, the split looks worth it
+    flat = TransformerClassifier(FeatureSpec({"codes": FeatureProcessor(token=True, size=40)}), dim=16).eval()
+    codes = torch.ones(32, 400, dtype=torch.long) * 5
+    codes[:4, 100:] = 0  # trimming saves more than a group costs, less than a group and the check
+    features = FeatureBatch.from_batch(flat, {"codes": codes})
+    assert LengthGroups(flat, "chefer", "logits").plan(features, pack="auto", points=1, device=cpu) is None
+    monkeypatch.setitem(packing.CHECK_ROWS, "chefer", 0.0)
+    assert LengthGroups(flat, "chefer", "logits").plan(features, pack="auto", points=1, device=cpu) is not None
