@@ -8,12 +8,14 @@ thrown away (``IGNORE``) are never built; a sample's identical ablated rows (a s
 the same mask at 1% and 5%) run once; and the remaining rows run through the same length-grouped
 execution IG and Chefer use (:meth:`fastattr.interpret.lengths.LengthGroups.execute`), each group
 trimmed to its longest row, in as few forwards as memory allows. Exact where PyHealth's numbers are
-defined by its model: the probabilities differ from its padded batch's by float rounding only
-(rows of an eval-mode model do not interact; trimming is checked per model and layout).
+defined by its model: rows of an eval-mode model do not interact, trimming is checked on every batch,
+and rows that run at the batch's own width run in forwards of the batch's own row count, the shapes
+of PyHealth's forwards, so that a row's probability is computed as PyHealth computes it (a math
+library may pick its kernel, and with it the summation order, by the number of rows: measured 1.5e-6
+apart on an AMD EPYC when it was not). Trimmed rows differ from PyHealth's by float rounding only.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from fastattr.interpret.batches import select_samples
+from fastattr.interpret.chunks import memory_rows, positions_of, run_in_chunks
 from fastattr.interpret.features import FeatureBatch, FeatureLayout, model_device
 from fastattr.interpret.lengths import GroupedTask, LengthGroups, layout_key, place_rows, relative_difference
 from fastattr.interpret.padding import extended_difference, input_logits, trimmed_difference
@@ -30,11 +33,6 @@ from fastattr.metrics.masks import top_masks
 
 METRICS = ("comprehensiveness", "sufficiency")
 
-# Padded positions per no-grad forward on the CPU (rows x positions); on CUDA every row of a group
-# runs in one forward, retried in halves on out-of-memory. Measured on the 2-core reference CPU
-# (PyHealth's 4-layer, dim-64 Transformer, 256 long-tailed patients, 3 classes, padded widths 52-238):
-# 1,024 / 2,048 / 4,096 / 8,192 / 16,384 positions took 3.3 / 3.0-3.4 / 2.9-3.5 / 3.1 / 6.3 s.
-CPU_FORWARD_POSITIONS = 4096
 
 
 @dataclass
@@ -59,7 +57,7 @@ class RemovalScorer:
         strategy: ``"zero" | "mean" | "noise"``.
         sample_filter: which samples are scored, and how.
         pack_lengths: ``"auto" | True | False``: run rows in length groups (see IG's option).
-        internal_batch_size: rows per forward (default: see ``CPU_FORWARD_POSITIONS``).
+        internal_batch_size: rows per forward (default: see :mod:`fastattr.interpret.chunks`).
     """
 
     def __init__(self, model: Any, kind: str, percentages: Sequence[float], strategy: str,
@@ -99,7 +97,7 @@ class RemovalScorer:
         batch = _stacked(self.model, inputs, keep[samples], {k: v[rows, samples] for k, v in ablated.items()})
         self.last_rows = len(rows)
         pack = self.pack_lengths if self.trimming_allowed(inputs, originals) else False
-        probs = self.probabilities(batch, originals.targets[keep[samples]], pack=pack)
+        probs = self.probabilities(batch, originals.targets[keep[samples]], pack=pack, batch_rows=size)
         probs = probs[inverse].reshape(-1, len(keep))
         start = originals.probs[keep]
         sign = torch.where(negative[keep], -1.0, 1.0).to(start.dtype)
@@ -150,9 +148,11 @@ class RemovalScorer:
         return self.lengths.allows(features, self.pack_lengths, None, probe)
 
     def probabilities(self, batch: Mapping[str, Any], targets: torch.Tensor | None = None, *,
-                      pack: bool | str | None = None) -> torch.Tensor:
+                      pack: bool | str | None = None, batch_rows: int | None = None) -> torch.Tensor:
         """The model's probabilities of every ablated row of ``batch`` (``[N, C]``, or ``[N]`` of
-        ``targets``), run in length groups where that is exact (``pack``: default the scorer's).
+        ``targets``), run in length groups where that is exact (``pack``: default the scorer's), and
+        at ``batch``'s own width in forwards of ``batch_rows`` rows (the shape of PyHealth's forwards,
+        when given; see the module docstring).
 
         Beyond the batch's padding check, a verdict is kept per layout and kind of row: ablated rows
         whose first position was removed, or with nothing left of a feature, are unlike any row of the
@@ -163,26 +163,31 @@ class RemovalScorer:
         position and which keep any, and each kind is checked, and trimmed or run padded, on its own."""
         pack = self.pack_lengths if pack is None else pack
         features = FeatureBatch.from_batch(self.model, batch)
+        if pack is False:
+            return self._forward(dict(batch), targets, features, batch_rows)
         kinds, which = torch.unique(_row_kinds(features), dim=0, return_inverse=True)
         parts = []
         for k, kind in enumerate(kinds):
             key = layout_key(features, "ablated", tuple(kind.tolist()))
             if len(kinds) == 1:
-                return self._grouped(batch, features, targets, key, pack)
+                return self._grouped(batch, features, targets, key, pack, batch_rows)
             index = (which == k).nonzero().squeeze(1)
             rows = select_samples(batch, index, features.size)
             chosen = None if targets is None else targets[index.to(targets.device)]
-            parts.append((index, self._grouped(rows, FeatureBatch.from_batch(self.model, rows), chosen, key, pack)))
+            part = FeatureBatch.from_batch(self.model, rows)
+            parts.append((index, self._grouped(rows, part, chosen, key, pack, batch_rows)))
         return place_rows(features.size, parts)
 
     def _grouped(self, batch: Mapping[str, Any], features: FeatureBatch, targets: torch.Tensor | None,
-                 key: tuple, pack: bool | str) -> torch.Tensor:
+                 key: tuple, pack: bool | str, batch_rows: int | None) -> torch.Tensor:
         size = features.size
         rest = {k: v for k, v in batch.items() if k not in features.keys}
 
         def run(group: Any, part: FeatureBatch) -> torch.Tensor:
-            rows = dict(batch) if group is None else {**select_samples(rest, group[0], size), **part.inputs()}
-            chosen = targets if group is None or targets is None else targets[group[0].to(targets.device)]
+            if group is None:
+                return self._forward(dict(batch), targets, part, batch_rows)
+            rows = {**select_samples(rest, group[0], size), **part.inputs()}
+            chosen = None if targets is None else targets[group[0].to(targets.device)]
             return self._forward(rows, chosen, part)
 
         task = GroupedTask(run, lambda parts: place_rows(size, [(i, r) for i, _, r in parts]),
@@ -191,30 +196,23 @@ class RemovalScorer:
                                          device=model_device(self.model))
         return result
 
-    def _forward(self, rows: dict[str, Any], targets: torch.Tensor | None, part: FeatureBatch) -> torch.Tensor:
-        """No-grad forwards of ``rows`` in chunks (halved on CUDA out-of-memory)."""
+    def _forward(self, rows: dict[str, Any], targets: torch.Tensor | None, part: FeatureBatch,
+                 batch_rows: int | None = None) -> torch.Tensor:
+        """No-grad forwards of ``rows`` in chunks (:func:`fastattr.interpret.chunks.run_in_chunks`):
+        ``internal_batch_size`` rows when set, else ``batch_rows`` when given (PyHealth's forward shape),
+        else as many as memory allows."""
         size = part.size
-        positions = max(1, sum(math.prod(part.value(k).shape[1:]) for k in part.keys))
-        device = model_device(self.model)
-        cpu_rows = max(1, CPU_FORWARD_POSITIONS // positions)
-        chunk = self.internal_batch_size or (size if device.type == "cuda" else cpu_rows)
-        outs, start = [], 0
-        with torch.no_grad():
-            while start < size:
-                piece = slice(start, min(size, start + chunk))
-                try:
-                    prob = probabilities(self.model(**select_samples(rows, piece, size)), self.kind)
-                except torch.cuda.OutOfMemoryError:
-                    if chunk == 1:
-                        raise
-                    chunk = max(1, chunk // 2)
-                    torch.cuda.empty_cache()
-                    continue
-                if targets is not None:
-                    prob = prob.gather(-1, targets[piece].to(prob.device).unsqueeze(-1)).squeeze(-1)
-                outs.append(prob)
-                start = piece.stop
-        return torch.cat(outs)
+        shapes = [part.value(k).shape for k in part.keys]
+        chunk = self.internal_batch_size or batch_rows or memory_rows(size, positions_of(shapes),
+                                                                     model_device(self.model))
+
+        def forward(picked: slice | torch.Tensor) -> torch.Tensor:
+            prob = probabilities(self.model(**select_samples(rows, picked, size)), self.kind)
+            if targets is None:
+                return prob
+            chosen = targets[picked] if isinstance(picked, slice) else targets[picked.to(targets.device)]
+            return prob.gather(-1, chosen.to(prob.device).unsqueeze(-1)).squeeze(-1)
+        return run_in_chunks(forward, size, chunk, fill=self.internal_batch_size is None and batch_rows is not None)
 
 
 def _row_kinds(features: FeatureBatch) -> torch.Tensor:
