@@ -18,11 +18,11 @@ import csv
 import torch
 import triton
 import triton.testing
+
+from fastattr.core.quadrature import quadrature
 from fastattr.kernels import interpolate as ig_ops
 from fastattr.kernels import relevance as rel_ops
 from fastattr.kernels._triton import ieee_float32_matmul
-
-from fastattr.core.quadrature import quadrature
 
 ROWS: list[dict] = []
 

@@ -2,8 +2,8 @@
 
     python -P benchmarks/mimic4_example.py --patients 400 --repeats 3     # in tests/pyhealth_env.sh's environment
 
-(``-P`` and a script path: the repository root must not come first on ``sys.path``, where its ``kernels/`` folder
-would shadow the ``kernels`` package transformers imports; this script appends the root instead.)
+(or ``python -m benchmarks.mimic4_example ...`` from the repository root; run by path, this script appends the
+root to ``sys.path`` so that ``benchmarks`` imports.)
 
 The pipeline of PyHealth's ``examples/interpretability/mp_transformer_mimic4_interpret.py`` on generated
 MIMIC-IV-shaped tables (``benchmarks/mimic4_tables.py``): ``MIMIC4Dataset`` with the example's five EHR tables,

@@ -3,7 +3,8 @@
 # Triton's CPU interpreter); 2) the default tier and the PyHealth parity tier in the PyHealth 2.1.0 environment
 # PyHealth's users have (Python 3.12, pip's own resolution: tests/pyhealth_env.sh), where the parity tests must
 # run, not skip. -P keeps
-# the repository root off sys.path there: its kernels/ folder would shadow the `kernels` package transformers imports.
+# the working directory off sys.path there, so the tests import fastattr as pip installed it (editable).
+# No top-level folder of the repository shadows a package transformers imports (tests/test_repo_root_imports.py).
 # FASTATTR_SKIP_PARITY=1 skips step 2. Extra arguments go to the first pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,11 +2,11 @@
 import pytest
 import torch
 from conftest import own_model
-from fastattr.kernels import interpolate as ig_ops
-from fastattr.kernels import relevance as rel_ops
 
 import fastattr
 from fastattr.core.quadrature import quadrature
+from fastattr.kernels import interpolate as ig_ops
+from fastattr.kernels import relevance as rel_ops
 
 pytestmark = pytest.mark.gpu
 

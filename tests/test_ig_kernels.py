@@ -4,10 +4,10 @@ import itertools
 import pytest
 import torch
 from conftest import own_model
-from fastattr.kernels import interpolate as ops
 
 import fastattr
 from fastattr.core.quadrature import METHODS, quadrature
+from fastattr.kernels import interpolate as ops
 
 SHAPES = [(b, n, d) for b, n, d in itertools.product([1, 3], [1, 17, 63], [1, 5, 128, 130])]
 

@@ -1,10 +1,10 @@
 """Relevance kernels (Triton interpreter on the CPU) against their torch references."""
 import pytest
 import torch
-from fastattr.kernels import relevance as ops
 
 from fastattr.core.relevance import chefer_relevance
 from fastattr.interpret.chefer import apply_self_attention_rules, avg_heads
+from fastattr.kernels import relevance as ops
 from fastattr.loop import full_relevance
 
 SHAPES = [(1, 1, 1), (3, 2, 17), (2, 3, 63), (1, 4, 16), (2, 3, 130)]

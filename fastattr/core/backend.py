@@ -5,6 +5,7 @@ import importlib.util
 import os
 
 import torch
+
 from fastattr.kernels._triton import interpreting
 
 BACKENDS = ("auto", "torch", "triton")

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fastattr.kernels import interpolate as ops
 from tqdm.auto import tqdm
 
 from fastattr.core.backend import resolve_backend
@@ -14,6 +13,7 @@ from fastattr.core.checks import check_auto_options, check_count
 from fastattr.core.chunks import ChunkSizer
 from fastattr.core.quadrature import AutoSteps, is_equal_weight, quadrature
 from fastattr.core.targets import resolve_targets
+from fastattr.kernels import interpolate as ops
 
 Forward = Callable[[dict[str, Any]], torch.Tensor]
 # The core's forward: the chunk's interpolated points and the chunk's rows of the additional inputs.

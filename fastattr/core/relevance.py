@@ -4,9 +4,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from fastattr.kernels import relevance as ops
 
 from fastattr.core.backend import resolve_backend
+from fastattr.kernels import relevance as ops
 
 Layer = tuple[torch.Tensor, torch.Tensor]
 

@@ -171,19 +171,8 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
     common = {"device": device, "model": "pyhealth.Transformer" if use_pyhealth else "fastattr.TransformerClassifier",
               "seq_len": data["codes"].shape[1], "steps": steps, "batch": batch, "layers": layers, "heads": heads,
               "dim": dim, "repeats": repeats, "torch": torch.__version__}
-    rows = []
-
     ig = IntegratedGradients(model, steps=steps)
-    if use_pyhealth:
-        from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
-        from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
-
-        pyhealth_ig, pyhealth_chefer = PyHealthIG(model), PyHealthChefer(model)
-        base_ig, ig_base_name = (lambda: pyhealth_ig.attribute(steps=steps, **data)), "pyhealth"
-        base_ch, ch_base_name = (lambda: pyhealth_chefer.attribute(**data)), "pyhealth"
-    else:
-        base_ig, ig_base_name = (lambda: step_loop_integrated_gradients(model, steps=steps, **data)), "step-loop"
-        base_ch, ch_base_name = (lambda: full_chefer_relevance(model, **data)), "full-R-loop"
+    base_ig, ig_base_name, base_ch, ch_base_name = case_baselines(model, data, steps, use_pyhealth)
     reference = base_ig()["codes"]
     fns: dict[str, Callable[[], Any]] = {ig_base_name: base_ig}
     errors = {ig_base_name: 0.0}
@@ -204,10 +193,7 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
             reference = "the trapezoid rule" if name == "captum" else ig_base_name
             raise AssertionError(f"IG: {name} differs from {reference} "
                                  f"by {err:.2e} (relative); refusing to time methods that disagree")
-    stats = time_interleaved(fns, repeats, device)
-    rows += [{**common, "workload": "integrated_gradients" + suffix, "method": name, "baseline": ig_base_name,
-              "speedup_vs_baseline": stats[ig_base_name]["median_ms"] / s["median_ms"],
-              "max_rel_err": errors[name], **s} for name, s in stats.items()]
+    rows = timed_rows(fns, errors, ig_base_name, "integrated_gradients" + suffix, common, repeats, device)
 
     chefer = CheferRelevance(model)
     reference = base_ch()["codes"]
@@ -219,12 +205,34 @@ def bench_case(length: int, steps: int, batch: int, layers: int, heads: int, dim
         errors[name] = rel_err(fns[name]()["codes"], reference)
         if errors[name] > 1e-4:
             raise AssertionError(f"Chefer: {name} differs from {ch_base_name} by {errors[name]:.2e}")
-    stats = time_interleaved(fns, repeats, device)
-    rows += [{**common, "workload": "chefer" + suffix, "method": name, "baseline": ch_base_name,
-              "speedup_vs_baseline": stats[ch_base_name]["median_ms"] / s["median_ms"],
-              "max_rel_err": errors[name], **s} for name, s in stats.items()]
+    rows += timed_rows(fns, errors, ch_base_name, "chefer" + suffix, common, repeats, device)
     model.zero_grad(set_to_none=True)
     return rows
+
+
+def case_baselines(model: Any, data: dict[str, torch.Tensor], steps: int,
+                   use_pyhealth: bool) -> tuple[Callable[[], Any], str, Callable[[], Any], str]:
+    """IG's and Chefer's baselines on one batch, each followed by its name: PyHealth's classes when
+    PyHealth imports, else the algorithms as ``fastattr.loop`` restates them."""
+    if use_pyhealth:
+        from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+        from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
+
+        pyhealth_ig, pyhealth_chefer = PyHealthIG(model), PyHealthChefer(model)
+        return ((lambda: pyhealth_ig.attribute(steps=steps, **data)), "pyhealth",
+                (lambda: pyhealth_chefer.attribute(**data)), "pyhealth")
+    return ((lambda: step_loop_integrated_gradients(model, steps=steps, **data)), "step-loop",
+            (lambda: full_chefer_relevance(model, **data)), "full-R-loop")
+
+
+def timed_rows(fns: dict[str, Callable[[], Any]], errors: dict[str, float], base_name: str, workload: str,
+               common: dict[str, Any], repeats: int, device: str) -> list[dict[str, Any]]:
+    """``fns`` timed interleaved: one CSV row per method, with its speedup over ``base_name`` and
+    its relative error from ``errors``."""
+    stats = time_interleaved(fns, repeats, device)
+    return [{**common, "workload": workload, "method": name, "baseline": base_name,
+             "speedup_vs_baseline": stats[base_name]["median_ms"] / s["median_ms"],
+             "max_rel_err": errors[name], **s} for name, s in stats.items()]
 
 
 def user_call_rows(method: str, patients: int, layers: int, heads: int, dim: int, steps: int, device: str,
@@ -242,23 +250,7 @@ def user_call_rows(method: str, patients: int, layers: int, heads: int, dim: int
     from fastattr.tools.cohort import attribute_dataset, load_attributions
 
     model, items, loader = cohort_loaders(patients, median, longest, layers, heads, dim, device, use_pyhealth, seed)
-    if method == "ig":
-        ours = IntegratedGradients(model, steps=steps)
-        if use_pyhealth:
-            from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
-
-            base, base_name = PyHealthIG(model, steps=steps).attribute, "pyhealth"
-        else:
-            base, base_name = (lambda **b: step_loop_integrated_gradients(model, steps=steps, **b)), "step-loop"
-    else:
-        ours = CheferRelevance(model)
-        if use_pyhealth:
-            from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
-
-            base, base_name = PyHealthChefer(model).attribute, "pyhealth"
-        else:
-            base, base_name = (lambda **b: full_chefer_relevance(model, **b)), "full-R-loop"
-
+    ours, base, base_name = user_call_methods(method, model, steps, use_pyhealth)
     one, many = loader(1), loader(32)
     lengths = [int((it["codes"] != 0).sum()) if isinstance(it["codes"], torch.Tensor) else len(it["codes"])
                for it in items]
@@ -297,6 +289,24 @@ def user_call_rows(method: str, patients: int, layers: int, heads: int, dim: int
                          "speedup_vs_baseline": stats["theirs"]["median_ms"] / s["median_ms"],
                          "max_rel_err": 0.0 if who == "theirs" else errors[name], **s})
     return rows
+
+
+def user_call_methods(method: str, model: Any, steps: int, use_pyhealth: bool) -> tuple[Any, Callable[..., Any], str]:
+    """fastattr's interpreter for ``method`` (``"ig"``, else Chefer) with no options, then the
+    baseline's ``attribute(**batch)`` and its name: PyHealth's when it imports, else ``fastattr.loop``'s."""
+    if method == "ig":
+        ours = IntegratedGradients(model, steps=steps)
+        if use_pyhealth:
+            from pyhealth.interpret.methods import IntegratedGradients as PyHealthIG
+
+            return ours, PyHealthIG(model, steps=steps).attribute, "pyhealth"
+        return ours, (lambda **b: step_loop_integrated_gradients(model, steps=steps, **b)), "step-loop"
+    ours = CheferRelevance(model)
+    if use_pyhealth:
+        from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+
+        return ours, PyHealthChefer(model).attribute, "pyhealth"
+    return ours, (lambda **b: full_chefer_relevance(model, **b)), "full-R-loop"
 
 
 def write_plot(path: Path, rows: list[dict[str, Any]]) -> bool:
