@@ -5,6 +5,7 @@ from fastattr.core.relevance import chefer_relevance
 from fastattr.interpret.chefer import CheferRelevance, apply_self_attention_rules, avg_heads
 from fastattr.interpret.ig import IntegratedGradients
 from fastattr.interpret.padding import PaddingReport, check_padding
+from fastattr.interpret.shap import ShapExplainer
 from fastattr.metrics import Evaluator, evaluate_attribution
 from fastattr.tools.cohort import attribute_dataset
 from fastattr.tools.store import load_attributions
@@ -15,6 +16,7 @@ __all__ = [
     "IntegratedGradients",
     "METHODS",
     "PaddingReport",
+    "ShapExplainer",
     "apply_self_attention_rules",
     "attribute_dataset",
     "avg_heads",

@@ -45,8 +45,7 @@ def timed(stage: str, fn, *args, **kwargs):
 
 
 def write_tables(root: Path) -> Path:
-    # By file path: putting the repository root on sys.path would let its kernels/ folder shadow the PyPI
-    # package ``kernels`` that transformers (imported by PyHealth) reads when it is installed.
+    # By file path: the tests run with -P (the repository root off sys.path), so benchmarks/ is not a package here
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "mimic4_tables.py"
     spec = importlib.util.spec_from_file_location("fastattr_bench_mimic4_tables", path)
     module = importlib.util.module_from_spec(spec)

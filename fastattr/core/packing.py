@@ -43,6 +43,8 @@ GROUP_COST = {
     "adaptive_integrated_gradients": {"cpu": 1000.0, "cuda": 50000.0},
     "chefer": {"cpu": 300.0, "cuda": 50000.0},
     "evaluator": {"cpu": 300.0, "cuda": 50000.0},
+    # SHAP's and LIME's gated rows: no-grad forwards like the evaluator's (not measured on their own)
+    "perturbation": {"cpu": 300.0, "cuda": 50000.0},
 }
 
 
@@ -53,7 +55,7 @@ GROUP_COST = {
 # forwards and backwards per sample. Without it, a batch whose padding is cheap was split into groups
 # that cost more than it saved (measured, benchmarks/RESULTS.md "PyHealth's MIMIC-IV example").
 CHECK_ROWS = {"integrated_gradients": 2 / 3, "adaptive_integrated_gradients": 2 / 3, "chefer": 1 / 3,
-              "evaluator": 0.0}
+              "evaluator": 0.0, "perturbation": 0.0}
 # Methods whose work grows with each feature's first padded dim only (its tokens): Chefer's cost is the
 # model's attention over the tokens, and a nested feature's codes within a visit are summed into one
 # token by the models that have Chefer's protocol. IG and the evaluator count every padded position.

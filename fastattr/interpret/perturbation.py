@@ -1,0 +1,228 @@
+"""The perturbation engine: a model's logits for many gated copies of a batch's samples.
+
+A row is one sample with a gate over its feature positions (1: the input's value, 0: the
+baseline's), as SHAP's coalitions and LIME's perturbations define them. PyHealth runs one forward
+of the whole padded batch per draw; here every draw's rows are built at once, a sample's identical
+rows run once, and the distinct rows run no-grad through the length groups
+(:meth:`fastattr.interpret.lengths.LengthGroups.execute`), trimmed where that is exact.
+
+Two checks guard the two savings, both on the batch at hand. A gate on a padding position changes
+what the model sees (the baseline's embedding, PyHealth's UNK, lands there); a model that masks
+padding by the mask it is given ignores it, one that infers its mask from the embeddings does not.
+So before rows that differ only at padding are merged, a few of the batch's own draws run padded
+with their padding gated as drawn and left as input, and must give the same logits (within
+:data:`fastattr.interpret.padding.PADDING_RTOL`); where they do not, every row keeps its padding's
+gates and runs at the batch's width. Trimming is checked as the evaluator checks it: the batch's
+samples trimmed against their forward as given.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastattr.interpret.chunks import memory_rows, positions_of, run_in_chunks
+from fastattr.interpret.features import FeatureBatch, model_device
+from fastattr.interpret.lengths import GroupedTask, LengthGroups, layout_key, place_rows
+from fastattr.interpret.outputs import logits_of
+from fastattr.interpret.padding import PADDING_RTOL, input_logits, relative_difference, trimmed_difference
+
+# Draws of a batch that the padding-gate check runs (the empty coalition first where drawn).
+CHECK_DRAWS = 3
+
+
+@dataclass
+class GatedRows:
+    """Distinct rows: ``samples [R]`` (whose row), ``gates`` per key ``[R, n_key]`` (float, 1 keeps
+    the input), and ``inverse [N, B]``: the row of draw ``n`` for sample ``b``."""
+
+    samples: torch.Tensor
+    gates: dict[str, torch.Tensor]
+    inverse: torch.Tensor
+
+
+def feature_counts(features: FeatureBatch) -> dict[str, int]:
+    """PyHealth's feature count per key: a value's ``shape[1]`` (its last dim when 1-D)."""
+    return {k: (v.shape[1] if v.dim() >= 2 else v.shape[-1]) for k, v in features.values().items()}
+
+
+def present_positions(features: FeatureBatch) -> dict[str, torch.Tensor]:
+    """Per key ``[B, n_key]`` bool: the positions that hold data (any of their mask set), along the
+    first dim after the batch; every position of a feature without padded dims."""
+    out = {}
+    for key, span in zip(features.keys, features.padded_spans(), strict=True):
+        value = features.value(key)
+        n = value.shape[1] if value.dim() >= 2 else value.shape[-1]
+        if span == 0:
+            out[key] = torch.ones(features.size, n, dtype=torch.bool, device=value.device)
+        else:
+            out[key] = features.mask(key).ne(0).reshape(features.size, n, -1).any(-1)
+    return out
+
+
+def distinct_per_sample(columns: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct rows of each sample among ``columns`` (each ``[N, B, ...]``: draw, sample):
+    ``(draw [U], sample [U])`` of one representative each (its first draw), and ``inverse [N * B]``
+    (row-major) into them. Found where the columns are (no copy off the device)."""
+    total, size = columns[0].shape[:2]
+    device = columns[0].device
+    flat_index = torch.arange(total * size, device=device)
+    sample = torch.arange(size, dtype=torch.float64, device=device).expand(total, size).reshape(total * size, 1)
+    flat = [c.reshape(total * size, -1).double() for c in columns]
+    _, inverse = torch.unique(torch.cat([sample, *flat], dim=1), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), total * size, dtype=torch.long, device=device)
+    first = first.scatter_reduce(0, inverse, flat_index, reduce="amin")
+    return first // size, first % size, inverse
+
+
+def gated_rows(draws: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None,
+               size: int) -> GatedRows:
+    """The distinct rows of ``draws`` (per key ``[N, n_key]``, shared by the ``size`` samples): with
+    ``present`` (per key ``[B, n_key]``), a gate on a position without data is set to 1, so rows
+    that differ only there are one row; without it every gate counts."""
+    keys = list(draws)
+    per_sample = {}
+    for key in keys:
+        gate = draws[key].unsqueeze(1).expand(-1, size, -1)
+        if present is not None:
+            gate = torch.where(present[key].unsqueeze(0), gate, torch.ones_like(gate))
+        per_sample[key] = gate
+    draw, sample, inverse = distinct_per_sample([per_sample[k] for k in keys])
+    gates = {k: per_sample[k][draw, sample].float() for k in keys}
+    return GatedRows(sample, gates, inverse.view(-1, size))
+
+
+class PerturbationRunner:
+    """The logits of a target class for gated rows of a batch (see the module docstring).
+
+    Args:
+        model: the model (PyHealth protocol).
+        lengths: the caller's length groups (its padding verdicts and group plans).
+        use_embeddings: gate in embedding space (token keys' input and baseline embedded, continuous
+            keys gated raw, then embedded; ``forward_from_embedding``), else in the raw values (``forward``).
+    """
+
+    def __init__(self, model: Any, lengths: LengthGroups, *, use_embeddings: bool) -> None:
+        self.model, self.lengths, self.use_embeddings = model, lengths, use_embeddings
+        self.merged_padding = False  # whether the last call merged rows that differ only at padding
+        self.last_rows = 0  # distinct rows the last call ran
+
+    def run(self, features: FeatureBatch, baselines: Mapping[str, torch.Tensor], draws: Mapping[str, torch.Tensor],
+            targets: torch.Tensor, *, pack: bool | str, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, B]`` logits of ``targets [B]`` for every draw (per key ``[N, n_key]``) on every sample,
+        ``baselines`` per key (broadcasting to the raw value); ``reference``: the batch's logits as given."""
+        present = present_positions(features)
+        padded = not all(bool(p.all()) for p in present.values())
+        self.merged_padding = not padded or not self.padding_gates_matter(features, baselines, draws, present, targets)
+        rows = gated_rows(draws, present if self.merged_padding else None, features.size)
+        self.last_rows = len(rows.samples)
+        trim = self.merged_padding and padded and self.trimming_allowed(features, pack, reference)
+        logits = self.row_logits(features, baselines, rows, targets, pack=pack if trim else False)
+        return logits[rows.inverse]
+
+    # -- the checks ---------------------------------------------------------------------------
+    def padding_gates_matter(self, features: FeatureBatch, baselines: Mapping[str, torch.Tensor],
+                             draws: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor],
+                             targets: torch.Tensor) -> bool:
+        """Whether a few of the batch's draws (the empty one first) give other logits with their
+        padding gated as drawn than with it left as input, at the batch's width."""
+        chosen = {k: d[_check_draws(draws)] for k, d in draws.items()}
+        results = []
+        for rows in (gated_rows(chosen, None, features.size), gated_rows(chosen, present, features.size)):
+            logits = self.row_logits(features, baselines, rows, targets, pack=False)
+            results.append(logits[rows.inverse])
+        return relative_difference(*results) > PADDING_RTOL
+
+    def trimming_allowed(self, features: FeatureBatch, pack: bool | str, reference: torch.Tensor | None) -> bool:
+        """The padding check of this batch (as the evaluator's): its samples' logits trimmed in their
+        length groups against their forward as given."""
+        if pack is False:
+            return False
+        device = model_device(self.model)
+
+        def logits(part: FeatureBatch) -> torch.Tensor:
+            return input_logits(self.model, part)
+
+        def probe(_: Any) -> float:
+            groups = self.lengths.plan(features, pack=True, points=1, device=device, method="perturbation")
+            if groups is None:
+                return 0.0
+            return trimmed_difference(logits, features, groups, reference)
+        return self.lengths.allows(features, pack, None, probe)
+
+    # -- running rows -------------------------------------------------------------------------
+    def row_logits(self, features: FeatureBatch, baselines: Mapping[str, torch.Tensor], rows: GatedRows,
+                   targets: torch.Tensor, *, pack: bool | str) -> torch.Tensor:
+        """``[R]`` logits of each row's target: at the batch's width in forwards of the batch's row
+        count, or in length groups (``pack``)."""
+        table = features.subset(rows.samples)
+        bases = {k: _expanded(features.cut(k, torch.as_tensor(b, device=table.value(k).device), rows.samples, None),
+                              table.value(k).shape) for k, b in baselines.items()}
+        chosen = targets[rows.samples.to(targets.device)]
+        size, batch_rows = len(rows.samples), features.size
+        device = model_device(self.model)
+
+        checked = torch.zeros(size, dtype=torch.bool)
+        checked[rows.inverse[:CHECK_DRAWS].flatten().cpu()] = True  # the rows the once-per-layout check runs
+
+        def run(group: Any, part: FeatureBatch, only: torch.Tensor | None = None) -> torch.Tensor:
+            index = torch.arange(size) if group is None else group[0]
+            sizes = None if group is None else group[1]
+            gates = {k: g.index_select(0, index.to(g.device))[:, :part.value(k).shape[1]]
+                     for k, g in rows.gates.items()}
+            cut = {k: table.cut(k, b, index, sizes) for k, b in bases.items()}
+            picks = chosen[index.to(chosen.device)]
+            keep = torch.arange(len(index)) if only is None else only[index].nonzero().flatten()
+
+            def forward(sel: slice | torch.Tensor) -> torch.Tensor:
+                sel = keep[sel]
+                return self._logits(part.subset(sel), {k: g[sel.to(g.device)] for k, g in gates.items()},
+                                    {k: b[sel.to(b.device)] for k, b in cut.items()}, picks[sel.to(picks.device)])
+            if group is None:
+                out = run_in_chunks(forward, len(keep), batch_rows, fill=True)
+            else:
+                shapes = [part.value(k).shape for k in part.keys]
+                out = run_in_chunks(forward, len(keep), memory_rows(len(keep), positions_of(shapes), device))
+            if only is None:
+                return out
+            return out.new_zeros(len(index)).index_put_((keep.to(out.device),), out)
+
+        task = GroupedTask(run, lambda parts: place_rows(size, [(i, r) for i, _, r in parts]),
+                           difference=relative_difference, check_run=lambda group, part: run(group, part, checked))
+        key = layout_key(features, "perturbation", self.use_embeddings)
+        result, _ = self.lengths.execute(table, key, task, pack=pack, points=1, device=device, method="perturbation")
+        return result
+
+    def _logits(self, part: FeatureBatch, gates: Mapping[str, torch.Tensor], bases: Mapping[str, torch.Tensor],
+                targets: torch.Tensor) -> torch.Tensor:
+        """One forward of gated rows: the target's logit per row."""
+        embed = self.model.get_embedding_model() if self.use_embeddings else None
+        values = {}
+        for key in part.keys:
+            x, b, token = part.value(key), bases[key], part.layouts[key].token
+            if embed is not None and token:
+                x, b = embed({key: x})[key], embed({key: b})[key]
+            gate = gates[key].view(*gates[key].shape, *[1] * (x.dim() - 2)).to(x.device)
+            value = torch.where(gate == 1, x, b)
+            values[key] = embed({key: value})[key] if embed is not None and not token else value
+        call = part.call(values)
+        out = self.model.forward_from_embedding(**call) if embed is not None else self.model.forward(**call)
+        return logits_of(out).float().gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def _check_draws(draws: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Up to :data:`CHECK_DRAWS` draws for the padding-gate check: the empty one first (every
+    padding position at the baseline) where drawn, then the first others."""
+    total = next(iter(draws.values())).shape[0]
+    empty = torch.stack([~d.bool().any(1) for d in draws.values()]).all(0).nonzero().flatten()[:1].cpu()
+    rest = torch.tensor([i for i in range(min(total, CHECK_DRAWS + 1)) if i not in empty.tolist()], dtype=torch.long)
+    return torch.cat([empty, rest])[:CHECK_DRAWS]
+
+
+def _expanded(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``tensor`` broadcast to ``shape`` (a baseline given for every sample, or one for all)."""
+    while tensor.dim() < len(shape):
+        tensor = tensor.unsqueeze(0)
+    return tensor.expand(shape)

@@ -1,0 +1,164 @@
+"""Kernel SHAP, PyHealth 2.1.0's ``ShapExplainer`` as a drop-in: the same coalitions (PyHealth's draws
+for the same ``random_seed``), the same kernel weights and the same regularised least-squares fit, so
+the same attributions to float rounding. Only the model evaluations change: PyHealth runs one forward
+of the whole padded batch per coalition; here a patient's distinct coalitions run once each, in length
+groups (:mod:`fastattr.interpret.perturbation`).
+
+As in PyHealth, a patient's values depend on its batch: the coalitions are drawn over the batch's
+padded positions (``M``, the features of every key along its first padded dim, gated for all
+patients at once) and the kernel weights use ``M``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fastattr.core.checks import check_count, check_non_negative, check_seed
+from fastattr.interpret.base import Interpreter
+from fastattr.interpret.features import FeatureBatch
+from fastattr.interpret.outputs import logits_of, reported_probabilities
+from fastattr.interpret.perturbation import PerturbationRunner, feature_counts
+
+EDGE_WEIGHT = 1000.0  # PyHealth's weight of the empty and the full coalition
+
+
+class BaselineKeyError(KeyError, ValueError):
+    """A baseline without a feature key of the batch (a ``KeyError`` as PyHealth's, and a ``ValueError``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapExplainer(Interpreter):
+    """Kernel SHAP attributions, PyHealth 2.1.0's ``ShapExplainer`` (its arguments and defaults).
+
+    Args:
+        model: a model following the PyHealth protocol.
+        use_embeddings: gate token features in embedding space (input against baseline embedding per
+            position; ``forward_from_embedding``), continuous features in their values; else gate
+            the raw values (``forward``).
+        n_background_samples: kept for PyHealth's signature (PyHealth does not use it either).
+        max_coalitions: coalitions per batch, the empty and the full one included (at most ``2**M``).
+        regularization: the ridge term of the weighted least-squares fit.
+        random_seed: seeds the coalitions' draws for each call (the caller's random state is left as
+            it was); ``None`` draws from torch's global generator, as PyHealth does.
+        pack_lengths: ``"auto" | True | False``: run rows in length groups where that is exact.
+
+    """
+
+    def __init__(self, model: torch.nn.Module, use_embeddings: bool = True, n_background_samples: int = 100,
+                 max_coalitions: int = 1000, regularization: float = 1e-6, random_seed: int | None = 42, *,
+                 pack_lengths: bool | str = "auto") -> None:
+        if use_embeddings and not all(callable(getattr(model, m, None))
+                                      for m in ("forward_from_embedding", "get_embedding_model")):
+            raise ValueError("Model must implement Interpretable interface or use_embeddings must be False.")
+        check_count("n_background_samples", n_background_samples)
+        check_count("max_coalitions", max_coalitions)
+        check_non_negative("regularization", regularization)
+        check_seed("random_seed", random_seed)
+        super().__init__(model, ("forward",), group_method="perturbation", compared="logits",
+                         pack_lengths=pack_lengths)
+        self.use_embeddings, self.n_background_samples = bool(use_embeddings), n_background_samples
+        self.max_coalitions, self.regularization, self.random_seed = max_coalitions, float(regularization), random_seed
+        self.runner = PerturbationRunner(model, self._lengths, use_embeddings=self.use_embeddings)
+        self.last_coalition_logits: torch.Tensor | None = None  # [N, B] of the last call: what the fit regresses
+
+    def attribute(self, baseline: Mapping[str, torch.Tensor] | None = None, target_class_idx: int | None = None,
+                  **batch: Any) -> dict[str, torch.Tensor]:
+        """SHAP values per feature key, in each raw value's shape (a position's value repeated over
+        its trailing dims), as PyHealth computes them.
+
+        Args:
+            baseline: per feature key, what an absent position takes (token ids, embedded when
+                ``use_embeddings``; continuous values); default PyHealth's: token id 1, values 0.01.
+            target_class_idx: the class explained (default: each patient's predicted class; binary
+                models explain their one logit).
+            **batch: a PyHealth batch.
+        """
+        device, call = self.begin(batch, None, None, None)
+        features = FeatureBatch.from_batch(self.model, batch, device=device)
+        with torch.no_grad():
+            out = self.model.forward(**features.call())
+        logits = logits_of(out)
+        targets = _targets(logits, target_class_idx)
+        prob, given = reported_probabilities(out, logits)
+        self.last_predictions, self.last_logits = (prob, targets), logits.detach().float()
+        self.last_predictions_as_given = given and not features.appended
+        baselines = self._baselines(baseline, features, device)
+        counts = feature_counts(features)
+        keys = sorted(counts)
+        coalitions = self._coalitions(sum(counts.values()), device)
+        draws = dict(zip(keys, coalitions.split([counts[k] for k in keys], dim=1), strict=True))
+        self._draws = draws
+        preds = self.runner.run(features, baselines, draws, targets, pack=call.pack_lengths,
+                                reference=self.last_logits)
+        self.last_coalition_logits = preds
+        values = kernel_shap_fit(coalitions, preds.to(coalitions.device), self.regularization)
+        per_key = dict(zip(keys, values.split([counts[k] for k in keys], dim=1), strict=True))
+        return features.expand(per_key)
+
+    def _baselines(self, baseline: Mapping[str, torch.Tensor] | None, features: FeatureBatch,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+        """PyHealth's default baselines (token id 1, values 0.01), or the caller's, every key checked."""
+        if baseline is None:
+            return {k: torch.ones_like(v) if features.layouts[k].token else torch.zeros_like(v) + 1e-2
+                    for k, v in features.values().items()}
+        missing = [k for k in features.keys if k not in baseline]
+        if missing:
+            raise BaselineKeyError(f"baseline must give a tensor for every feature key of the batch; "
+                                   f"missing {missing}")
+        return {k: torch.as_tensor(baseline[k]).to(device) for k in features.keys}
+
+    def _coalitions(self, total: int, device: torch.device) -> torch.Tensor:
+        """``[N, M]`` float coalitions in PyHealth's order: empty, full, then ``torch.randint(2, (M,))``
+        one draw each, from a generator seeded with ``random_seed`` (the global one when ``None``)."""
+        count = min(2 ** total, self.max_coalitions)
+        generator = None
+        if self.random_seed is not None:
+            generator = torch.Generator(device=device).manual_seed(self.random_seed)
+        rows = [torch.zeros(total, device=device), torch.ones(total, device=device)]
+        rows += [torch.randint(2, (total,), device=device, generator=generator).float()
+                 for _ in range(max(0, count - 2))]
+        return torch.stack(rows)
+
+
+def _targets(logits: torch.Tensor, target_class_idx: int | None) -> torch.Tensor:
+    """PyHealth's target per sample: 0 for one logit, else ``target_class_idx`` or the argmax."""
+    size = logits.shape[0]
+    if logits.shape[-1] == 1:
+        return torch.zeros(size, dtype=torch.long, device=logits.device)
+    if target_class_idx is not None:
+        return torch.full((size,), int(target_class_idx), dtype=torch.long, device=logits.device)
+    return logits.argmax(dim=-1)
+
+
+def kernel_weights(coalitions: torch.Tensor) -> torch.Tensor:
+    """PyHealth's kernel weight per coalition, float32: ``(M - 1) / (C(M, z) z (M - z))`` for ``z`` of
+    ``M`` features present, :data:`EDGE_WEIGHT` for the empty and the full one."""
+    total = coalitions.shape[1]
+    weights = []
+    for z in coalitions.sum(1).round().long().tolist():
+        weights.append(EDGE_WEIGHT if z in (0, total) else (total - 1) / (math.comb(total, z) * z * (total - z)))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def kernel_shap_fit(coalitions: torch.Tensor, preds: torch.Tensor, regularization: float) -> torch.Tensor:
+    """PyHealth's fit, ``[B, M]``: the kernel-weighted least squares of ``preds [N, B]`` on the
+    ``coalitions [N, M]`` (in draw order), ``sqrt(regularization) * I`` rows appended, solved by
+    ``torch.linalg.lstsq`` in float32 with its default driver, as PyHealth builds it.
+
+    The system is ill-conditioned (weights 1,000 at the edges, down to ~1e-12 between), so its
+    float32 solution depends on the solver, the row order and the float rounding of ``preds``: a
+    float64 solve differs from PyHealth's by 5-16% of the largest value, while logits off by 1e-7
+    relative move it by ~2e-5 (measured, tests/test_parity_shap.py). So the drop-in keeps
+    PyHealth's construction exactly."""
+    device = coalitions.device
+    sqrt_w = torch.sqrt(kernel_weights(coalitions).to(device)).unsqueeze(1)
+    total = coalitions.shape[1]
+    reg = torch.sqrt(torch.tensor(regularization, device=device)) * torch.eye(total, device=device)
+    x = torch.cat([sqrt_w * coalitions, reg], dim=0)
+    y = torch.cat([sqrt_w * preds, torch.zeros((total, preds.shape[1]), device=device)], dim=0)
+    return torch.linalg.lstsq(x, y).solution.transpose(0, 1)
