@@ -95,7 +95,9 @@ def _journal_lines(run) -> int:
 
 def test_a_killed_scoring_resumes_and_a_second_writer_is_refused(tmp_path, checkpoint):
     model, run = attributed(tmp_path, checkpoint, size=40, batch_size=4)
-    child = subprocess.Popen([sys.executable, "-c", SLOW_SCORER, str(run), str(checkpoint), "0.3"])
+    # 2 s a shard (10 shards): the child still holds the run while a second process starts and is refused
+    # (at 0.3 s a slow interpreter start let the child finish first on CI)
+    child = subprocess.Popen([sys.executable, "-c", SLOW_SCORER, str(run), str(checkpoint), "2.0"])
     try:
         deadline = time.time() + 120
         while _journal_lines(run) < 3 and time.time() < deadline:  # the format line and two shards
@@ -104,6 +106,7 @@ def test_a_killed_scoring_resumes_and_a_second_writer_is_refused(tmp_path, check
         with pytest.raises(RunLockedError, match="being written by another fastattr run"):
             evaluate_run(run, model, progress=False)
         done = cli("evaluate", run, "--checkpoint", checkpoint)
+        assert child.poll() is None, "the scoring process ended before the second writer was tried"
         assert done.returncode == 2 and done.stderr.startswith("fastattr evaluate: ") and \
             len(done.stderr.strip().splitlines()) == 1
         child.send_signal(signal.SIGKILL)
