@@ -24,7 +24,7 @@ def assert_matches_oracle(model, batch, baseline=None, target_class_idx=None, **
     for key in ref:
         assert got[key].shape == ref[key].shape and got[key].dtype == ref[key].dtype
     assert any(ref[k].abs().max() > 0 for k in ref)
-    coalitions = fit_inputs(shap)
+    coalitions = shap.last_coalitions
     if fit_is_reproducible(coalitions, logits):
         # the fit, restated by the oracle, of fastattr's own logits: float rounding of the logits aside
         restated = _shap_fit(list(coalitions), list(shap.last_coalition_logits), shap.regularization)
@@ -37,15 +37,10 @@ def assert_matches_oracle(model, batch, baseline=None, target_class_idx=None, **
     return shap
 
 
-def fit_inputs(shap):
-    counts = {k: v.shape[0] for k, v in shap._draws.items()}
-    return torch.cat([shap._draws[k] for k in sorted(counts)], dim=1)
-
-
 def flat(attributions, shap):
     """``[B, M]``: each key's value per position (its first entry over trailing dims), keys sorted."""
     size = shap.last_coalition_logits.shape[1]
-    return torch.cat([attributions[k].reshape(size, shap._draws[k].shape[1], -1)[..., 0]
+    return torch.cat([attributions[k].reshape(size, attributions[k].shape[1], -1)[..., 0]
                       for k in sorted(attributions)], dim=1)
 
 

@@ -158,8 +158,8 @@ class PerturbationRunner:
         """``[R]`` logits of each row's target: at the batch's width in forwards of the batch's row
         count, or in length groups (``pack``)."""
         table = features.subset(rows.samples)
-        bases = {k: _expanded(features.cut(k, torch.as_tensor(b, device=table.value(k).device), rows.samples, None),
-                              table.value(k).shape) for k, b in baselines.items()}
+        bases = {k: features.cut(k, torch.as_tensor(b, device=table.value(k).device), rows.samples, None)
+                 .expand(table.value(k).shape) for k, b in baselines.items()}
         chosen = targets[rows.samples.to(targets.device)]
         size, batch_rows = len(rows.samples), features.size
         device = model_device(self.model)
@@ -219,10 +219,3 @@ def _check_draws(draws: Mapping[str, torch.Tensor]) -> torch.Tensor:
     empty = torch.stack([~d.bool().any(1) for d in draws.values()]).all(0).nonzero().flatten()[:1].cpu()
     rest = torch.tensor([i for i in range(min(total, CHECK_DRAWS + 1)) if i not in empty.tolist()], dtype=torch.long)
     return torch.cat([empty, rest])[:CHECK_DRAWS]
-
-
-def _expanded(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``tensor`` broadcast to ``shape`` (a baseline given for every sample, or one for all)."""
-    while tensor.dim() < len(shape):
-        tensor = tensor.unsqueeze(0)
-    return tensor.expand(shape)

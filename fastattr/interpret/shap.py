@@ -64,7 +64,9 @@ class ShapExplainer(Interpreter):
         self.use_embeddings, self.n_background_samples = bool(use_embeddings), n_background_samples
         self.max_coalitions, self.regularization, self.random_seed = max_coalitions, float(regularization), random_seed
         self.runner = PerturbationRunner(model, self._lengths, use_embeddings=self.use_embeddings)
-        self.last_coalition_logits: torch.Tensor | None = None  # [N, B] of the last call: what the fit regresses
+        #: the last call's coalitions ``[N, M]`` (keys sorted) and their logits ``[N, B]``: what the fit regressed
+        self.last_coalitions: torch.Tensor | None = None
+        self.last_coalition_logits: torch.Tensor | None = None
 
     def attribute(self, baseline: Mapping[str, torch.Tensor] | None = None, target_class_idx: int | None = None,
                   **batch: Any) -> dict[str, torch.Tensor]:
@@ -92,10 +94,9 @@ class ShapExplainer(Interpreter):
         keys = sorted(counts)
         coalitions = self._coalitions(sum(counts.values()), device)
         draws = dict(zip(keys, coalitions.split([counts[k] for k in keys], dim=1), strict=True))
-        self._draws = draws
         preds = self.runner.run(features, baselines, draws, targets, pack=call.pack_lengths,
                                 reference=self.last_logits)
-        self.last_coalition_logits = preds
+        self.last_coalitions, self.last_coalition_logits = coalitions, preds
         values = kernel_shap_fit(coalitions, preds.to(coalitions.device), self.regularization)
         per_key = dict(zip(keys, values.split([counts[k] for k in keys], dim=1), strict=True))
         return features.expand(per_key)

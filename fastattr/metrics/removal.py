@@ -27,6 +27,7 @@ from fastattr.interpret.chunks import memory_rows, positions_of, run_in_chunks
 from fastattr.interpret.features import FeatureBatch, FeatureLayout, model_device
 from fastattr.interpret.lengths import GroupedTask, LengthGroups, layout_key, place_rows, relative_difference
 from fastattr.interpret.padding import extended_difference, input_logits, trimmed_difference
+from fastattr.interpret.perturbation import distinct_per_sample
 from fastattr.metrics.ablation import ablate_rows
 from fastattr.metrics.filters import SampleClass, SampleFilterFn, classify, probabilities
 from fastattr.metrics.masks import top_masks
@@ -251,21 +252,15 @@ def with_value(model: Any, key: str, feature: Any, value: torch.Tensor) -> Any:
 
 
 def _unique_rows(ablated: dict[str, torch.Tensor], *, random: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct ablated rows of each sample: ``(row, sample)`` positions (into ``[R, V]``) of one
-    representative each, and for every ``(row, sample)`` (flattened row-major) its representative.
-    Found where the rows are (no copy off the device); rows with noise are never identical: no search."""
-    first_values = next(iter(ablated.values()))
-    total, kept = first_values.shape[:2]
-    device = first_values.device
-    flat_index = torch.arange(total * kept, device=device)
+    """The distinct ablated rows of each sample (:func:`fastattr.interpret.perturbation.distinct_per_sample`):
+    ``(row, sample)`` positions (into ``[R, V]``) of one representative each, and for every ``(row,
+    sample)`` (flattened row-major) its representative. Rows with noise are never identical: no search."""
     if random:
+        total, kept = next(iter(ablated.values())).shape[:2]
+        flat_index = torch.arange(total * kept, device=next(iter(ablated.values())).device)
         return flat_index // kept, flat_index, flat_index % kept
-    sample = torch.arange(kept, dtype=torch.float64, device=device).expand(total, kept).reshape(total * kept, 1)
-    columns = [v.reshape(total * kept, -1).double() for v in ablated.values()]
-    _, inverse = torch.unique(torch.cat([sample, *columns], dim=1), dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), total * kept, dtype=torch.long, device=device)
-    first = first.scatter_reduce(0, inverse, flat_index, reduce="amin")
-    return first // kept, inverse, first % kept
+    rows, samples, inverse = distinct_per_sample(list(ablated.values()))
+    return rows, inverse, samples
 
 
 def _stacked(model: Any, inputs: Mapping[str, Any], samples: torch.Tensor,
