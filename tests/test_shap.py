@@ -12,7 +12,8 @@ from test_padding_check import InfersMaskFromEmbeddings, labs_batch, labs_spec
 import fastattr
 from fastattr.core import packing
 from fastattr.interpret.shap import kernel_shap_fit
-from fastattr.loop import _shap_fit, loop_kernel_shap
+from fastattr.loop import loop_kernel_shap
+from fastattr.loop.shap import _shap_fit
 
 
 def assert_matches_oracle(model, batch, baseline=None, target_class_idx=None, **options):

@@ -1,0 +1,22 @@
+"""The oracle: PyHealth 2.1.0's algorithms restated on their own terms, step by step as
+``../shared/REFERENCE.md`` describes them, importing nothing from the fastattr code they check.
+
+IG runs one forward and backward per path point on the padded batch; Chefer forms the full
+relevance matrix R per layer; SHAP runs one coalition at a time. One module per method. This is the baseline fastattr's speed is measured against where
+PyHealth is not installed, and the reference for fastattr's own models in the tests. Keep it
+plain: every rule (mask, baseline, embedding, target, shape mapping) is written out here again,
+so a bug in fastattr's protocol code cannot hide behind the same bug in its oracle.
+"""
+from fastattr.loop.chefer import full_chefer_relevance, full_relevance
+from fastattr.loop.ig import path_loop_integrated_gradients, step_loop_integrated_gradients
+from fastattr.loop.removal import loop_removal_scores
+from fastattr.loop.shap import loop_kernel_shap
+
+__all__ = [
+    "full_chefer_relevance",
+    "full_relevance",
+    "loop_kernel_shap",
+    "loop_removal_scores",
+    "path_loop_integrated_gradients",
+    "step_loop_integrated_gradients",
+]

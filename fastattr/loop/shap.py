@@ -1,0 +1,102 @@
+"""PyHealth 2.1.0's Kernel SHAP, one coalition at a time on the padded batch."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fastattr.loop.common import _device, _schema, _targets
+
+
+def _shap_inputs(model: Any, batch: dict, device: torch.device) -> tuple[dict, dict]:
+    """The feature tuples (PyHealth's mask appended where the schema has none) and their values."""
+    inputs, values = {}, {}
+    for key in model.feature_keys:
+        if key not in batch:
+            continue
+        parts = (batch[key],) if isinstance(batch[key], torch.Tensor) else tuple(batch[key])
+        parts = tuple(p.to(device) if isinstance(p, torch.Tensor) else p for p in parts)
+        schema = _schema(model, key)
+        value = parts[schema.index("value")]
+        if "mask" not in schema:
+            token = model.dataset.input_processors[key].is_token()
+            mask = (value != 0) if token or value.dim() < 3 else (value.abs().sum(-1) != 0)
+            parts = (*parts, mask.int())
+        inputs[key], values[key] = parts, value
+    return inputs, values
+
+
+def _shap_coalitions(total: int, count: int, random_seed: int | None, device: torch.device) -> list[torch.Tensor]:
+    """Empty, full, then ``torch.randint(2, (M,))`` one per coalition from the global generator,
+    seeded for the call (its state restored) unless ``random_seed`` is ``None``."""
+    state = torch.get_rng_state()
+    if random_seed is not None:
+        torch.manual_seed(random_seed)
+    coalitions = [torch.zeros(total, device=device), torch.ones(total, device=device)]
+    for _ in range(max(0, count - 2)):
+        coalitions.append(torch.randint(2, (total,), device=device).float())
+    if random_seed is not None:
+        torch.set_rng_state(state)
+    return coalitions
+
+
+def _shap_fit(coalitions: list[torch.Tensor], preds: list[torch.Tensor], regularization: float) -> torch.Tensor:
+    """PyHealth's weighted ridge least squares, float32, built and solved as PyHealth does (its float32
+    solution depends on the construction: the system is ill-conditioned)."""
+    import math
+
+    x = torch.stack(coalitions)
+    total = x.shape[1]
+    weights = [torch.tensor(1000.0 if z in (0, total) else (total - 1) / (math.comb(total, z) * z * (total - z)),
+                            dtype=torch.float32) for z in x.sum(1).long().tolist()]
+    root = torch.stack(weights).to(x.device).sqrt()[:, None]
+    ridge = torch.sqrt(torch.tensor(regularization, device=x.device)) * torch.eye(total, device=x.device)
+    y = torch.stack(preds)
+    a = torch.cat([root * x, ridge])
+    b = torch.cat([root * y, torch.zeros((total, y.shape[1]), device=x.device)])
+    return torch.linalg.lstsq(a, b).solution.T
+
+
+def loop_kernel_shap(model: Any, batch: dict, *, use_embeddings: bool = True, max_coalitions: int = 1000,
+                     regularization: float = 1e-6, random_seed: int | None = 42, baseline: dict | None = None,
+                     target_class_idx: Any = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """PyHealth 2.1.0's Kernel SHAP, one forward of the whole padded batch per coalition, over the
+    batch's ``M`` positions (each key's ``shape[1]``, keys sorted): ``(attributions, logits [N, B])``."""
+    device = _device(model)
+    inputs, values = _shap_inputs(model, batch, device)
+    logits = model.forward(**inputs)["logit"].detach()
+    targets = _targets(target_class_idx, logits if logits.dim() > 1 else logits[:, None])
+    token = {k: bool(model.dataset.input_processors[k].is_token()) for k in values}
+    if baseline is None:
+        baseline = {k: torch.ones_like(v) if token[k] else torch.zeros_like(v) + 0.01 for k, v in values.items()}
+    embed = model.get_embedding_model() if use_embeddings else None
+    xs = {k: embed({k: v})[k] if embed is not None and token[k] else v for k, v in values.items()}
+    bs = {k: embed({k: baseline[k].to(device)})[k] if embed is not None and token[k] else baseline[k].to(device)
+          for k in values}
+    keys = sorted(values)
+    counts = [values[k].shape[1] if values[k].dim() >= 2 else values[k].shape[-1] for k in keys]
+    size = next(iter(values.values())).shape[0]
+    coalitions = _shap_coalitions(sum(counts), min(2 ** sum(counts), max_coalitions), random_seed, device)
+    preds = []
+    with torch.no_grad():
+        for coalition in coalitions:
+            call = dict(inputs)
+            for key, gate in zip(keys, coalition.split(counts), strict=True):
+                g = gate.expand(size, -1)
+                while g.dim() < xs[key].dim():
+                    g = g.unsqueeze(-1)
+                mixed = torch.where(g == 1, xs[key], bs[key])
+                if embed is not None and not token[key]:
+                    mixed = embed({key: mixed})[key]
+                slot = _schema(model, key).index("value")
+                call[key] = (*inputs[key][:slot], mixed, *inputs[key][slot + 1:])
+            out = model.forward_from_embedding(**call) if embed is not None else model.forward(**call)
+            column = out["logit"] if out["logit"].dim() > 1 else out["logit"][:, None]
+            preds.append(column.gather(1, targets[:, None])[:, 0])
+    out = {}
+    for key, part in zip(keys, _shap_fit(coalitions, preds, regularization).split(counts, dim=1), strict=True):
+        shape = values[key].shape
+        while part.dim() < len(shape):
+            part = part.unsqueeze(-1)
+        out[key] = part.expand(shape) if part.shape != shape else part
+    return out, torch.stack(preds)
