@@ -2,8 +2,9 @@
 ``../shared/REFERENCE.md`` describes them, importing nothing from the fastattr code they check.
 
 IG runs one forward and backward per path point on the padded batch; Chefer forms the full
-relevance matrix R per layer; SHAP runs one coalition at a time. One module per method. This is the baseline fastattr's speed is measured against where
-PyHealth is not installed, and the reference for fastattr's own models in the tests. Keep it
+relevance matrix R per layer; SHAP runs one coalition at a time. One module per method. This is
+the baseline fastattr's speed is measured against where PyHealth is not installed, and the
+reference for fastattr's own models in the tests. Keep it
 plain: every rule (mask, baseline, embedding, target, shape mapping) is written out here again,
 so a bug in fastattr's protocol code cannot hide behind the same bug in its oracle.
 """
