@@ -4,6 +4,7 @@ from fastattr.core.quadrature import METHODS, quadrature
 from fastattr.core.relevance import chefer_relevance
 from fastattr.interpret.chefer import CheferRelevance, apply_self_attention_rules, avg_heads
 from fastattr.interpret.ig import IntegratedGradients
+from fastattr.interpret.lime import LimeExplainer
 from fastattr.interpret.padding import PaddingReport, check_padding
 from fastattr.interpret.shap import ShapExplainer
 from fastattr.metrics import Evaluator, evaluate_attribution
@@ -14,6 +15,7 @@ __all__ = [
     "CheferRelevance",
     "Evaluator",
     "IntegratedGradients",
+    "LimeExplainer",
     "METHODS",
     "PaddingReport",
     "ShapExplainer",

@@ -21,15 +21,13 @@ from fastattr.interpret.base import Interpreter
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.outputs import logits_of, reported_probabilities
 from fastattr.interpret.perturbation import PerturbationRunner, feature_counts
+from fastattr.interpret.perturbation_inputs import (
+    explained_classes,
+    is_interpretable,
+    perturbation_baselines,
+)
 
 EDGE_WEIGHT = 1000.0  # PyHealth's weight of the empty and the full coalition
-
-
-class BaselineKeyError(KeyError, ValueError):
-    """A baseline without a feature key of the batch (a ``KeyError`` as PyHealth's, and a ``ValueError``)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class ShapExplainer(Interpreter):
@@ -52,8 +50,7 @@ class ShapExplainer(Interpreter):
     def __init__(self, model: torch.nn.Module, use_embeddings: bool = True, n_background_samples: int = 100,
                  max_coalitions: int = 1000, regularization: float = 1e-6, random_seed: int | None = 42, *,
                  pack_lengths: bool | str = "auto") -> None:
-        if use_embeddings and not all(callable(getattr(model, m, None))
-                                      for m in ("forward_from_embedding", "get_embedding_model")):
+        if use_embeddings and not is_interpretable(model):
             raise ValueError("Model must implement Interpretable interface or use_embeddings must be False.")
         check_count("n_background_samples", n_background_samples)
         check_count("max_coalitions", max_coalitions)
@@ -85,11 +82,11 @@ class ShapExplainer(Interpreter):
         with torch.no_grad():
             out = self.model.forward(**features.call())
         logits = logits_of(out)
-        targets = _targets(logits, target_class_idx)
+        targets = explained_classes(logits, target_class_idx)
         prob, given = reported_probabilities(out, logits)
         self.last_predictions, self.last_logits = (prob, targets), logits.detach().float()
         self.last_predictions_as_given = given and not features.appended
-        baselines = self._baselines(baseline, features, device)
+        baselines = perturbation_baselines(baseline, features, device)
         counts = feature_counts(features)
         keys = sorted(counts)
         coalitions = self._coalitions(sum(counts.values()), device)
@@ -100,18 +97,6 @@ class ShapExplainer(Interpreter):
         values = kernel_shap_fit(coalitions, preds.to(coalitions.device), self.regularization)
         per_key = dict(zip(keys, values.split([counts[k] for k in keys], dim=1), strict=True))
         return features.expand(per_key)
-
-    def _baselines(self, baseline: Mapping[str, torch.Tensor] | None, features: FeatureBatch,
-                   device: torch.device) -> dict[str, torch.Tensor]:
-        """PyHealth's default baselines (token id 1, values 0.01), or the caller's, every key checked."""
-        if baseline is None:
-            return {k: torch.ones_like(v) if features.layouts[k].token else torch.zeros_like(v) + 1e-2
-                    for k, v in features.values().items()}
-        missing = [k for k in features.keys if k not in baseline]
-        if missing:
-            raise BaselineKeyError(f"baseline must give a tensor for every feature key of the batch; "
-                                   f"missing {missing}")
-        return {k: torch.as_tensor(baseline[k]).to(device) for k in features.keys}
 
     def _coalitions(self, total: int, device: torch.device) -> torch.Tensor:
         """``[N, M]`` float coalitions in PyHealth's order: empty, full, then ``torch.randint(2, (M,))``
@@ -124,16 +109,6 @@ class ShapExplainer(Interpreter):
         rows += [torch.randint(2, (total,), device=device, generator=generator).float()
                  for _ in range(max(0, count - 2))]
         return torch.stack(rows)
-
-
-def _targets(logits: torch.Tensor, target_class_idx: int | None) -> torch.Tensor:
-    """PyHealth's target per sample: 0 for one logit, else ``target_class_idx`` or the argmax."""
-    size = logits.shape[0]
-    if logits.shape[-1] == 1:
-        return torch.zeros(size, dtype=torch.long, device=logits.device)
-    if target_class_idx is not None:
-        return torch.full((size,), int(target_class_idx), dtype=torch.long, device=logits.device)
-    return logits.argmax(dim=-1)
 
 
 def kernel_weights(coalitions: torch.Tensor) -> torch.Tensor:

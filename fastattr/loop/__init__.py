@@ -10,6 +10,7 @@ so a bug in fastattr's protocol code cannot hide behind the same bug in its orac
 """
 from fastattr.loop.chefer import full_chefer_relevance, full_relevance
 from fastattr.loop.ig import path_loop_integrated_gradients, step_loop_integrated_gradients
+from fastattr.loop.lime import loop_lime
 from fastattr.loop.removal import loop_removal_scores
 from fastattr.loop.shap import loop_kernel_shap
 
@@ -17,6 +18,7 @@ __all__ = [
     "full_chefer_relevance",
     "full_relevance",
     "loop_kernel_shap",
+    "loop_lime",
     "loop_removal_scores",
     "path_loop_integrated_gradients",
     "step_loop_integrated_gradients",

@@ -1,4 +1,5 @@
-"""Helpers every oracle restates for itself: the model's device, a feature's schema, PyHealth's target rule."""
+"""Helpers every oracle restates for itself: the model's device, a feature's schema and inputs, PyHealth's
+target rule."""
 from __future__ import annotations
 
 from typing import Any
@@ -23,3 +24,22 @@ def _targets(target_class_idx: Any, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1)
     t = torch.as_tensor(target_class_idx, device=logits.device).long().reshape(-1)
     return t.expand(batch) if t.numel() == 1 else t
+
+
+def _feature_inputs(model: Any, batch: dict, device: torch.device) -> tuple[dict, dict]:
+    """The feature tuples (PyHealth's mask appended where the schema has none) and their values, in
+    ``model.feature_keys`` order."""
+    inputs, values = {}, {}
+    for key in model.feature_keys:
+        if key not in batch:
+            continue
+        parts = (batch[key],) if isinstance(batch[key], torch.Tensor) else tuple(batch[key])
+        parts = tuple(p.to(device) if isinstance(p, torch.Tensor) else p for p in parts)
+        schema = _schema(model, key)
+        value = parts[schema.index("value")]
+        if "mask" not in schema:
+            token = model.dataset.input_processors[key].is_token()
+            mask = (value != 0) if token or value.dim() < 3 else (value.abs().sum(-1) != 0)
+            parts = (*parts, mask.int())
+        inputs[key], values[key] = parts, value
+    return inputs, values

@@ -5,25 +5,7 @@ from typing import Any
 
 import torch
 
-from fastattr.loop.common import _device, _schema, _targets
-
-
-def _shap_inputs(model: Any, batch: dict, device: torch.device) -> tuple[dict, dict]:
-    """The feature tuples (PyHealth's mask appended where the schema has none) and their values."""
-    inputs, values = {}, {}
-    for key in model.feature_keys:
-        if key not in batch:
-            continue
-        parts = (batch[key],) if isinstance(batch[key], torch.Tensor) else tuple(batch[key])
-        parts = tuple(p.to(device) if isinstance(p, torch.Tensor) else p for p in parts)
-        schema = _schema(model, key)
-        value = parts[schema.index("value")]
-        if "mask" not in schema:
-            token = model.dataset.input_processors[key].is_token()
-            mask = (value != 0) if token or value.dim() < 3 else (value.abs().sum(-1) != 0)
-            parts = (*parts, mask.int())
-        inputs[key], values[key] = parts, value
-    return inputs, values
+from fastattr.loop.common import _device, _feature_inputs, _schema, _targets
 
 
 def _shap_coalitions(total: int, count: int, random_seed: int | None, device: torch.device) -> list[torch.Tensor]:
@@ -63,7 +45,7 @@ def loop_kernel_shap(model: Any, batch: dict, *, use_embeddings: bool = True, ma
     """PyHealth 2.1.0's Kernel SHAP, one forward of the whole padded batch per coalition, over the
     batch's ``M`` positions (each key's ``shape[1]``, keys sorted): ``(attributions, logits [N, B])``."""
     device = _device(model)
-    inputs, values = _shap_inputs(model, batch, device)
+    inputs, values = _feature_inputs(model, batch, device)
     logits = model.forward(**inputs)["logit"].detach()
     targets = _targets(target_class_idx, logits if logits.dim() > 1 else logits[:, None])
     token = {k: bool(model.dataset.input_processors[k].is_token()) for k in values}

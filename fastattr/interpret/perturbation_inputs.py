@@ -1,0 +1,56 @@
+"""What PyHealth's perturbation methods (SHAP, LIME) take from a call the same way: the model check,
+the class explained per sample, and the baselines an absent position takes."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fastattr.interpret.features import FeatureBatch
+
+INTERPRETABLE_METHODS = ("forward_from_embedding", "get_embedding_model")
+
+
+class BaselineKeyError(KeyError, ValueError):
+    """A baseline without a feature key of the batch (a ``KeyError`` as PyHealth's, and a ``ValueError``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def is_interpretable(model: Any) -> bool:
+    """Whether ``model`` has PyHealth's ``Interpretable`` methods (embedding model, forward from it)."""
+    return all(callable(getattr(model, m, None)) for m in INTERPRETABLE_METHODS)
+
+
+def require_interpretable(model: Any) -> None:
+    """PyHealth's refusal, its type and message: ``ValueError`` for a model without the
+    ``Interpretable`` methods (:data:`INTERPRETABLE_METHODS`)."""
+    if not is_interpretable(model):
+        raise ValueError("Model must implement Interpretable interface")
+
+
+def explained_classes(logits: torch.Tensor, target_class_idx: int | None) -> torch.Tensor:
+    """PyHealth's target per sample (``_resolve_target_indices``): 0 for one logit, else
+    ``target_class_idx`` for every sample or each sample's argmax. An index out of range fails
+    where PyHealth's does, at the first logit gathered (a ``RuntimeError``)."""
+    size = logits.shape[0]
+    if logits.shape[-1] == 1:
+        return torch.zeros(size, dtype=torch.long, device=logits.device)
+    if target_class_idx is not None:
+        return torch.full((size,), int(target_class_idx), dtype=torch.long, device=logits.device)
+    return logits.argmax(dim=-1)
+
+
+def perturbation_baselines(baseline: Mapping[str, torch.Tensor] | None, features: FeatureBatch,
+                           device: torch.device) -> dict[str, torch.Tensor]:
+    """PyHealth's default baselines (token id 1, continuous values 0.01, in each raw value's shape),
+    or the caller's on ``device``, every feature key of the batch required."""
+    if baseline is None:
+        return {k: torch.ones_like(v) if features.layouts[k].token else torch.zeros_like(v) + 1e-2
+                for k, v in features.values().items()}
+    missing = [k for k in features.keys if k not in baseline]
+    if missing:
+        raise BaselineKeyError(f"baseline must give a tensor for every feature key of the batch; missing {missing}")
+    return {k: torch.as_tensor(baseline[k]).to(device) for k in features.keys}
