@@ -1,11 +1,13 @@
-"""fastattr.ShapExplainer against PyHealth 2.1.0's ShapExplainer, side by side in one run, on the
-workload of issue 33: PyHealth's Transformer as its interpretability example builds it (3 layers, 4 heads,
-d128), a long-tailed two-feature cohort (conditions 3-40 codes, procedures 1-12), batches of 16,
-PyHealth's defaults (1,000 coalitions). Every batch's attributions are first checked equal (relative error
-per key); then both are timed interleaved, with the floor beside them: fastattr's row runner alone over the
-same distinct rows in the same length groups (the model's no-grad forwards SHAP needs; no draws, checks or fit).
+"""fastattr.ShapExplainer / LimeExplainer against PyHealth 2.1.0's classes, side by side in one run, on
+the workload of issue 33: PyHealth's Transformer as its interpretability example builds it (3 layers,
+4 heads, d128), a long-tailed two-feature cohort (conditions 3-40 codes, procedures 1-12), batches of 16,
+PyHealth's defaults (SHAP: 1,000 coalitions; LIME: the example's ``n_samples=200``). Every batch's
+attributions are first checked equal (relative error per key); then both are timed interleaved, with the
+floor beside them: fastattr's row runner alone over the same distinct rows in the same length groups (the
+model's no-grad forwards the method needs; no draws, checks, weights or fit).
 
-Run in the PyHealth environment: ``$(bash tests/pyhealth_env.sh)/bin/python -P benchmarks/shap_compare.py``.
+Run in the PyHealth environment:
+``$(bash tests/pyhealth_env.sh)/bin/python -P benchmarks/perturbation_compare.py --method lime``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import random
 import time
 
 import torch
+
+import fastattr
 
 
 def cohort(patients: int, seed: int) -> list[dict]:
@@ -33,7 +37,7 @@ def build(patients: int, batch: int, seed: int):
 
     dataset = create_sample_dataset(samples=cohort(patients, seed), output_schema={"label": "binary"},
                                     input_schema={"conditions": "sequence", "procedures": "sequence"},
-                                    dataset_name=f"shap-{seed}")
+                                    dataset_name=f"perturbation-{seed}")
     torch.manual_seed(seed)
     model = Transformer(dataset=dataset, embedding_dim=128, heads=4, dropout=0.3, num_layers=3).eval()
     return model, list(get_dataloader(dataset, batch_size=batch, shuffle=False))
@@ -43,21 +47,30 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
+def method_draws(ours, features, batch: dict) -> dict[str, torch.Tensor]:
+    """The draws per key ``[N, n_key]`` the method makes for this batch (its seed, its order)."""
+    from fastattr.interpret.perturbation import feature_counts
+
+    counts = feature_counts(features)
+    if isinstance(ours, fastattr.LimeExplainer):
+        return ours._perturbations([k for k in batch if k in counts], counts, torch.device("cpu"))
+    keys = sorted(counts)
+    coalitions = ours._coalitions(sum(counts.values()), torch.device("cpu"))
+    return dict(zip(keys, coalitions.split([counts[k] for k in keys], dim=1), strict=True))
+
+
 def floor_seconds(ours, batches: list[dict]) -> float:
     """The row runner alone over each batch's distinct rows, in the groups the planner picks."""
     from fastattr.interpret.features import FeatureBatch
-    from fastattr.interpret.perturbation import feature_counts, gated_rows, present_positions
+    from fastattr.interpret.perturbation import gated_rows, present_positions
+    from fastattr.interpret.perturbation_inputs import perturbation_baselines
 
     total = 0.0
     for batch in batches:
         features = FeatureBatch.from_batch(ours.model, batch)
         targets = torch.zeros(features.size, dtype=torch.long)
-        counts = feature_counts(features)
-        keys = sorted(counts)
-        coalitions = ours._coalitions(sum(counts.values()), torch.device("cpu"))
-        draws = dict(zip(keys, coalitions.split([counts[k] for k in keys], dim=1), strict=True))
-        rows = gated_rows(draws, present_positions(features), features.size)
-        baselines = ours._baselines(None, features, torch.device("cpu"))
+        rows = gated_rows(method_draws(ours, features, batch), present_positions(features), features.size)
+        baselines = perturbation_baselines(None, features, torch.device("cpu"))
         start = time.perf_counter()
         ours.runner.row_logits(features, baselines, rows, targets, pack="auto")
         total += time.perf_counter() - start
@@ -68,19 +81,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--coalitions", type=int, default=1000)
+    parser.add_argument("--method", choices=["shap", "lime"], default="shap")
+    parser.add_argument("--coalitions", type=int, default=1000, help="SHAP's max_coalitions")
+    parser.add_argument("--samples", type=int, default=200, help="LIME's n_samples (PyHealth's example: 200)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pyhealth.interpret.methods import ShapExplainer as PyHealthShap
-
-    import fastattr
+    from pyhealth.interpret import methods
 
     model, batches = build(args.patients, args.batch, seed=0)
-    theirs = PyHealthShap(model, use_embeddings=True, max_coalitions=args.coalitions)
-    ours = fastattr.ShapExplainer(model, use_embeddings=True, max_coalitions=args.coalitions)
+    if args.method == "shap":
+        theirs = methods.ShapExplainer(model, use_embeddings=True, max_coalitions=args.coalitions)
+        ours = fastattr.ShapExplainer(model, use_embeddings=True, max_coalitions=args.coalitions)
+        draws = f"{args.coalitions} coalitions"
+    else:
+        theirs = methods.LimeExplainer(model, use_embeddings=True, n_samples=args.samples)
+        ours = fastattr.LimeExplainer(model, use_embeddings=True, n_samples=args.samples)
+        draws = f"{args.samples} perturbations"
     times = {"pyhealth": [], "fastattr": [], "floor": []}
     worst, rows = 0.0, 0
     for repeat in range(args.repeats):
@@ -98,7 +117,7 @@ def main() -> None:
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     lengths = [int((b["conditions"] != 0).sum() + (b["procedures"] != 0).sum()) for b in batches]
     padded = [b["conditions"].numel() + b["procedures"].numel() for b in batches]
-    print(f"{args.patients} patients, batches of {args.batch}, {args.coalitions} coalitions, "
+    print(f"{args.method}: {args.patients} patients, batches of {args.batch}, {draws}, "
           f"{1 - sum(lengths) / sum(padded):.0%} padding, threads {torch.get_num_threads()}; "
           f"worst relative error vs PyHealth {worst:.2e}")
     print("| | seconds (median of %d) | speed vs PyHealth |" % args.repeats)
