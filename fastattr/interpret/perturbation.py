@@ -175,6 +175,8 @@ class PerturbationRunner:
             cut = {k: table.cut(k, b, index, sizes) for k, b in bases.items()}
             picks = chosen[index.to(chosen.device)]
             keep = torch.arange(len(index)) if only is None else only[index].nonzero().flatten()
+            if len(keep) == 0:  # a group without one of the rows the check runs
+                return torch.zeros(len(index), device=device)
 
             def forward(sel: slice | torch.Tensor) -> torch.Tensor:
                 sel = keep[sel]
