@@ -12,7 +12,7 @@ from test_padding_check import InfersMaskFromEmbeddings, labs_batch, labs_spec
 import fastattr
 from fastattr.core import packing
 from fastattr.interpret.shap import kernel_shap_fit
-from fastattr.loop import loop_kernel_shap
+from fastattr.loop import brute_force_shapley, loop_kernel_shap
 from fastattr.loop.shap import _shap_fit
 
 
@@ -144,3 +144,62 @@ def test_a_baseline_missing_a_key_is_refused():
     model, batch = own_model("transformer")
     with pytest.raises(KeyError, match="baseline.*labs"):
         fastattr.ShapExplainer(model, max_coalitions=8).attribute(baseline={"codes": batch["codes"]}, **batch)
+
+
+def first_entries(attributions, size):
+    return {k: v.reshape(size, v.shape[1], -1)[..., 0] for k, v in attributions.items()}
+
+
+@pytest.mark.parametrize("use_embeddings", [True, False])
+@pytest.mark.parametrize("model_kind", ["transformer", "reads_padding"])
+def test_exact_shapley_equals_the_brute_force_definition(use_embeddings, model_kind):
+    """exact=True: every patient with 2**n <= max_coalitions gets the Shapley values of its own positions,
+    as the definition (every ordering of its players) gives them; they sum to v(all) - v(none)."""
+    if model_kind == "transformer":
+        model, _ = own_model("transformer", num_classes=3, seed=11)
+        g = torch.Generator().manual_seed(11)
+        batch = {"codes": codes(3, 4, 40, g), "labs": torch.randn(3, 2, 5, generator=g)}
+    else:
+        torch.manual_seed(0)
+        model = InfersMaskFromEmbeddings(labs_spec(), num_classes=2, dim=16, heads=2, layers=2).eval()
+        batch = labs_batch(2, size=3, width=4, steps=2)
+    baseline = None if use_embeddings else {k: torch.ones_like(v) if k == "codes" else torch.zeros_like(v)
+                                            for k, v in batch.items() if k in ("codes", "labs")}
+    shap = fastattr.ShapExplainer(model, exact=True, max_coalitions=64, use_embeddings=use_embeddings)
+    got = first_entries(shap.attribute(baseline=baseline, **batch), 3)
+    ref = brute_force_shapley(model, batch, use_embeddings=use_embeddings, baseline=baseline)
+    assert bool(shap.last_exact.all()) and shap.last_coalitions is None  # no coalition was drawn
+    assert all(rel_err(got[k], ref[k]) <= 1e-5 for k in ref), {k: rel_err(got[k], ref[k]) for k in ref}
+    assert any(bool(ref[k].ne(0).any()) for k in ref)
+
+
+def test_exact_shapley_is_efficient_and_leaves_large_patients_to_pyhealths_estimate():
+    model, _ = own_model("transformer", num_classes=3, seed=12)
+    g = torch.Generator().manual_seed(12)
+    batch = {"codes": codes(4, 9, 40, g, min_len=9), "labs": torch.randn(4, 1, 5, generator=g)}
+    batch["codes"][1, 3:] = 0  # 3 codes + 1 lab: 16 coalitions; the others 10 players: 1,024 > 256
+    shap = fastattr.ShapExplainer(model, exact=True, max_coalitions=256)
+    got = shap.attribute(**batch)
+    assert shap.last_exact.tolist() == [False, True, False, False]
+    plain = fastattr.ShapExplainer(model, max_coalitions=256)
+    sampled = plain.attribute(**batch)
+    # the others: PyHealth's sampled estimate of the same batch, as without exact (the same coalitions'
+    # logits; the same values where this torch's float32 lstsq repeats itself)
+    assert rel_err(shap.last_coalition_logits, plain.last_coalition_logits) <= 1e-6
+    if fit_is_reproducible(shap.last_coalitions, shap.last_coalition_logits):
+        assert all(rel_err(got[k][[0, 2, 3]], sampled[k][[0, 2, 3]]) <= 1e-5 for k in got)
+    one = {k: v[1:2] for k, v in batch.items()}
+    with torch.no_grad():
+        logits = model(**one)["logit"][0]
+        target = int(logits.argmax())
+        empty = {"codes": torch.where(one["codes"] != 0, 1, 0), "labs": torch.full_like(one["labs"], 0.01)}
+        drop = model(**empty)["logit"][0, target]
+    total = sum(first_entries(got, 4)[k][1].sum() for k in got)
+    assert abs(float(total) - float(logits[target] - drop)) <= 1e-4 * float(logits.abs().max())
+    assert bool(got["codes"][1, 3:].eq(0).all())  # padding is no player
+
+
+def test_exact_must_be_a_bool():
+    model, _ = own_model("transformer")
+    with pytest.raises(ValueError, match="exact"):
+        fastattr.ShapExplainer(model, exact="yes")

@@ -20,15 +20,9 @@ from typing import Any
 import torch
 
 from fastattr.core.checks import check_count, check_non_negative, check_seed
-from fastattr.interpret.base import Interpreter
 from fastattr.interpret.features import FeatureBatch
-from fastattr.interpret.outputs import logits_of, reported_probabilities
 from fastattr.interpret.perturbation import PerturbationRunner, feature_counts
-from fastattr.interpret.perturbation_inputs import (
-    explained_classes,
-    perturbation_baselines,
-    require_interpretable,
-)
+from fastattr.interpret.perturbation_inputs import PerturbationExplainer, require_interpretable
 
 DISTANCE_MODES = ("cosine", "euclidean")
 FEATURE_SELECTIONS = ("lasso", "ridge", "none")
@@ -36,7 +30,7 @@ FEATURE_SELECTIONS = ("lasso", "ridge", "none")
 SIMILARITY_ELEMENTS = 1 << 24
 
 
-class LimeExplainer(Interpreter):
+class LimeExplainer(PerturbationExplainer):
     """LIME attributions, PyHealth 2.1.0's ``LimeExplainer`` (its arguments and defaults).
 
     Args:
@@ -91,19 +85,11 @@ class LimeExplainer(Interpreter):
                 models explain their one logit).
             **batch: a PyHealth batch.
         """
-        device, call = self.begin(batch, None, None, None)
-        features = FeatureBatch.from_batch(self.model, batch, device=device)
-        with torch.no_grad():
-            out = self.model.forward(**features.call())
-        logits = logits_of(out)
-        targets = explained_classes(logits, target_class_idx)
-        prob, given = reported_probabilities(out, logits)
-        self.last_predictions, self.last_logits = (prob, targets), logits.detach().float()
-        self.last_predictions_as_given = given and not features.appended
-        baselines = perturbation_baselines(baseline, features, device)
+        features, targets, baselines, call = self.prepare(batch, target_class_idx, baseline)
         counts = feature_counts(features)
         order = [k for k in batch if k in counts]  # PyHealth draws per key in the batch's order
-        draws = self._perturbations(order, counts, self._draw_device(batch, features, order[0]))
+        device = self._draw_device(batch, features, order[0])  # PyHealth's draws and results live there
+        draws = self._perturbations(order, counts, device)
         preds = self.runner.run(features, baselines, draws, targets, pack=call.pack_lengths,
                                 reference=self.last_logits)
         with torch.no_grad():

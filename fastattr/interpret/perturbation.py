@@ -117,10 +117,18 @@ class PerturbationRunner:
         padded = not all(bool(p.all()) for p in present.values())
         self.merged_padding = not padded or not self.padding_gates_matter(features, baselines, draws, present, targets)
         rows = gated_rows(draws, present if self.merged_padding else None, features.size)
-        self.last_rows = len(rows.samples)
-        trim = self.merged_padding and padded and self.trimming_allowed(features, pack, reference)
-        logits = self.row_logits(features, baselines, rows, targets, pack=pack if trim else False)
+        logits = self.run_rows(features, baselines, rows, targets, pack=pack if self.merged_padding else False,
+                               reference=reference)
         return logits[rows.inverse]
+
+    def run_rows(self, features: FeatureBatch, baselines: Mapping[str, torch.Tensor], rows: GatedRows,
+                 targets: torch.Tensor, *, pack: bool | str, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """``[R]`` logits of gated ``rows``, in length groups (``pack``) where the batch's trimming check
+        passes; rows that gate a padding position must come with ``pack=False``."""
+        self.last_rows = len(rows.samples)
+        padded = not all(bool(p.all()) for p in present_positions(features).values())
+        trim = padded and pack is not False and self.trimming_allowed(features, pack, reference)
+        return self.row_logits(features, baselines, rows, targets, pack=pack if trim else False)
 
     # -- the checks ---------------------------------------------------------------------------
     def padding_gates_matter(self, features: FeatureBatch, baselines: Mapping[str, torch.Tensor],

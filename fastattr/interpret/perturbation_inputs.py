@@ -1,5 +1,5 @@
 """What PyHealth's perturbation methods (SHAP, LIME) take from a call the same way: the model check,
-the class explained per sample, and the baselines an absent position takes."""
+the batch's own forward, the class explained per sample, and the baselines an absent position takes."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from fastattr.interpret.base import CallOptions, Interpreter
 from fastattr.interpret.features import FeatureBatch
+from fastattr.interpret.outputs import logits_of, reported_probabilities
 
 INTERPRETABLE_METHODS = ("forward_from_embedding", "get_embedding_model")
 
@@ -54,3 +56,23 @@ def perturbation_baselines(baseline: Mapping[str, torch.Tensor] | None, features
     if missing:
         raise BaselineKeyError(f"baseline must give a tensor for every feature key of the batch; missing {missing}")
     return {k: torch.as_tensor(baseline[k]).to(device) for k in features.keys}
+
+
+class PerturbationExplainer(Interpreter):
+    """Base of the perturbation drop-ins: what their ``attribute`` calls start with."""
+
+    def prepare(self, batch: Mapping[str, Any], target_class_idx: int | None,
+                baseline: Mapping[str, torch.Tensor] | None) -> tuple[FeatureBatch, torch.Tensor, dict, CallOptions]:
+        """The batch's features on the model's device, its forward as given (its predictions kept
+        for the cohort runner and the evaluator), the class explained per sample and the baselines:
+        ``(features, targets, baselines, options)``."""
+        device, call = self.begin(batch, None, None, None)
+        features = FeatureBatch.from_batch(self.model, batch, device=device)
+        with torch.no_grad():
+            out = self.model.forward(**features.call())
+        logits = logits_of(out)
+        targets = explained_classes(logits, target_class_idx)
+        prob, given = reported_probabilities(out, logits)
+        self.last_predictions, self.last_logits = (prob, targets), logits.detach().float()
+        self.last_predictions_as_given = given and not features.appended
+        return features, targets, perturbation_baselines(baseline, features, device), call

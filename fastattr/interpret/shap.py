@@ -17,20 +17,15 @@ from typing import Any
 import torch
 
 from fastattr.core.checks import check_count, check_non_negative, check_seed
-from fastattr.interpret.base import Interpreter
 from fastattr.interpret.features import FeatureBatch
-from fastattr.interpret.outputs import logits_of, reported_probabilities
-from fastattr.interpret.perturbation import PerturbationRunner, feature_counts
-from fastattr.interpret.perturbation_inputs import (
-    explained_classes,
-    is_interpretable,
-    perturbation_baselines,
-)
+from fastattr.interpret.perturbation import PerturbationRunner, feature_counts, present_positions
+from fastattr.interpret.perturbation_inputs import PerturbationExplainer, is_interpretable
+from fastattr.interpret.shapley import enumerate_coalitions, exact_values
 
 EDGE_WEIGHT = 1000.0  # PyHealth's weight of the empty and the full coalition
 
 
-class ShapExplainer(Interpreter):
+class ShapExplainer(PerturbationExplainer):
     """Kernel SHAP attributions, PyHealth 2.1.0's ``ShapExplainer`` (its arguments and defaults).
 
     Args:
@@ -44,12 +39,16 @@ class ShapExplainer(Interpreter):
         random_seed: seeds the coalitions' draws for each call (the caller's random state is left as
             it was); ``None`` draws from torch's global generator, as PyHealth does.
         pack_lengths: ``"auto" | True | False``: run rows in length groups where that is exact.
+        exact: beyond PyHealth (opt-in): a patient whose ``n`` real positions have ``2**n <=
+            max_coalitions`` coalitions gets exact Shapley values over its own positions (all its
+            coalitions run, padding is no player and gets 0; :mod:`fastattr.interpret.shapley`); the
+            others get PyHealth's sampled estimate. ``last_exact`` says which patients were exact.
 
     """
 
     def __init__(self, model: torch.nn.Module, use_embeddings: bool = True, n_background_samples: int = 100,
                  max_coalitions: int = 1000, regularization: float = 1e-6, random_seed: int | None = 42, *,
-                 pack_lengths: bool | str = "auto") -> None:
+                 pack_lengths: bool | str = "auto", exact: bool = False) -> None:
         if use_embeddings and not is_interpretable(model):
             raise ValueError("Model must implement Interpretable interface or use_embeddings must be False.")
         check_count("n_background_samples", n_background_samples)
@@ -60,10 +59,13 @@ class ShapExplainer(Interpreter):
                          pack_lengths=pack_lengths)
         self.use_embeddings, self.n_background_samples = bool(use_embeddings), n_background_samples
         self.max_coalitions, self.regularization, self.random_seed = max_coalitions, float(regularization), random_seed
+        self.exact = _check_flag("exact", exact)
         self.runner = PerturbationRunner(model, self._lengths, use_embeddings=self.use_embeddings)
         #: the last call's coalitions ``[N, M]`` (keys sorted) and their logits ``[N, B]``: what the fit regressed
         self.last_coalitions: torch.Tensor | None = None
         self.last_coalition_logits: torch.Tensor | None = None
+        #: per patient of the last call, whether its values are exact Shapley values (``exact=True``)
+        self.last_exact: torch.Tensor | None = None
 
     def attribute(self, baseline: Mapping[str, torch.Tensor] | None = None, target_class_idx: int | None = None,
                   **batch: Any) -> dict[str, torch.Tensor]:
@@ -77,26 +79,34 @@ class ShapExplainer(Interpreter):
                 models explain their one logit).
             **batch: a PyHealth batch.
         """
-        device, call = self.begin(batch, None, None, None)
-        features = FeatureBatch.from_batch(self.model, batch, device=device)
-        with torch.no_grad():
-            out = self.model.forward(**features.call())
-        logits = logits_of(out)
-        targets = explained_classes(logits, target_class_idx)
-        prob, given = reported_probabilities(out, logits)
-        self.last_predictions, self.last_logits = (prob, targets), logits.detach().float()
-        self.last_predictions_as_given = given and not features.appended
-        baselines = perturbation_baselines(baseline, features, device)
+        features, targets, baselines, call = self.prepare(batch, target_class_idx, baseline)
         counts = feature_counts(features)
+        exact = enumerate_coalitions(present_positions(features), self.max_coalitions) if self.exact else None
+        self.last_coalitions = self.last_coalition_logits = None
+        if exact is None or len(exact.spans) < features.size:
+            per_key = self._sampled(features, baselines, targets, counts, call.pack_lengths)
+        else:  # every patient exact: no coalition is drawn
+            per_key = {k: torch.zeros(features.size, n, device=targets.device) for k, n in counts.items()}
+        self.last_exact = torch.zeros(features.size, dtype=torch.bool)
+        if exact is not None and exact.spans:
+            logits = self.runner.run_rows(features, baselines, exact.rows, targets, pack=call.pack_lengths,
+                                          reference=self.last_logits)
+            for sample, values in exact_values(exact, logits, counts).items():
+                for key, value in values.items():
+                    per_key[key][sample] = value.to(per_key[key].device)
+                self.last_exact[sample] = True
+        return features.expand(per_key)
+
+    def _sampled(self, features: FeatureBatch, baselines: Mapping[str, torch.Tensor], targets: torch.Tensor,
+                 counts: Mapping[str, int], pack: bool | str) -> dict[str, torch.Tensor]:
+        """PyHealth's Kernel SHAP of the batch, per key ``[B, n_key]``."""
         keys = sorted(counts)
-        coalitions = self._coalitions(sum(counts.values()), device)
+        coalitions = self._coalitions(sum(counts.values()), targets.device)
         draws = dict(zip(keys, coalitions.split([counts[k] for k in keys], dim=1), strict=True))
-        preds = self.runner.run(features, baselines, draws, targets, pack=call.pack_lengths,
-                                reference=self.last_logits)
+        preds = self.runner.run(features, baselines, draws, targets, pack=pack, reference=self.last_logits)
         self.last_coalitions, self.last_coalition_logits = coalitions, preds
         values = kernel_shap_fit(coalitions, preds.to(coalitions.device), self.regularization)
-        per_key = dict(zip(keys, values.split([counts[k] for k in keys], dim=1), strict=True))
-        return features.expand(per_key)
+        return dict(zip(keys, values.split([counts[k] for k in keys], dim=1), strict=True))
 
     def _coalitions(self, total: int, device: torch.device) -> torch.Tensor:
         """``[N, M]`` float coalitions in PyHealth's order: empty, full, then ``torch.randint(2, (M,))``
@@ -138,3 +148,10 @@ def kernel_shap_fit(coalitions: torch.Tensor, preds: torch.Tensor, regularizatio
     x = torch.cat([sqrt_w * coalitions, reg], dim=0)
     y = torch.cat([sqrt_w * preds, torch.zeros((total, preds.shape[1]), device=device)], dim=0)
     return torch.linalg.lstsq(x, y).solution.transpose(0, 1)
+
+
+def _check_flag(name: str, value: object) -> bool:
+    """``value`` if it is a bool, else ``ValueError`` naming ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r}")
+    return value

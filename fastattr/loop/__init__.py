@@ -12,9 +12,10 @@ from fastattr.loop.chefer import full_chefer_relevance, full_relevance
 from fastattr.loop.ig import path_loop_integrated_gradients, step_loop_integrated_gradients
 from fastattr.loop.lime import loop_lime
 from fastattr.loop.removal import loop_removal_scores
-from fastattr.loop.shap import loop_kernel_shap
+from fastattr.loop.shap import brute_force_shapley, loop_kernel_shap
 
 __all__ = [
+    "brute_force_shapley",
     "full_chefer_relevance",
     "full_relevance",
     "loop_kernel_shap",

@@ -82,3 +82,61 @@ def loop_kernel_shap(model: Any, batch: dict, *, use_embeddings: bool = True, ma
             part = part.unsqueeze(-1)
         out[key] = part.expand(shape) if part.shape != shape else part
     return out, torch.stack(preds)
+
+
+def brute_force_shapley(model: Any, batch: dict, *, use_embeddings: bool = True, baseline: dict | None = None,
+                        target_class_idx: Any = None) -> dict[str, torch.Tensor]:
+    """Exact Shapley values by their definition, one patient at a time: the players are the patient's
+    positions that hold data (its mask), ``v(S)`` the target's logit of the patient alone (its padded
+    row) with the players outside ``S`` at the baseline, and ``phi_i`` the mean over every ordering of
+    the players of ``v(before i, and i) - v(before i)``. Padding positions are 0. For a handful of
+    players only (``n!`` orderings)."""
+    import itertools
+
+    device = _device(model)
+    inputs, values = _feature_inputs(model, batch, device)
+    logits = model.forward(**inputs)["logit"].detach()
+    targets = _targets(target_class_idx, logits if logits.dim() > 1 else logits[:, None])
+    token = {k: bool(model.dataset.input_processors[k].is_token()) for k in values}
+    if baseline is None:
+        baseline = {k: torch.ones_like(v) if token[k] else torch.zeros_like(v) + 0.01 for k, v in values.items()}
+    embed = model.get_embedding_model() if use_embeddings else None
+    keys = sorted(values)
+    out = {k: torch.zeros(values[k].shape[:2]) for k in keys}
+    for b in range(next(iter(values.values())).shape[0]):
+        players = []
+        for key in keys:
+            schema = _schema(model, key)
+            mask = inputs[key][schema.index("mask")] if "mask" in schema else inputs[key][-1]
+            players += [(key, j) for j in range(values[key].shape[1]) if bool(mask[b, j].ne(0).any())]
+        cache: dict[frozenset, float] = {}
+
+        def v(kept: frozenset, b: int = b, players: list = players, cache: dict = cache) -> float:
+            if kept not in cache:
+                call = {k: tuple(t[b:b + 1] if isinstance(t, torch.Tensor) else t for t in inputs[k]) for k in keys}
+                for key in keys:
+                    x = values[key][b:b + 1]
+                    base = baseline[key].to(device).expand_as(values[key])[b:b + 1]
+                    gone = [j for (k, j) in players if k == key and (k, j) not in kept]
+                    if embed is not None and token[key]:
+                        x, base = embed({key: x})[key], embed({key: base})[key]
+                    mixed = x.clone()
+                    mixed[:, gone] = base[:, gone]
+                    if embed is not None and not token[key]:
+                        mixed = embed({key: mixed})[key]
+                    slot = _schema(model, key).index("value")
+                    call[key] = (*call[key][:slot], mixed, *call[key][slot + 1:])
+                with torch.no_grad():
+                    res = model.forward_from_embedding(**call) if embed is not None else model.forward(**call)
+                column = res["logit"] if res["logit"].dim() > 1 else res["logit"][:, None]
+                cache[kept] = float(column[0, targets[b]])
+            return cache[kept]
+
+        orders = list(itertools.permutations(players))
+        for player in players:
+            total = 0.0
+            for order in orders:
+                before = frozenset(order[:order.index(player)])
+                total += v(before | {player}) - v(before)
+            out[player[0]][b, player[1]] = total / len(orders)
+    return out
