@@ -18,9 +18,9 @@ import torch
 
 import fastattr
 from benchmarks.timing import table
+from fastattr.demo.bench import build_model, pyhealth_available
+from fastattr.demo.timing import time_interleaved
 from fastattr.loop import full_chefer_relevance, full_relevance
-from fastattr.tools.bench import build_model, pyhealth_available
-from fastattr.tools.timing import time_interleaved
 
 
 def pyhealth_loop(layers):

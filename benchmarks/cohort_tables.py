@@ -21,7 +21,8 @@ from pathlib import Path
 STEP = """
 import json, resource, sys, time
 start = time.perf_counter()
-from fastattr.tools import tables, report
+from fastattr.report import page as report
+from fastattr.runs import tables
 run = sys.argv[1]
 {body}
 print(json.dumps({{"s": time.perf_counter() - start,

@@ -22,8 +22,8 @@ import torch
 import fastattr
 import fastattr.metrics
 from benchmarks.timing import table
-from fastattr.tools.bench import cohort_loaders, pyhealth_available
-from fastattr.tools.timing import time_interleaved
+from fastattr.demo.bench import cohort_loaders, pyhealth_available
+from fastattr.demo.timing import time_interleaved
 
 
 def _quiet(fn):

@@ -25,8 +25,8 @@ import warnings
 import torch
 
 import fastattr
-from fastattr.tools.bench import cohort_loaders, pyhealth_available
-from fastattr.tools.timing import time_interleaved
+from fastattr.demo.bench import cohort_loaders, pyhealth_available
+from fastattr.demo.timing import time_interleaved
 
 RULES = [("uniform", 5), ("uniform", 50), ("uniform", 200), ("riemann_trapezoid", 16), ("riemann_trapezoid", 32),
          ("riemann_trapezoid", 64), ("gausslegendre", 8), ("gausslegendre", 16), ("gausslegendre", 32),
@@ -36,8 +36,8 @@ REFERENCE = ("gausslegendre", 256)
 
 def demo_model(patients: int, seed: int, device: str = "cpu"):
     """The demo's Transformer, trained as ``fastattr demo`` trains it, and long-tailed batches of 32."""
-    from fastattr.tools.demo import _trained
-    from fastattr.tools.synthetic import SyntheticCohort
+    from fastattr.demo.demo import _trained
+    from fastattr.demo.synthetic import SyntheticCohort
 
     torch.manual_seed(0)
     cohort = SyntheticCohort(patients=2000, seed=0)

@@ -21,9 +21,9 @@ import torch
 
 import fastattr
 from benchmarks.timing import table
+from fastattr.demo.bench import build_model, captum_ig, pyhealth_available
+from fastattr.demo.timing import time_interleaved
 from fastattr.loop import step_loop_integrated_gradients
-from fastattr.tools.bench import build_model, captum_ig, pyhealth_available
-from fastattr.tools.timing import time_interleaved
 
 
 def floor_fn(model, data, steps):

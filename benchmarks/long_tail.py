@@ -25,10 +25,10 @@ import torch
 
 import fastattr
 from benchmarks.timing import table
+from fastattr.cohort import LengthSortedBatches, attribute_dataset, load_attributions
+from fastattr.demo.bench import cohort_data, cohort_loaders, pyhealth_available, rel_err, to_device, user_call_rows
+from fastattr.demo.timing import time_interleaved
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
-from fastattr.tools.bench import cohort_data, cohort_loaders, pyhealth_available, rel_err, to_device, user_call_rows
-from fastattr.tools.cohort import LengthSortedBatches, attribute_dataset, load_attributions
-from fastattr.tools.timing import time_interleaved
 
 
 def header(args, use_pyhealth: bool) -> str:
@@ -178,7 +178,7 @@ def _loop_data(method: str, args, use_pyhealth: bool):
 
 
 def run_loops(args) -> None:
-    """Both methods as users call them (``fastattr.tools.bench.user_call_rows``: a batch-1 loop, a
+    """Both methods as users call them (``fastattr.demo.bench.user_call_rows``: a batch-1 loop, a
     batch-32 loop, ``attribute_dataset`` with its defaults), each checked against the baseline
     before it is timed."""
     use_pyhealth = pyhealth_available()
@@ -276,7 +276,7 @@ def run_groups(args) -> None:
 
 def run_chunks(args) -> None:
     """Auto chunk size against fixed chunks of 1, 2, 4, 8, 16 and all path points of the batch."""
-    from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+    from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
     print(header(args, False) + " (dims vary per row)")
     print("| length | batch | dim | auto rows | auto ms | best fixed (points) | best ms | auto / best |")

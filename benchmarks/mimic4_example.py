@@ -37,10 +37,10 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: the insta
 import fastattr  # noqa: E402
 import fastattr.metrics  # noqa: E402
 from benchmarks.mimic4_tables import write_mimic4_tables  # noqa: E402
+from fastattr.demo.timing import time_interleaved  # noqa: E402
 from fastattr.interpret.batches import select_samples  # noqa: E402
 from fastattr.interpret.features import FeatureBatch  # noqa: E402
 from fastattr.interpret.outputs import logits_of  # noqa: E402
-from fastattr.tools.timing import time_interleaved  # noqa: E402
 
 TABLES = ["patients", "admissions", "diagnoses_icd", "procedures_icd", "labevents"]
 PERCENTAGES = [25, 50, 99]

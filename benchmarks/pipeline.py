@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 import fastattr
-from fastattr.tools.cohort import CohortDataset, LengthSortedBatches, attribute_dataset
-from fastattr.tools.demo import train
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint
-from fastattr.tools.synthetic import SyntheticCohort
+from fastattr.cohort import LengthSortedBatches, attribute_dataset
+from fastattr.demo.demo import train
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint
+from fastattr.demo.synthetic import CohortDataset, SyntheticCohort
 
 
 def _sync(device: torch.device) -> None:

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 import fastattr
-from fastattr.tools import summaries
-from fastattr.tools.cohort import CohortDataset, attribute_dataset, load_attributions
-from fastattr.tools.demo import train
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint
-from fastattr.tools.report import spearman
-from fastattr.tools.synthetic import SyntheticCohort
+from fastattr.cohort import attribute_dataset, load_attributions
+from fastattr.demo.demo import train
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier, load_checkpoint
+from fastattr.demo.synthetic import CohortDataset, SyntheticCohort
+from fastattr.report.page import spearman
+from fastattr.runs import summaries
 
 # Patients whose prediction barely moves along the path (|f(x) - f(b)| below this, in logits) make
 # the ratio meaningless (0/0); they are left out of the delta column, whose count says how many stay.

@@ -114,7 +114,7 @@ def import_pyhealth(site: Path | None = None) -> types.SimpleNamespace:
 # -- prepare (in the PyHealth environment) ----------------------------------------------------------
 
 def _long_tailed_samples(patients: int, median: int, longest: int, seed: int) -> list[dict]:
-    from fastattr.tools.synthetic import long_tailed_lengths
+    from fastattr.demo.synthetic import long_tailed_lengths
 
     rng = random.Random(seed)
     return [{"patient_id": f"p{i}", "visit_id": "v", "label": i % 2,
@@ -217,8 +217,8 @@ def _check(name: str, ours: dict, theirs: dict, tolerance: float) -> float:
 
 def run(args) -> None:
     import fastattr
-    from fastattr.tools.cohort import attribute_dataset, load_attributions
-    from fastattr.tools.timing import time_interleaved
+    from fastattr.cohort import attribute_dataset, load_attributions
+    from fastattr.demo.timing import time_interleaved
 
     site = _unpack(Path(args.carry))
     ph = import_pyhealth(site)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastattr
-from fastattr.tools.bench import build_model
+from fastattr.demo.bench import build_model
 
 pytest.importorskip("pyhealth.interpret.methods", reason="needs PyHealth 2.1.0")
 

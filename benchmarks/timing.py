@@ -1,5 +1,5 @@
 """Markdown table (with peak CUDA memory; NaN on the CPU) for the comparison scripts (timing itself:
-``fastattr.tools.timing.time_interleaved``)."""
+``fastattr.demo.timing.time_interleaved``)."""
 from __future__ import annotations
 
 

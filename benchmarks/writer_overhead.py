@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fastattr.tools.cohort import attribute_dataset
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+from fastattr.cohort import attribute_dataset
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
 
 class NoWork:

@@ -1,23 +1,29 @@
 """fastattr: fast, exact drop-in replacements for PyHealth's attribution methods."""
+from fastattr.cohort.runner import attribute_dataset
 from fastattr.core.integrated import integrated_gradients
 from fastattr.core.quadrature import METHODS, quadrature
 from fastattr.core.relevance import chefer_relevance
 from fastattr.interpret.chefer import CheferRelevance, apply_self_attention_rules, avg_heads
+from fastattr.interpret.deeplift import DeepLift
 from fastattr.interpret.ig import IntegratedGradients
 from fastattr.interpret.lime import LimeExplainer
 from fastattr.interpret.padding import PaddingReport, check_padding
+from fastattr.interpret.random_baseline import RandomBaseline
+from fastattr.interpret.rollout import AttentionRollout
 from fastattr.interpret.shap import ShapExplainer
 from fastattr.metrics import Evaluator, evaluate_attribution
-from fastattr.tools.cohort import attribute_dataset
-from fastattr.tools.store import load_attributions
+from fastattr.runs.reader import load_attributions
 
 __all__ = [
+    "AttentionRollout",
     "CheferRelevance",
+    "DeepLift",
     "Evaluator",
     "IntegratedGradients",
     "LimeExplainer",
     "METHODS",
     "PaddingReport",
+    "RandomBaseline",
     "ShapExplainer",
     "apply_self_attention_rules",
     "attribute_dataset",

@@ -1,3 +1,3 @@
-from fastattr.tools.cli import main
+from fastattr.cli import main
 
 raise SystemExit(main())

@@ -11,8 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier, save_checkpoint
-from fastattr.tools.synthetic import SyntheticCohort
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier, save_checkpoint
+from fastattr.demo.synthetic import SyntheticCohort
 
 
 def pyhealth_import_error() -> str | None:

@@ -115,7 +115,7 @@ M = [
  ("evaluator: masks without PyHealth's tie rule", "fastattr/metrics/masks.py",
   "    if bool(tied.any()):",
   "    if False:"),
- ("run rows: each sample's own shape taken from the masks, not from its batch of one", "fastattr/tools/row_shapes.py",
+ ("run rows: each sample's own shape taken from the masks, not from its batch of one", "fastattr/runs/row_shapes.py",
   "    if alone is None:\n",
   "    if True:\n"),
  ("the evaluator's padded rows run in chunks of another row count than the batch's", "fastattr/metrics/removal.py",
@@ -129,7 +129,7 @@ M = [
   "                 for _ in range(max(0, count - 2))]",
   "        rows += list(torch.randint(2, (max(0, count - 2), total), device=device, generator=generator).float()"
   "[torch.randperm(max(0, count - 2))])"),
- ("run rows: the reader ignores the stored row shapes", "fastattr/tools/run_reader.py",
+ ("run rows: the reader ignores the stored row shapes", "fastattr/runs/reader.py",
   "                if SHAPE_PREFIX + name in names:",
   "                if False:"),
  ("steps='auto': a panel's completeness gap left out of its estimate", "fastattr/core/adaptive.py",

@@ -64,7 +64,7 @@ def test_own_transformer_is_detected_as_a_row_pick():
     assert picks["codes"][1].tolist() == [list(range(1, 12))] * 4
 
 
-class Reduced(fastattr.tools.models.TransformerClassifier):
+class Reduced(fastattr.demo.models.TransformerClassifier):
     """A model whose reduction is not a row pick."""
 
     reduction = "mean"
@@ -93,7 +93,7 @@ def test_non_row_pick_takes_full_path_and_matches(reduction, monkeypatch, path):
 
 
 def test_stated_rows_are_used():
-    from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+    from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
     torch.manual_seed(6)
     model = TransformerClassifier(FeatureSpec({"codes": FeatureProcessor(token=True, size=30)}), num_classes=3).eval()
@@ -106,7 +106,7 @@ def test_stated_rows_are_used():
 
 
 def test_nested_inputs_are_expanded():
-    from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+    from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
     torch.manual_seed(0)
     model = TransformerClassifier(FeatureSpec({"visits": FeatureProcessor(token=True, size=30)}), num_classes=2).eval()
@@ -119,7 +119,7 @@ def test_nested_inputs_are_expanded():
 def test_a_flat_tensor_feature_keeps_the_models_shape():
     # A [B, F] continuous feature is one token to a Transformer: PyHealth returns its relevance as
     # [B, 1] (the shape get_relevance_tensor gives), never repeated to [B, F].
-    from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+    from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
     torch.manual_seed(1)
     spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=30), "labs": FeatureProcessor(token=False, size=6)})
@@ -215,7 +215,7 @@ def test_stale_attention_gradients_are_refused():
         chefer.attribute(**batch)
 
 
-class AveragedHeads(fastattr.tools.models.TransformerClassifier):
+class AveragedHeads(fastattr.demo.models.TransformerClassifier):
     """Hands Chefer head-averaged maps, ``[(a.mean(1), g.mean(1)), ...]``, on the layers named in
     ``averaged`` (all by default): computing on the gradients, as the protocol allows, means
     ``get_attention_layers`` only works after the backward."""
@@ -245,7 +245,7 @@ def test_a_model_that_computes_on_its_gradients_in_get_attention_layers(averaged
     close(chefer.attribute(backend=backend, **batch), got)  # a second call reads fresh gradients again
 
 
-class KeepsOldGradients(fastattr.tools.models.TransformerClassifier):
+class KeepsOldGradients(fastattr.demo.models.TransformerClassifier):
     """PyHealth's hooks keep a layer's last gradient until a new one arrives. ``cut="input"``: the
     ``labs`` encoder gets its input detached (its attention maps are reached only through its
     weights); ``cut="output"``: the logits do not depend on the ``labs`` encoder at all."""

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from fastattr.tools import bench, cli, demo
+from fastattr import cli
+from fastattr.demo import bench, demo
 
 
 @pytest.mark.slow
@@ -31,7 +32,7 @@ def test_demo_quick_recovers_planted_codes(tmp_path, capsys):
     # the demo ends on the cohort report of its held-out patients, both methods, truth marked
     from test_tables import embedded_pngs, parse
 
-    from fastattr.tools import tables
+    from fastattr.runs import tables
 
     page, text = parse(tmp_path / "report.html")
     assert len(embedded_pngs(page)) == 10 and page.external == []  # 9 + the faithfulness curves
@@ -127,7 +128,7 @@ def test_attribute_steps_auto_options_are_checked(tmp_path, checkpoint, capsys, 
 
 
 def test_attribute_steps_auto_stores_each_patients_points(tmp_path, checkpoint):
-    from fastattr.tools.store import load_attributions
+    from fastattr.runs import load_attributions
 
     assert cli.main(["attribute", "--size", "12", "--checkpoint", str(checkpoint), "--steps", "auto", "--tolerance",
                      "2e-3", "--device", "cpu", "--out", str(tmp_path / "run")]) in (0, None)

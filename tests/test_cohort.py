@@ -15,11 +15,11 @@ from conftest import cli, tiny_model
 from safetensors import safe_open
 
 import fastattr
+from fastattr.cohort import LengthSortedBatches, attribute_dataset, load_attributions
 from fastattr.core import packing
+from fastattr.demo.models import load_checkpoint
+from fastattr.demo.synthetic import CohortDataset, SyntheticCohort
 from fastattr.interpret import chefer as chefer_module
-from fastattr.tools.cohort import CohortDataset, LengthSortedBatches, attribute_dataset, load_attributions
-from fastattr.tools.models import load_checkpoint
-from fastattr.tools.synthetic import SyntheticCohort
 
 
 def loader(cohort, batch_size=8):
@@ -230,7 +230,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, checkpoint):
     assert len(load_attributions(tmp_path / "two")) == 50
     assert not list((tmp_path / "two").glob("manifest.rank*"))
     if importlib.util.find_spec("pandas") and importlib.util.find_spec("pyarrow"):
-        from fastattr.tools import tables
+        from fastattr.runs import tables
 
         for by_class in (False, True):  # the summary is identical, not merely close
             one, two = tables.summarize(tmp_path / "one", by_class), tables.summarize(tmp_path / "two", by_class)
@@ -404,7 +404,7 @@ def test_runs_sort_by_length_by_default_reading_each_sample_once(tmp_path, metho
 
 
 def test_a_batch_size_one_loader_is_rebatched_by_tokens_and_resumed_as_cut(tmp_path, monkeypatch):
-    from fastattr.tools import cohort as runner
+    from fastattr import cohort as runner
 
     monkeypatch.setitem(runner.COHORT_BATCH_TOKENS, "cpu", 40)
     cohort = SyntheticCohort(patients=30, seed=13, lengths="lognormal", median_codes=6, longest=30)

@@ -14,9 +14,9 @@ import torch
 from conftest import cli, rel_err
 from test_cohort import same_runs
 
-from fastattr.tools.cohort import load_attributions
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier, save_checkpoint
-from fastattr.tools.synthetic import SyntheticCohort
+from fastattr.cohort import load_attributions
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier, save_checkpoint
+from fastattr.demo.synthetic import SyntheticCohort
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ import torch
 from conftest import cli, tiny_model
 
 import fastattr
-from fastattr.tools import store as run_store
-from fastattr.tools.cohort import CohortDataset, attribute_dataset, load_attributions
-from fastattr.tools.models import load_checkpoint
-from fastattr.tools.store import DiskFullError, RunLockedError, ShardStore
-from fastattr.tools.synthetic import SyntheticCohort
+from fastattr.cohort import attribute_dataset, load_attributions
+from fastattr.demo.models import load_checkpoint
+from fastattr.demo.synthetic import CohortDataset, SyntheticCohort
+from fastattr.runs import DiskFullError, RunLockedError, ShardStore
+from fastattr.runs import writer as run_writer
 
 
 def loader(cohort, batch_size=8):
@@ -199,13 +199,13 @@ def test_a_full_disk_leaves_no_temporary_file_and_the_run_resumes(tmp_path, monk
         if len(calls) == 6:  # the 3rd shard's bytes (journal, run.json, then a shard and its line each)
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
-    monkeypatch.setattr(run_store.os, "fsync", fsync)
+    monkeypatch.setattr(run_writer.os, "fsync", fsync)
     with pytest.raises(DiskFullError) as caught:
         attribute_dataset(ig, loader(cohort), tmp_path / "run", progress=False)
     message = str(caught.value)
     assert str(tmp_path / "run") in message and "disk is full" in message and "run the same command again" in message
     assert not list((tmp_path / "run").glob("*.tmp*")), "no temporary file is left behind"
-    monkeypatch.setattr(run_store.os, "fsync", real_fsync)
+    monkeypatch.setattr(run_writer.os, "fsync", real_fsync)
     attribute_dataset(ig, loader(cohort), tmp_path / "run", progress=False)
     attribute_dataset(ig, loader(cohort), tmp_path / "clean", progress=False)
     a, b = load_attributions(tmp_path / "run").all(), load_attributions(tmp_path / "clean").all()

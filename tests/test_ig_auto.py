@@ -10,11 +10,11 @@ import torch
 from conftest import own_model
 
 import fastattr
+from fastattr.cohort import attribute_dataset, load_attributions
 from fastattr.core.adaptive import run_adaptive_integrated_gradients
 from fastattr.core.integrated import resolve_options, run_integrated_gradients
 from fastattr.core.quadrature import AUTO_TOLERANCE, AutoSteps
 from fastattr.loop import path_loop_integrated_gradients
-from fastattr.tools.cohort import attribute_dataset, load_attributions
 
 
 def relative_errors(got: dict, ref: dict) -> torch.Tensor:

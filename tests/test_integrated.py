@@ -143,7 +143,7 @@ def test_default_target_is_argmax_and_custom_baseline_is_used():
 
 
 def test_use_embeddings_false_on_continuous_only():
-    from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier
+    from fastattr.demo.models import FeatureProcessor, FeatureSpec, MLPClassifier
 
     torch.manual_seed(0)
     model = MLPClassifier(FeatureSpec({"labs": FeatureProcessor(token=False, size=6)}), num_classes=2).eval()

@@ -11,8 +11,8 @@ from torch import nn
 import fastattr
 import fastattr.metrics as metrics
 from fastattr.core import packing
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, ProtocolModel
 from fastattr.loop import loop_removal_scores
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, ProtocolModel
 
 PERCENTAGES = [1, 5, 10, 20, 50]
 

@@ -7,10 +7,10 @@ from conftest import codes, rel_err
 
 import fastattr
 from fastattr.core import packing
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.lengths import LengthGroups
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
 
 
 @pytest.fixture

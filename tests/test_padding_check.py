@@ -11,8 +11,8 @@ from conftest import codes, rel_err
 import fastattr
 import fastattr.metrics as metrics
 from fastattr.core import packing
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 from fastattr.loop import full_chefer_relevance, loop_removal_scores, step_loop_integrated_gradients
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
 MATCH_LABS = "depends on the padding of 'labs'"
 

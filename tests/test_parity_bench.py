@@ -1,7 +1,7 @@
 """`fastattr bench` against the real PyHealth: its baselines are PyHealth's own methods."""
 import pytest
 
-from fastattr.tools import bench
+from fastattr.demo import bench
 
 pytestmark = pytest.mark.parity
 

@@ -86,7 +86,7 @@ def test_pyhealth_runs_decode_codes_through_the_processors_vocab(tmp_path):
             assert rows[rows["sample"] == sample]["code_id"].tolist() == row[row != 0].tolist()
             sample += 1
     assert sample == len(store)
-    from fastattr.tools import tables
+    from fastattr.runs import tables
 
     summary = tables.summarize(tmp_path)
     assert set(summary.loc[summary.feature == key, "code"]) <= set(names.values()) and isinstance(summary, pd.DataFrame)

@@ -1,9 +1,9 @@
-"""fastattr.tools.faithfulness against PyHealth 2.1.0's ComprehensivenessMetric / SufficiencyMetric."""
+"""fastattr.faithfulness against PyHealth 2.1.0's ComprehensivenessMetric / SufficiencyMetric."""
 import pytest
 import torch
 
 import fastattr
-from fastattr.tools.faithfulness import comprehensiveness, sufficiency
+from fastattr.faithfulness import comprehensiveness, sufficiency
 
 pytestmark = pytest.mark.parity
 

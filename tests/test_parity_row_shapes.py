@@ -113,7 +113,7 @@ def test_a_nested_runs_patients_are_scored_as_pyhealths_evaluator_scores_a_batch
     from pyhealth.metrics.interpretability import Evaluator as PyHealthEvaluator
     from pyhealth.metrics.interpretability.utils import threshold_sample_filter
 
-    from fastattr.tools.scores import evaluate_run
+    from fastattr.report.scores import evaluate_run
 
     model, loader = build("nested-chefer", n=20)
     fastattr.attribute_dataset(fastattr.CheferRelevance(model), loader, tmp_path / "run", progress=False)

@@ -10,7 +10,7 @@ from conftest import codes, own_model, rel_err
 import fastattr
 from fastattr.core import packing
 from fastattr.core.precision import model_precision
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
 
 def test_precision_is_validated():

@@ -5,8 +5,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import fastattr
-from fastattr.tools.cohort import attribute_dataset, load_attributions
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+from fastattr.cohort import attribute_dataset, load_attributions
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
 
 CODES_PER_VISIT = 4  # a nested processor pads every visit to the widest visit it was fitted on
 
@@ -121,7 +121,7 @@ def test_a_run_without_row_shapes_reads_rows_as_stored(tmp_path):
     # of the batch they were written in.
     from safetensors.torch import load_file, save_file
 
-    from fastattr.tools.run_files import SHAPE_PREFIX
+    from fastattr.runs.files import SHAPE_PREFIX
 
     data, m = Patients(7, seed=6), model()
     attribute_dataset(fastattr.CheferRelevance(m), loader(data, 7), tmp_path, progress=False, sort_by_length=False)

@@ -1,4 +1,4 @@
-"""Faithfulness of whole stored runs (fastattr evaluate / fastattr.tools.scores.evaluate_run): each
+"""Faithfulness of whole stored runs (fastattr evaluate / fastattr.report.scores.evaluate_run): each
 patient scored as PyHealth's Evaluator scores a batch of one, stored checksummed and resumable, one
 writer at a time, carried by the tables and the report. Real processes and files for the faults."""
 import signal
@@ -11,14 +11,13 @@ import torch
 from conftest import cli
 
 import fastattr
+from fastattr.cohort import attribute_dataset
+from fastattr.demo.models import load_checkpoint
+from fastattr.demo.synthetic import CohortDataset, SyntheticCohort
 from fastattr.metrics import Evaluator, threshold_sample_filter
-from fastattr.tools import tables
-from fastattr.tools.cohort import CohortDataset, attribute_dataset
-from fastattr.tools.models import load_checkpoint
-from fastattr.tools.report import write_report
-from fastattr.tools.scores import evaluate_run, load_scores
-from fastattr.tools.store import RunLockedError
-from fastattr.tools.synthetic import SyntheticCohort
+from fastattr.report.page import write_report
+from fastattr.report.scores import evaluate_run, load_scores
+from fastattr.runs import RunLockedError, tables
 
 EVERYONE = threshold_sample_filter(0.0)  # every binary sample scored (an untrained model predicts few positive)
 
@@ -76,8 +75,8 @@ def test_a_run_without_inputs_cannot_be_scored(tmp_path, checkpoint):
 
 SLOW_SCORER = """
 import sys, time
-import fastattr.tools.scores as scores
-from fastattr.tools.models import load_checkpoint
+import fastattr.report.scores as scores
+from fastattr.demo.models import load_checkpoint
 inner = scores._score_shard
 def slow(*args):
     time.sleep(float(sys.argv[3]))

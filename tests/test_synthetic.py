@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastattr.tools.synthetic import SyntheticCohort
+from fastattr.demo.synthetic import SyntheticCohort
 
 
 def test_same_seed_same_cohort_and_other_seed_differs():

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import fastattr
-from fastattr.tools import cli, tables
-from fastattr.tools.cohort import CohortDataset, attribute_dataset, load_attributions
-from fastattr.tools.models import FeatureProcessor, FeatureSpec, TransformerClassifier
-from fastattr.tools.report import average_ranks, spearman, write_report
-from fastattr.tools.synthetic import SyntheticCohort
+from fastattr import cli
+from fastattr.cohort import attribute_dataset, load_attributions
+from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+from fastattr.demo.synthetic import CohortDataset, SyntheticCohort
+from fastattr.report.page import average_ranks, spearman, write_report
+from fastattr.runs import tables
 
 pd = pytest.importorskip("pandas")
 pytest.importorskip("pyarrow")

@@ -33,6 +33,6 @@ def hide(names):
 if __name__ == "__main__":
     cut = sys.argv.index("--")
     hide(sys.argv[1:cut])
-    from fastattr.tools.cli import main
+    from fastattr.cli import main
 
     sys.exit(main(sys.argv[cut + 1:]))

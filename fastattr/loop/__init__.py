@@ -9,18 +9,24 @@ plain: every rule (mask, baseline, embedding, target, shape mapping) is written 
 so a bug in fastattr's protocol code cannot hide behind the same bug in its oracle.
 """
 from fastattr.loop.chefer import full_chefer_relevance, full_relevance
+from fastattr.loop.deeplift import loop_deeplift
 from fastattr.loop.ig import path_loop_integrated_gradients, step_loop_integrated_gradients
 from fastattr.loop.lime import loop_lime
+from fastattr.loop.random_baseline import loop_random_baseline
 from fastattr.loop.removal import loop_removal_scores
+from fastattr.loop.rollout import loop_rollout
 from fastattr.loop.shap import brute_force_shapley, loop_kernel_shap
 
 __all__ = [
     "brute_force_shapley",
     "full_chefer_relevance",
     "full_relevance",
+    "loop_deeplift",
     "loop_kernel_shap",
     "loop_lime",
+    "loop_random_baseline",
     "loop_removal_scores",
+    "loop_rollout",
     "path_loop_integrated_gradients",
     "step_loop_integrated_gradients",
 ]
