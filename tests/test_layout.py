@@ -92,32 +92,6 @@ def test_no_import_cycles_between_packages():
     assert find_cycle(graph) is None
 
 
-def test_every_fastattr_name_the_readme_shows_resolves():
-    # The README is the API users copy from: each dotted name it shows must import as written.
-    import importlib
-    import re
-
-    names = set(re.findall(r"\bfastattr(?:\.[A-Za-z_][A-Za-z0-9_]*)+", (ROOT / "README.md").read_text()))
-    assert len(names) > 15
-    unresolved = []
-    for name in sorted(names):
-        parts = name.split(".")
-        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
-            try:
-                obj = importlib.import_module(".".join(parts[:cut]))
-            except ImportError:
-                continue
-            try:
-                for attr in parts[cut:]:
-                    obj = getattr(obj, attr)
-            except AttributeError:
-                unresolved.append(name)
-            break
-        else:
-            unresolved.append(name)
-    assert not unresolved, f"README names that do not resolve: {unresolved}"
-
-
 def test_stable_top_level_names():
     import fastattr
     import fastattr.faithfulness

@@ -42,6 +42,17 @@ def quadrature(method: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     right ends or midpoints of the subintervals, weight ``1 / steps``. ``riemann_trapezoid`` uses the
     ``steps + 1`` points ``k / steps`` with the end weights halved. ``gausslegendre`` uses ``steps``
     Gauss-Legendre nodes mapped to [0, 1].
+
+    Examples:
+        >>> from fastattr import quadrature
+        >>> alphas, weights = quadrature("uniform", 4)  # PyHealth's rule
+        >>> alphas.tolist(), weights.tolist()
+        ([0.0, 0.25, 0.5, 0.75, 1.0], [0.2, 0.2, 0.2, 0.2, 0.2])
+        >>> quadrature("riemann_trapezoid", 4)[1].tolist()
+        [0.125, 0.25, 0.25, 0.25, 0.125]
+        >>> alphas, weights = quadrature("gausslegendre", 3)
+        >>> len(alphas), round(float(weights.sum()), 12)
+        (3, 1.0)
     """
     check_steps(steps)
     steps = int(steps)

@@ -19,14 +19,31 @@ FULL_PATH_FLOPS = {"cpu": 2.0 ** 23, "cuda": 0.0}
 
 def avg_heads(cam: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """PyHealth's ``avg_heads``: mean over heads of ``clamp(grad * cam, 0)``; 3-D inputs are
-    taken as one head and only clamped."""
+    taken as one head and only clamped.
+
+    Examples:
+        >>> import torch
+        >>> from fastattr import avg_heads
+        >>> cam = torch.tensor([[[[1.0, -1.0]], [[3.0, 1.0]]]])  # [B=1, H=2, 1, 2]
+        >>> avg_heads(cam, torch.ones_like(cam))  # head 1 clamped to [1, 0], head 2 [3, 1]
+        tensor([[[2.0000, 0.5000]]])
+    """
     if cam.dim() < 4 and grad.dim() < 4:
         return (grad * cam).clamp(min=0)
     return (grad * cam).clamp(min=0).mean(dim=1)
 
 
 def apply_self_attention_rules(R_ss: torch.Tensor, cam_ss: torch.Tensor) -> torch.Tensor:
-    """PyHealth's ``apply_self_attention_rules``: ``cam_ss @ R_ss``."""
+    """PyHealth's ``apply_self_attention_rules``: ``cam_ss @ R_ss``.
+
+    Examples:
+        >>> import torch
+        >>> from fastattr import apply_self_attention_rules
+        >>> cam = torch.tensor([[0.5, 0.5], [0.0, 1.0]])
+        >>> apply_self_attention_rules(torch.eye(2), cam)
+        tensor([[0.5000, 0.5000],
+                [0.0000, 1.0000]])
+    """
     return torch.matmul(cam_ss, R_ss)
 
 
@@ -78,6 +95,19 @@ def chefer_relevance(layers: Sequence[Layer], rows: torch.Tensor | None = None, 
 
     Returns:
         float32 relevance (float64 when the maps are float64), detached.
+
+    Examples:
+        >>> import torch
+        >>> from fastattr import chefer_relevance
+        >>> _ = torch.manual_seed(0)
+        >>> attn = torch.softmax(torch.randn(2, 4, 5, 5), dim=-1)  # [B, H, N, N]
+        >>> grad = torch.randn(2, 4, 5, 5)
+        >>> R = chefer_relevance([(attn, grad), (attn, grad)])  # two layers
+        >>> R.shape
+        torch.Size([2, 5, 5])
+        >>> rows = chefer_relevance([(attn, grad), (attn, grad)], rows=torch.tensor([0, 3]))
+        >>> rows.shape, torch.allclose(rows, R[[0, 1], [0, 3]])  # the same rows, in O(L N^2)
+        (torch.Size([2, 5]), True)
     """
     batch, tokens = check_layers(layers)
     use = resolve_backend(backend, layers[0][0].device)

@@ -11,6 +11,7 @@ import torch
 from fastattr.core import relevance as chefer_core
 from fastattr.core.backend import resolve_backend
 from fastattr.core.precision import model_precision
+from fastattr.core.relevance import apply_self_attention_rules, avg_heads  # noqa: F401  (PyHealth-like path)
 from fastattr.core.targets import resolve_targets, target_tensor
 from fastattr.interpret import capture
 from fastattr.interpret.base import Interpreter
@@ -21,8 +22,6 @@ from fastattr.interpret.outputs import logits_of, reported_probabilities
 from fastattr.interpret.padding import PADDING_RTOL, extended_difference, input_logits
 from fastattr.interpret.row_picks import RowPicks, detect_row_picks  # noqa: F401  (detect_row_picks: public path)
 
-# PyHealth's helper functions, at their PyHealth-like path (fastattr.interpret.chefer.avg_heads)
-avg_heads, apply_self_attention_rules = chefer_core.avg_heads, chefer_core.apply_self_attention_rules
 propagate = chefer_core.propagate
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
 
@@ -77,6 +76,22 @@ class CheferRelevance(Interpreter):
             failed check is an error; ``False``: always run the batch as given.
         precision: the model's arithmetic, ``"fp32"`` (default: exact, PyHealth's), ``"tf32"`` or
             ``"bf16"`` (:mod:`fastattr.core.precision`; the relevance recursion stays float32).
+
+    Examples:
+        A small Transformer of fastattr's own (any model with PyHealth's Chefer protocol works):
+
+        >>> import torch
+        >>> from fastattr import CheferRelevance
+        >>> from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+        >>> _ = torch.manual_seed(0)
+        >>> spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=20)})
+        >>> model = TransformerClassifier(spec, num_classes=3, dim=8, heads=2, layers=1)
+        >>> batch = {"codes": torch.tensor([[3, 5, 7, 9], [4, 2, 0, 0]])}  # 0: padding
+        >>> relevance = CheferRelevance(model).attribute(**batch)
+        >>> relevance["codes"].shape
+        torch.Size([2, 4])
+        >>> relevance["codes"][1, 2:].tolist()  # exact zeros at padding, as in PyHealth
+        [0.0, 0.0]
     """
 
     def __init__(self, model: torch.nn.Module, *, backend: str | None = None,

@@ -42,6 +42,25 @@ class Evaluator:
         pack_lengths: ``"auto" | True | False``: ablated rows run in length groups (see IG's option).
         internal_batch_size: rows per forward (default: sized on the CPU, all rows on CUDA).
         progress: progress bar in ``evaluate_attribution`` (``None``: only on a terminal).
+
+    Examples:
+        A small Transformer of fastattr's own, three classes (so every sample is scored):
+
+        >>> import torch
+        >>> from fastattr import IntegratedGradients
+        >>> from fastattr.metrics import Evaluator
+        >>> from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+        >>> _ = torch.manual_seed(0)
+        >>> spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=20)})
+        >>> model = TransformerClassifier(spec, num_classes=3, dim=8, heads=2, layers=1)
+        >>> batch = {"codes": torch.tensor([[3, 5, 7, 9], [4, 2, 0, 0]])}
+        >>> attributions = IntegratedGradients(model, steps=8).attribute(**batch)
+        >>> scores = Evaluator(model, percentages=[25, 50]).evaluate(batch, attributions)
+        >>> sorted(scores)
+        ['comprehensiveness', 'sufficiency']
+        >>> per_sample, valid = scores["comprehensiveness"]  # a score and a validity flag per sample
+        >>> per_sample.shape, valid.tolist()
+        (torch.Size([2]), [True, True])
     """
 
     def __init__(self, model: Any, percentages: Sequence[float] = PERCENTAGES, ablation_strategy: str = "zero",
@@ -160,7 +179,22 @@ def evaluate_attribution(model: Any, dataloader: Iterable[dict[str, Any]], metho
                          ablation_strategy: str = "zero", sample_filter: SampleFilterFn | None = None,
                          positive_threshold: float | None = None, **options: Any) -> dict[str, float]:
     """PyHealth's functional form: ``Evaluator(model, ...).evaluate_attribution(dataloader, method, metrics)``
-    (``options``: the Evaluator's keyword-only extras)."""
+    (``options``: the Evaluator's keyword-only extras).
+
+    Examples:
+        Any iterable of batches is a dataloader; the result is each metric's mean over the valid samples:
+
+        >>> import torch
+        >>> from fastattr import CheferRelevance, evaluate_attribution
+        >>> from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
+        >>> _ = torch.manual_seed(0)
+        >>> spec = FeatureSpec({"codes": FeatureProcessor(token=True, size=20)})
+        >>> model = TransformerClassifier(spec, num_classes=3, dim=8, heads=2, layers=1)
+        >>> batches = [{"codes": torch.tensor([[3, 5, 7, 9], [4, 2, 0, 0]])}]
+        >>> means = evaluate_attribution(model, batches, CheferRelevance(model), percentages=[25, 50])
+        >>> sorted(means), all(isinstance(value, float) for value in means.values())
+        (['comprehensiveness', 'sufficiency'], True)
+    """
     evaluator = Evaluator(model, percentages=percentages, ablation_strategy=ablation_strategy,
                           sample_filter=sample_filter, positive_threshold=positive_threshold, **options)
     return evaluator.evaluate_attribution(dataloader, method, metrics=metrics)
