@@ -3,6 +3,7 @@ and runs the default tier (``-m "not slow"``) against each; every mutation must 
 
     python tests/mutation_check.py          # every mutation, each one run of the default tier
     python tests/mutation_check.py padding  # only those whose name holds one of the words given
+    MUTATION_TESTS="tests/test_lime.py tests/test_shap.py" python tests/mutation_check.py LIME  # a quick look
 
 Each bug is what a plausible edit could do: the token mask becomes all ones, the continuous mask
 is dropped, the embedding dim is not summed, the UNK baseline becomes padding, the target argmax
@@ -129,6 +130,20 @@ M = [
   "                 for _ in range(max(0, count - 2))]",
   "        rows += list(torch.randint(2, (max(0, count - 2), total), device=device, generator=generator).float()"
   "[torch.randperm(max(0, count - 2))])"),
+ ("perturbation rows deduplicated across patients (the sample left out of the key)",
+  "fastattr/interpret/perturbation.py",
+  "    _, inverse = torch.unique(torch.cat([sample, *flat], dim=1), dim=0, return_inverse=True)",
+  "    _, inverse = torch.unique(torch.cat([sample * 0, *flat], dim=1), dim=0, return_inverse=True)"),
+ ("LIME draws its keys in sorted order, not the batch's", "fastattr/interpret/lime.py",
+  "        order = [k for k in batch if k in counts]",
+  "        order = sorted(counts)"),
+ ("LIME's ridge rows scaled by alpha, not its square root", "fastattr/interpret/lime.py",
+  '        scale = alpha if feature_selection == "lasso" else torch.sqrt(torch.tensor(alpha))',
+  "        scale = alpha"),
+ ("exact Shapley: a coalition's weight taken at its own size where it holds the player",
+  "fastattr/interpret/shapley.py",
+  "    return torch.where(bits == 1, table[(size - 1).clamp(min=0)], -table[size])",
+  "    return torch.where(bits == 1, table[size.clamp(max=players - 1)], -table[size])"),
  ("run rows: the reader ignores the stored row shapes", "fastattr/runs/reader.py",
   "                if SHAPE_PREFIX + name in names:",
   "                if False:"),
@@ -146,7 +161,8 @@ for name, path, old, new in chosen:
     src = f.read_text()
     assert src.count(old) == 1, (name, src.count(old))
     f.write_text(src.replace(old, new))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "tests"],
+    targets = os.environ.get("MUTATION_TESTS", "tests").split()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *targets],
                        cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     f.write_text(src)
     failed = sorted(set(re.findall(r"^FAILED (\S+)", r.stdout, re.M)))
