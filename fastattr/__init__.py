@@ -5,7 +5,9 @@ from fastattr.core.quadrature import METHODS, quadrature
 from fastattr.core.relevance import chefer_relevance
 from fastattr.interpret.chefer import CheferRelevance, apply_self_attention_rules, avg_heads
 from fastattr.interpret.deeplift import DeepLift
+from fastattr.interpret.gim import GIM
 from fastattr.interpret.ig import IntegratedGradients
+from fastattr.interpret.ig_gim import IntegratedGradientGIM
 from fastattr.interpret.lime import LimeExplainer
 from fastattr.interpret.padding import PaddingReport, check_padding
 from fastattr.interpret.random_baseline import RandomBaseline
@@ -19,6 +21,8 @@ __all__ = [
     "CheferRelevance",
     "DeepLift",
     "Evaluator",
+    "GIM",
+    "IntegratedGradientGIM",
     "IntegratedGradients",
     "LimeExplainer",
     "METHODS",

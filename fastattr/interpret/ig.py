@@ -212,9 +212,14 @@ class IntegratedGradients(Interpreter):
                 if continuous:
                     values.update({k: v for k, v in embed({k: points[k] for k in continuous}).items()
                                    if k in continuous})
-                call = part.call(values, others)
-                return logits_of(model.forward_from_embedding(**call) if embed is not None else model.forward(**call))
+                return self._logits(part.call(values, others), embed is not None)
         return forward
+
+    def _logits(self, call: dict[str, tuple], embedded: bool) -> torch.Tensor:
+        """The model's logits for one chunk's call (``forward_from_embedding`` when ``embedded``): the
+        one place a subclass changes how the model runs (IG-GIM: under GIM's rules)."""
+        model = self.model
+        return logits_of(model.forward_from_embedding(**call) if embedded else model.forward(**call))
 
     def _padding_difference(self, features: FeatureBatch, baselines: dict[str, torch.Tensor], embed: Any,
                             groups: list[Group], *, at_baseline: bool) -> float:

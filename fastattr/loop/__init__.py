@@ -10,6 +10,7 @@ so a bug in fastattr's protocol code cannot hide behind the same bug in its orac
 """
 from fastattr.loop.chefer import full_chefer_relevance, full_relevance
 from fastattr.loop.deeplift import loop_deeplift
+from fastattr.loop.gim import loop_gim, loop_ig_gim
 from fastattr.loop.ig import path_loop_integrated_gradients, step_loop_integrated_gradients
 from fastattr.loop.lime import loop_lime
 from fastattr.loop.random_baseline import loop_random_baseline
@@ -22,6 +23,8 @@ __all__ = [
     "full_chefer_relevance",
     "full_relevance",
     "loop_deeplift",
+    "loop_gim",
+    "loop_ig_gim",
     "loop_kernel_shap",
     "loop_lime",
     "loop_random_baseline",
