@@ -22,7 +22,7 @@ from unittest import mock
 import torch
 
 import fastattr
-import fastattr.interpret.ig_adaptive as ig_adaptive
+import fastattr.interpret.gradient.ig_adaptive as ig_adaptive
 from benchmarks.ig_accuracy import REFERENCE, attribute_all, demo_model
 from fastattr.core.adaptive import GRID, Adaptive, integrate_adaptively
 from fastattr.core.quadrature import AUTO_TOLERANCE, AutoSteps

@@ -20,8 +20,8 @@ import time
 import torch
 
 from benchmarks.perturbation_compare import build, relative_error
-from fastattr.interpret.ig import IntegratedGradients
-from fastattr.interpret.ig_gim import IntegratedGradientGIM
+from fastattr.interpret.gradient.ig import IntegratedGradients
+from fastattr.interpret.gradient.ig_gim import IntegratedGradientGIM
 
 
 def explainers(model, steps: int) -> dict:

@@ -25,8 +25,8 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: the insta
 import fastattr  # noqa: E402
 import fastattr.metrics  # noqa: E402
 from fastattr.demo.bench import cohort_loaders, pyhealth_available  # noqa: E402
-from fastattr.interpret import chefer as chefer_module  # noqa: E402
-from fastattr.interpret.ig import IntegratedGradients  # noqa: E402
+from fastattr.interpret.attention import chefer as chefer_module  # noqa: E402
+from fastattr.interpret.gradient.ig import IntegratedGradients  # noqa: E402
 from fastattr.metrics.removal import RemovalScorer  # noqa: E402
 
 CHECKS = {"IG": (IntegratedGradients, "_padding_difference"), "Chefer": (chefer_module, "extended_difference"),

@@ -49,7 +49,7 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def method_draws(ours, features, batch: dict) -> dict[str, torch.Tensor]:
     """The draws per key ``[N, n_key]`` the method makes for this batch (its seed, its order)."""
-    from fastattr.interpret.perturbation import feature_counts
+    from fastattr.interpret.perturbation.engine import feature_counts
 
     counts = feature_counts(features)
     if isinstance(ours, fastattr.LimeExplainer):
@@ -62,8 +62,8 @@ def method_draws(ours, features, batch: dict) -> dict[str, torch.Tensor]:
 def floor_seconds(ours, batches: list[dict]) -> float:
     """The row runner alone over each batch's distinct rows, in the groups the planner picks."""
     from fastattr.interpret.features import FeatureBatch
-    from fastattr.interpret.perturbation import gated_rows, present_positions
-    from fastattr.interpret.perturbation_inputs import perturbation_baselines
+    from fastattr.interpret.perturbation.engine import gated_rows, present_positions
+    from fastattr.interpret.perturbation.inputs import perturbation_baselines
 
     total = 0.0
     for batch in batches:

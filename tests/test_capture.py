@@ -1,12 +1,12 @@
 """Chefer's machinery on its own: recording the tensors a forward hooks, the stale-gradient check,
-and row-pick detection with its cache (fastattr.interpret.capture, fastattr.interpret.row_picks)."""
+and row-pick detection with its cache (fastattr.interpret.attention.capture, fastattr.interpret.attention.row_picks)."""
 import threading
 
 import torch
 from torch import nn
 
-from fastattr.interpret.capture import HookedTensors, ModuleState, OldTensors, gradient_sinks
-from fastattr.interpret.row_picks import RowPicks, detect_row_picks
+from fastattr.interpret.attention.capture import HookedTensors, ModuleState, OldTensors, gradient_sinks
+from fastattr.interpret.attention.row_picks import RowPicks, detect_row_picks
 
 
 def test_hooked_tensors_records_this_threads_hooks_and_restores_torch():

@@ -8,7 +8,7 @@ from conftest import codes, own_model, rel_err
 
 import fastattr
 from fastattr.core import relevance
-from fastattr.interpret.chefer import detect_row_picks
+from fastattr.interpret.attention.chefer import detect_row_picks
 from fastattr.loop import full_chefer_relevance
 
 

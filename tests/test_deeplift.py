@@ -9,8 +9,8 @@ from conftest import codes, own_model, rel_err
 from torch import nn
 
 from fastattr.demo.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
-from fastattr.interpret.deeplift import DeepLift, DeepLiftInputError
-from fastattr.interpret.deeplift_rules import RescaleSwap
+from fastattr.interpret.gradient.deeplift import DeepLift, DeepLiftInputError
+from fastattr.interpret.gradient.deeplift_rules import RescaleSwap
 from fastattr.loop.deeplift import loop_deeplift
 
 TOL = 1e-5

@@ -15,10 +15,10 @@ from conftest import codes, rel_err
 from torch import nn
 
 from fastattr.demo.models import FeatureProcessor, FeatureSpec, MLPClassifier, TransformerClassifier
-from fastattr.interpret.gim import GIM
-from fastattr.interpret.gim_rules import FrozenLayerNorm, GIMAttention, TemperatureSoftmax, gim_rules
-from fastattr.interpret.ig import IntegratedGradients
-from fastattr.interpret.ig_gim import IntegratedGradientGIM
+from fastattr.interpret.gradient.gim import GIM
+from fastattr.interpret.gradient.gim_rules import FrozenLayerNorm, GIMAttention, TemperatureSoftmax, gim_rules
+from fastattr.interpret.gradient.ig import IntegratedGradients
+from fastattr.interpret.gradient.ig_gim import IntegratedGradientGIM
 from fastattr.loop.gim import loop_gim, loop_ig_gim
 
 TOL = 1e-5

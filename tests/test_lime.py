@@ -12,7 +12,7 @@ from test_padding_check import InfersMaskFromEmbeddings, labs_batch, labs_spec
 
 import fastattr
 from fastattr.core import packing
-from fastattr.interpret.lime import lime_fit
+from fastattr.interpret.perturbation.lime import lime_fit
 from fastattr.loop import loop_lime
 from fastattr.loop.lime import _lime_fit
 
@@ -158,3 +158,24 @@ def test_a_baseline_missing_a_key_is_refused():
     model, batch = own_model("transformer")
     with pytest.raises(KeyError, match="baseline.*labs"):
         fastattr.LimeExplainer(model, n_samples=8).attribute(baseline={"codes": batch["codes"]}, **batch)
+
+
+def test_an_interpretable_model_without_forward_from_embedding_is_refused_only_for_embeddings():
+    """PyHealth asserts forward_from_embedding where use_embeddings (an AssertionError), and takes the model
+    without it (this model's own forward needs it, so only the construction is checked)."""
+    model, _ = own_model("transformer")
+
+    class Interpretable:  # PyHealth's ABC, by name
+        pass
+
+    class Hidden(type(model), Interpretable):
+        def __getattribute__(self, name):
+            if name == "forward_from_embedding":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    hidden = model
+    hidden.__class__ = Hidden
+    with pytest.raises(AssertionError, match="forward_from_embedding"):
+        fastattr.LimeExplainer(hidden)
+    assert not fastattr.LimeExplainer(hidden, use_embeddings=False).use_embeddings

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-from fastattr.interpret.deeplift import DeepLift
+from fastattr.interpret.gradient.deeplift import DeepLift
 
 pytestmark = pytest.mark.parity
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import rel_err
 
-from fastattr.interpret.gim import GIM
-from fastattr.interpret.ig_gim import IntegratedGradientGIM
+from fastattr.interpret.gradient.gim import GIM
+from fastattr.interpret.gradient.ig_gim import IntegratedGradientGIM
 
 pytestmark = pytest.mark.parity
 

@@ -6,7 +6,7 @@ import torch
 from conftest import rel_err
 
 import fastattr
-from fastattr.interpret.chefer import detect_row_picks
+from fastattr.interpret.attention.chefer import detect_row_picks
 
 pytestmark = pytest.mark.parity
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_parity_deeplift import assert_parity, built, case, with_long_patient
 
-from fastattr.interpret import rollout as rollout_module
-from fastattr.interpret.rollout import AttentionRollout
+from fastattr.interpret.attention import rollout as rollout_module
+from fastattr.interpret.attention.rollout import AttentionRollout
 
 pytestmark = pytest.mark.parity
 

@@ -4,8 +4,8 @@ from conftest import own_model
 
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.lengths import LengthGroups
-from fastattr.interpret.perturbation import CHECK_DRAWS, PerturbationRunner, gated_rows, present_positions
-from fastattr.interpret.perturbation_inputs import perturbation_baselines
+from fastattr.interpret.perturbation.engine import CHECK_DRAWS, PerturbationRunner, gated_rows, present_positions
+from fastattr.interpret.perturbation.inputs import perturbation_baselines
 
 
 def test_a_length_group_without_a_checked_row_runs_none_in_the_check(monkeypatch):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastattr.core.relevance import chefer_relevance
-from fastattr.interpret.chefer import apply_self_attention_rules, avg_heads
+from fastattr.interpret.attention.chefer import apply_self_attention_rules, avg_heads
 from fastattr.kernels import relevance as ops
 from fastattr.loop import full_relevance
 

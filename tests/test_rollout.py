@@ -8,8 +8,8 @@ from conftest import codes, own_model, rel_err
 from torch import nn
 
 from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
-from fastattr.interpret import rollout as rollout_module
-from fastattr.interpret.rollout import AttentionRollout
+from fastattr.interpret.attention import rollout as rollout_module
+from fastattr.interpret.attention.rollout import AttentionRollout
 from fastattr.loop.rollout import loop_rollout
 
 TOL = 1e-5

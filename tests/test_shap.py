@@ -11,7 +11,7 @@ from test_padding_check import InfersMaskFromEmbeddings, labs_batch, labs_spec
 
 import fastattr
 from fastattr.core import packing
-from fastattr.interpret.shap import kernel_shap_fit
+from fastattr.interpret.perturbation.shap import kernel_shap_fit
 from fastattr.loop import brute_force_shapley, loop_kernel_shap
 from fastattr.loop.shap import _shap_fit
 

@@ -20,9 +20,9 @@ import torch
 from fastattr.core.backend import interpreter_enabled, triton_available
 from fastattr.demo.synthetic import long_tailed_lengths
 from fastattr.demo.timing import time_interleaved
+from fastattr.interpret.attention.chefer import CheferRelevance
 from fastattr.interpret.batches import move_batch
-from fastattr.interpret.chefer import CheferRelevance
-from fastattr.interpret.ig import IntegratedGradients
+from fastattr.interpret.gradient.ig import IntegratedGradients
 from fastattr.loop import full_chefer_relevance, step_loop_integrated_gradients
 
 COLUMNS = ["workload", "method", "baseline", "device", "model", "seq_len", "steps", "batch", "layers", "heads",

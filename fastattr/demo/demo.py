@@ -14,8 +14,8 @@ from fastattr.cohort import attribute_dataset
 from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier, save_checkpoint
 from fastattr.demo.synthetic import CohortDataset, SyntheticCohort
 from fastattr.demo.timing import time_interleaved
-from fastattr.interpret.chefer import CheferRelevance
-from fastattr.interpret.ig import IntegratedGradients
+from fastattr.interpret.attention.chefer import CheferRelevance
+from fastattr.interpret.gradient.ig import IntegratedGradients
 from fastattr.loop import step_loop_integrated_gradients
 from fastattr.report.figures import missing_extras
 from fastattr.report.page import write_report

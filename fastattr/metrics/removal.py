@@ -27,7 +27,7 @@ from fastattr.interpret.chunks import memory_rows, positions_of, run_in_chunks
 from fastattr.interpret.features import FeatureBatch, FeatureLayout, model_device
 from fastattr.interpret.lengths import GroupedTask, LengthGroups, layout_key, place_rows, relative_difference
 from fastattr.interpret.padding import extended_difference, input_logits, trimmed_difference
-from fastattr.interpret.perturbation import distinct_per_sample
+from fastattr.interpret.perturbation.engine import distinct_per_sample
 from fastattr.metrics.ablation import ablate_rows
 from fastattr.metrics.filters import SampleClass, SampleFilterFn, classify, probabilities
 from fastattr.metrics.masks import top_masks
@@ -252,7 +252,7 @@ def with_value(model: Any, key: str, feature: Any, value: torch.Tensor) -> Any:
 
 
 def _unique_rows(ablated: dict[str, torch.Tensor], *, random: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct ablated rows of each sample (:func:`fastattr.interpret.perturbation.distinct_per_sample`):
+    """The distinct ablated rows of each sample (:func:`fastattr.interpret.perturbation.engine.distinct_per_sample`):
     ``(row, sample)`` positions (into ``[R, V]``) of one representative each, and for every ``(row,
     sample)`` (flattened row-major) its representative. Rows with noise are never identical: no search."""
     if random:

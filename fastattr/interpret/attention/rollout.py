@@ -9,7 +9,7 @@ Differences that only add: the forward runs with gradients enabled even inside `
 (PyHealth's raises there, as the model's hooks register gradient hooks); maps of shape ``[B, N, N]`` are
 taken as one head (PyHealth's head mean fails on them); and where forming the whole rollout costs more
 than the model (:func:`fastattr.core.relevance.full_path_is_cheaper`) and the model's reduction only
-picks one row per sample (:class:`fastattr.interpret.row_picks.RowPicks`, checked once per layout), that
+picks one row per sample (:class:`fastattr.interpret.attention.row_picks.RowPicks`, checked once per layout), that
 row is pushed from the last layer to the first in O(L N^2), the identical result.
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ import torch
 
 from fastattr.core.relevance import full_path_is_cheaper
 from fastattr.core.targets import resolve_targets
+from fastattr.interpret.attention.row_picks import RowPicks
 from fastattr.interpret.base import Interpreter
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.outputs import logits_of, reported_probabilities
 from fastattr.interpret.padding import layout_key
-from fastattr.interpret.row_picks import RowPicks
 
 ROLLOUT_METHODS = ("set_attention_hooks", "get_attention_layers", "get_relevance_tensor")
 HEAD_FUSIONS = ("mean",)

@@ -1,5 +1,5 @@
-"""What PyHealth's perturbation methods (SHAP, LIME) take from a call the same way: the model check,
-the batch's own forward, the class explained per sample, and the baselines an absent position takes."""
+"""What PyHealth's perturbation methods (SHAP, LIME) take from a call the same way: the batch's own
+forward, the class explained per sample, and the baselines an absent position takes."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -9,28 +9,8 @@ import torch
 
 from fastattr.interpret.base import CallOptions, Interpreter
 from fastattr.interpret.features import FeatureBatch
+from fastattr.interpret.interpretable import BaselineKeyError
 from fastattr.interpret.outputs import logits_of, reported_probabilities
-
-INTERPRETABLE_METHODS = ("forward_from_embedding", "get_embedding_model")
-
-
-class BaselineKeyError(KeyError, ValueError):
-    """A baseline without a feature key of the batch (a ``KeyError`` as PyHealth's, and a ``ValueError``)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-def is_interpretable(model: Any) -> bool:
-    """Whether ``model`` has PyHealth's ``Interpretable`` methods (embedding model, forward from it)."""
-    return all(callable(getattr(model, m, None)) for m in INTERPRETABLE_METHODS)
-
-
-def require_interpretable(model: Any) -> None:
-    """PyHealth's refusal, its type and message: ``ValueError`` for a model without the
-    ``Interpretable`` methods (:data:`INTERPRETABLE_METHODS`)."""
-    if not is_interpretable(model):
-        raise ValueError("Model must implement Interpretable interface")
 
 
 def explained_classes(logits: torch.Tensor, target_class_idx: int | None) -> torch.Tensor:

@@ -13,14 +13,14 @@ from fastattr.core.backend import resolve_backend
 from fastattr.core.precision import model_precision
 from fastattr.core.relevance import apply_self_attention_rules, avg_heads  # noqa: F401  (PyHealth-like path)
 from fastattr.core.targets import resolve_targets, target_tensor
-from fastattr.interpret import capture
+from fastattr.interpret.attention import capture
+from fastattr.interpret.attention.row_picks import RowPicks, detect_row_picks  # noqa: F401  (detect_row_picks: public path)
 from fastattr.interpret.base import Interpreter
 from fastattr.interpret.batches import select_samples
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
 from fastattr.interpret.outputs import logits_of, reported_probabilities
 from fastattr.interpret.padding import PADDING_RTOL, extended_difference, input_logits
-from fastattr.interpret.row_picks import RowPicks, detect_row_picks  # noqa: F401  (detect_row_picks: public path)
 
 propagate = chefer_core.propagate
 CHEFER_METHODS = ("forward", "set_attention_hooks", "get_attention_layers", "get_relevance_tensor")

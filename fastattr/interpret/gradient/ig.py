@@ -10,9 +10,9 @@ from fastattr.core.integrated import IGResult, check_baseline, check_finite, res
 from fastattr.core.precision import model_precision
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Interpreter
-from fastattr.interpret.convergence import StepsReport, warn_unconverged
 from fastattr.interpret.features import FeatureBatch, model_device, require_methods
-from fastattr.interpret.ig_adaptive import AdaptiveRun
+from fastattr.interpret.gradient.convergence import StepsReport, warn_unconverged
+from fastattr.interpret.gradient.ig_adaptive import AdaptiveRun
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
 from fastattr.interpret.outputs import logits_of, reported_probabilities
 

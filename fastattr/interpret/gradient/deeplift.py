@@ -4,7 +4,7 @@ PyHealth's algorithm, step for step: PyHealth's masks appended where the schema 
 baselines (token id 1, embedded, for token features; 0.01 for the rest), token features and their
 baselines embedded, continuous ones embedded inside each forward; a reference forward (no grad) at the
 baseline and an actual forward at ``baseline + (input - baseline)`` with ReLU / Sigmoid / Tanh modules
-under PyHealth's Rescale rule (:mod:`fastattr.interpret.deeplift_rules`); ``grad * delta`` summed over a
+under PyHealth's Rescale rule (:mod:`fastattr.interpret.gradient.deeplift_rules`); ``grad * delta`` summed over a
 token feature's embedding dim; each sample's attributions scaled so they sum to ``f(x) - f(x0)`` of its
 target logit; results in the raw values' shapes, keys sorted.
 
@@ -25,10 +25,10 @@ import torch
 
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Interpreter
-from fastattr.interpret.deeplift_rules import RescaleSwap
 from fastattr.interpret.features import FeatureBatch
+from fastattr.interpret.gradient.deeplift_rules import RescaleSwap
+from fastattr.interpret.interpretable import BaselineKeyError, is_interpretable
 from fastattr.interpret.outputs import logits_of, reported_probabilities
-from fastattr.interpret.perturbation_inputs import BaselineKeyError, is_interpretable
 
 # A sample whose two largest logits are this close (relative to its largest |logit|, at least 1) has its
 # class taken from a no-grad forward of the batch as given, as PyHealth takes it: the actual forward's

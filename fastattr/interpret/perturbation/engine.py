@@ -27,7 +27,7 @@ from fastattr.interpret.chunks import memory_rows, positions_of, run_in_chunks
 from fastattr.interpret.features import FeatureBatch, model_device
 from fastattr.interpret.lengths import GroupedTask, LengthGroups, layout_key, place_rows
 from fastattr.interpret.outputs import logits_of
-from fastattr.interpret.padding import PADDING_RTOL, input_logits, relative_difference, trimmed_difference
+from fastattr.interpret.padding import PADDING_RTOL, relative_difference, trimmed_difference
 
 # Draws of a batch that the padding-gate check runs (the empty coalition first where drawn).
 CHECK_DRAWS = 3
@@ -145,13 +145,15 @@ class PerturbationRunner:
 
     def trimming_allowed(self, features: FeatureBatch, pack: bool | str, reference: torch.Tensor | None) -> bool:
         """The padding check of this batch (as the evaluator's): its samples' logits trimmed in their
-        length groups against their forward as given."""
+        length groups against their forward with PyHealth's masks appended (``reference``), the call
+        every row makes."""
         if pack is False:
             return False
         device = model_device(self.model)
 
-        def logits(part: FeatureBatch) -> torch.Tensor:
-            return input_logits(self.model, part)
+        def logits(part: FeatureBatch) -> torch.Tensor:  # called as the rows run: PyHealth's masks appended
+            with torch.no_grad():
+                return logits_of(self.model.forward(**part.call())).float()
 
         def probe(_: Any) -> float:
             groups = self.lengths.plan(features, pack=True, points=1, device=device, method="perturbation")

@@ -10,8 +10,8 @@ import torch
 
 from fastattr.core.adaptive import GRID, adaptive_delta, density_shapes, integrate_adaptively, run_listed_rows
 from fastattr.core.integrated import IGOptions
-from fastattr.interpret.convergence import StepsReport
 from fastattr.interpret.features import FeatureBatch, scatter_rows
+from fastattr.interpret.gradient.convergence import StepsReport
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows
 
 

@@ -1,5 +1,5 @@
 """Drop-in replacement for ``pyhealth.interpret.methods.GIM`` (PyHealth 2.1.0): one gradient of the
-explained logit under GIM's backward rules (:mod:`fastattr.interpret.gim_rules`).
+explained logit under GIM's backward rules (:mod:`fastattr.interpret.gradient.gim_rules`).
 
 As PyHealth: the class explained comes from one no-grad forward of the model as it is; the gradient is
 taken at the token features' embeddings (summed over the embedding dim) and at the continuous features'
@@ -15,9 +15,9 @@ import torch
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Interpreter
 from fastattr.interpret.features import FeatureBatch
-from fastattr.interpret.gim_rules import check_temperature, gim_rules
+from fastattr.interpret.gradient.gim_rules import check_temperature, gim_rules
+from fastattr.interpret.interpretable import require_interpretable
 from fastattr.interpret.outputs import logits_of, reported_probabilities
-from fastattr.interpret.perturbation_inputs import require_interpretable
 
 
 class MissingEmbeddingModel(AssertionError, TypeError):

@@ -2,7 +2,7 @@
 the same ``random_seed``), the same similarity weights and the same regularised least-squares fit per
 patient, so the same attributions to float rounding. Only the model evaluations change: PyHealth runs
 one forward of the whole padded batch per perturbation; here a patient's distinct perturbations run
-once each, in length groups (:mod:`fastattr.interpret.perturbation`).
+once each, in length groups (:mod:`fastattr.interpret.perturbation.engine`).
 
 As in PyHealth, a patient's values depend on its batch: a perturbation gates every position of the
 batch's padded widths for all patients at once, and the similarity of a perturbed patient to itself
@@ -21,8 +21,9 @@ import torch
 
 from fastattr.core.checks import check_count, check_non_negative, check_seed
 from fastattr.interpret.features import FeatureBatch
-from fastattr.interpret.perturbation import PerturbationRunner, feature_counts
-from fastattr.interpret.perturbation_inputs import PerturbationExplainer, require_interpretable
+from fastattr.interpret.interpretable import require_interpretable
+from fastattr.interpret.perturbation.engine import PerturbationRunner, feature_counts
+from fastattr.interpret.perturbation.inputs import PerturbationExplainer
 
 DISTANCE_MODES = ("cosine", "euclidean")
 FEATURE_SELECTIONS = ("lasso", "ridge", "none")
@@ -55,7 +56,8 @@ class LimeExplainer(PerturbationExplainer):
     def __init__(self, model: torch.nn.Module, use_embeddings: bool = True, n_samples: int = 1000,
                  kernel_width: float = 0.25, distance_mode: str = "cosine", feature_selection: str = "lasso",
                  alpha: float = 0.01, random_seed: int | None = 42, *, pack_lengths: bool | str = "auto") -> None:
-        require_interpretable(model)
+        """Check every option (a ``ValueError`` naming the one outside its domain) and the model; see the class."""
+        require_interpretable(model, bool(use_embeddings))
         check_count("n_samples", n_samples)
         _check_kernel_width(kernel_width)
         _check_choice("distance_mode", distance_mode, DISTANCE_MODES)

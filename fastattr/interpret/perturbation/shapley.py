@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastattr.interpret.perturbation import GatedRows
+from fastattr.interpret.perturbation.engine import GatedRows
 
 
 @dataclass

@@ -2,7 +2,7 @@
 for the same ``random_seed``), the same kernel weights and the same regularised least-squares fit, so
 the same attributions to float rounding. Only the model evaluations change: PyHealth runs one forward
 of the whole padded batch per coalition; here a patient's distinct coalitions run once each, in length
-groups (:mod:`fastattr.interpret.perturbation`).
+groups (:mod:`fastattr.interpret.perturbation.engine`).
 
 As in PyHealth, a patient's values depend on its batch: the coalitions are drawn over the batch's
 padded positions (``M``, the features of every key along its first padded dim, gated for all
@@ -18,9 +18,10 @@ import torch
 
 from fastattr.core.checks import check_count, check_non_negative, check_seed
 from fastattr.interpret.features import FeatureBatch
-from fastattr.interpret.perturbation import PerturbationRunner, feature_counts, present_positions
-from fastattr.interpret.perturbation_inputs import PerturbationExplainer, is_interpretable
-from fastattr.interpret.shapley import enumerate_coalitions, exact_values
+from fastattr.interpret.interpretable import is_interpretable
+from fastattr.interpret.perturbation.engine import PerturbationRunner, feature_counts, present_positions
+from fastattr.interpret.perturbation.inputs import PerturbationExplainer
+from fastattr.interpret.perturbation.shapley import enumerate_coalitions, exact_values
 
 EDGE_WEIGHT = 1000.0  # PyHealth's weight of the empty and the full coalition
 
@@ -41,7 +42,7 @@ class ShapExplainer(PerturbationExplainer):
         pack_lengths: ``"auto" | True | False``: run rows in length groups where that is exact.
         exact: beyond PyHealth (opt-in): a patient whose ``n`` real positions have ``2**n <=
             max_coalitions`` coalitions gets exact Shapley values over its own positions (all its
-            coalitions run, padding is no player and gets 0; :mod:`fastattr.interpret.shapley`); the
+            coalitions run, padding is no player and gets 0; :mod:`fastattr.interpret.perturbation.shapley`); the
             others get PyHealth's sampled estimate. ``last_exact`` says which patients were exact.
 
     """
@@ -49,6 +50,7 @@ class ShapExplainer(PerturbationExplainer):
     def __init__(self, model: torch.nn.Module, use_embeddings: bool = True, n_background_samples: int = 100,
                  max_coalitions: int = 1000, regularization: float = 1e-6, random_seed: int | None = 42, *,
                  pack_lengths: bool | str = "auto", exact: bool = False) -> None:
+        """Check every option (a ``ValueError`` naming the one outside its domain) and the model; see the class."""
         if use_embeddings and not is_interpretable(model):
             raise ValueError("Model must implement Interpretable interface or use_embeddings must be False.")
         check_count("n_background_samples", n_background_samples)

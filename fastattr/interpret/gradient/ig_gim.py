@@ -1,7 +1,7 @@
 """Drop-in replacement for ``pyhealth.interpret.methods.IntegratedGradientGIM`` (PyHealth 2.1.0).
 
 Integrated gradients whose every path point is differentiated under GIM's backward rules
-(:mod:`fastattr.interpret.gim_rules`), on fastattr's IG engine: the path points run as a few large
+(:mod:`fastattr.interpret.gradient.gim_rules`), on fastattr's IG engine: the path points run as a few large
 forwards with input-only backwards, the rules swapped into the model around each forward (they live
 in the autograd graph, so the stacked backward applies them), and samples run in length groups where
 the padding checks pass for the model under the rules: the logits at the input and the baseline
@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from fastattr.interpret.features import FeatureBatch
-from fastattr.interpret.gim import require_embedding_model
-from fastattr.interpret.gim_rules import check_temperature, gim_rules
-from fastattr.interpret.ig import IntegratedGradients
+from fastattr.interpret.gradient.gim import require_embedding_model
+from fastattr.interpret.gradient.gim_rules import check_temperature, gim_rules
+from fastattr.interpret.gradient.ig import IntegratedGradients
+from fastattr.interpret.interpretable import BaselineKeyError, require_interpretable
 from fastattr.interpret.lengths import Group, GroupedTask
 from fastattr.interpret.padding import PADDING_RTOL, layout_key
-from fastattr.interpret.perturbation_inputs import BaselineKeyError, require_interpretable
 
 
 class IntegratedGradientGIM(IntegratedGradients):
