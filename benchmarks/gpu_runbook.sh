@@ -5,8 +5,8 @@
 #   V=$(bash tests/pyhealth_env.sh); $V/bin/python -m benchmarks.pyhealth_device prepare --out .carry  # here, once
 #   bash benchmarks/gpu_runbook.sh all                 # on the device, with carry [".carry"]
 #   DEVICE=cpu bash benchmarks/gpu_runbook.sh all      # the dry run here (small sizes, same code paths)
-# "all" is: tests (the GPU tier), pyhealth (IG in fp32/tf32/bf16 and the three ways users call both
-# methods, against the real PyHealth: benchmarks/pyhealth_device.py), pipeline (fastattr attribute's
+# "all" is: tests (the GPU tier), pyhealth (IG in fp32/tf32/bf16, SHAP / LIME / IG-GIM on a batch of 32,
+# and the three ways users call IG and Chefer, against the real PyHealth: benchmarks/pyhealth_device.py), pipeline (fastattr attribute's
 # runner against attribute() alone) and precision (the fidelity of tf32/bf16 on the demo's model).
 # Earlier parts, a few minutes each: accuracy (steps="auto" against fixed rules), kernels (GB/s vs copy, TFLOP/s vs cuBLAS), e2e (vs the
 # fastattr.loop stand-in, Captum, the floor), longtail, tables (100,000 patients summarised,
@@ -49,7 +49,7 @@ for part in "${parts[@]}"; do
   case "$part" in
     pyhealth)  # the real PyHealth on the device: checked against fastattr, then timed
       if [ "$small" = 1 ]; then extra=(--as-device --repeats 1 --loop-repeats 1 --ig-patients 16); else extra=(); fi
-      "$py" -m benchmarks.pyhealth_device run --carry .carry --device "$device" --parts ig loops "${extra[@]}" \
+      "$py" -m benchmarks.pyhealth_device run --carry .carry --device "$device" --parts ig methods loops "${extra[@]}" \
         2>&1 | grep -v -i "warning" | tee "$out/pyhealth.log" ;;
     pipeline)  # does the cohort runner keep the device busy
       if [ "$small" = 1 ]; then size=2000; batch=64; else size="${PIPELINE_SIZE:-20000}"; batch=512; fi

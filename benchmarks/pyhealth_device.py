@@ -57,6 +57,8 @@ STUBS = {
 # Third-party modules the device image lacks (hidden in the CPU dry run to find every stub needed).
 DEVICE_LACKS = ("polars", "dask", "distributed", "litdata", "mne", "rdkit", "pydantic", "pydantic_core", "orjson",
                 "more_itertools", "platformdirs", "accelerate", "boto3", "botocore", "shap", "lime")
+METHOD_MODULES = {"IntegratedGradients": "integrated_gradients", "CheferRelevance": "chefer",
+                  "ShapExplainer": "shap", "LimeExplainer": "lime", "IntegratedGradientGIM": "ig_gim"}
 MODEL_MODULES = {"Transformer": "pyhealth.models.transformer", "StageNet": "pyhealth.models.stagenet",
                  "MLP": "pyhealth.models.mlp", "StageAttentionNet": "pyhealth.models.stagenet_mha"}
 
@@ -104,11 +106,10 @@ def import_pyhealth(site: Path | None = None) -> types.SimpleNamespace:
     models = sys.modules["pyhealth.models"]
     models.BaseModel = importlib.import_module("pyhealth.models.base_model").BaseModel
     classes = {name: getattr(importlib.import_module(path), name) for name, path in MODEL_MODULES.items()}
-    ig = importlib.import_module("pyhealth.interpret.methods.integrated_gradients").IntegratedGradients
-    chefer = importlib.import_module("pyhealth.interpret.methods.chefer").CheferRelevance
+    methods = {name: getattr(importlib.import_module(f"pyhealth.interpret.methods.{module}"), name)
+               for name, module in METHOD_MODULES.items()}
     collate = importlib.import_module("pyhealth.datasets.utils").collate_fn_dict_with_padding
-    return types.SimpleNamespace(version=pyhealth.__version__, root=root, models=classes, IntegratedGradients=ig,
-                                 CheferRelevance=chefer, collate=collate)
+    return types.SimpleNamespace(version=pyhealth.__version__, root=root, models=classes, collate=collate, **methods)
 
 
 # -- prepare (in the PyHealth environment) ----------------------------------------------------------
@@ -154,6 +155,9 @@ def prepare(out: Path) -> None:
                          dict(embedding_dim=64, heads=4, num_layers=2), 32, seed=0),
         "chefer-tail": _case("chefer-tail", _long_tailed_samples(512, 15, 400, 0), "Transformer",
                              dict(embedding_dim=64, heads=4, num_layers=4), 32, seed=0),
+        # SHAP, LIME, IG-GIM: PyHealth's interpretability example's Transformer (3L/4H/d128), 32 long-tailed patients
+        "methods": _case("methods", _long_tailed_samples(32, 15, 120, 1), "Transformer",
+                         dict(embedding_dim=128, heads=4, num_layers=3), 32, seed=0),
     }
     torch.save(cases, out / "cases.pt")
     wheels = list(out.glob("pyhealth-2.1.0-*.whl"))
@@ -248,6 +252,9 @@ def run(args) -> None:
         for k, v in ms.items():
             print(f"| {k} | {v:.2f} | {ms['PyHealth 2.1.0'] / v:.2f}x |", flush=True)
 
+    if "methods" in args.parts:
+        run_methods(ph, cases["methods"], args, timed)
+
     for method in [m for m in ("ig", "chefer") if f"{m}-loops" in args.parts or "loops" in args.parts]:
         case = cases[f"{method}-tail"]
         model, samples, _ = _build(ph, case, args.device)
@@ -291,6 +298,31 @@ def run(args) -> None:
                   flush=True)
 
 
+def run_methods(ph: types.SimpleNamespace, case: dict, args: argparse.Namespace, timed: Any) -> None:
+    """SHAP, LIME and IG-GIM on one batch of 32 (PyHealth's example Transformer): checked, then timed."""
+    import fastattr
+
+    model, _, loader = _build(ph, case, args.device)
+    batch = next(iter(loader(32)))
+    cuda = args.device.startswith("cuda")
+    rows = {  # label: (PyHealth's, fastattr's, tolerance: SHAP's float32 fit amplifies the logits' rounding ~1,000x)
+        "ShapExplainer, 200 coalitions": (ph.ShapExplainer(model, max_coalitions=200),
+                                          fastattr.ShapExplainer(model, max_coalitions=200), 1e-3 if cuda else 1e-4),
+        "LimeExplainer, 200 perturbations": (ph.LimeExplainer(model, n_samples=200),
+                                             fastattr.LimeExplainer(model, n_samples=200), 1e-4),
+        "IntegratedGradientGIM, 50 steps": (ph.IntegratedGradientGIM(model, steps=50),
+                                            fastattr.IntegratedGradientGIM(model, steps=50), 1e-4 if cuda else 1e-5),
+    }
+    print("\nSHAP, LIME, IG-GIM: PyHealth Transformer 3L/4H/d128, 32 long-tailed patients in one batch\n"
+          "| method | max rel. err. | PyHealth ms | fastattr ms | speedup |\n|---|---|---|---|---|")
+    for label, (theirs, ours, tolerance) in rows.items():
+        err = _check(label, ours.attribute(**batch), theirs.attribute(**batch), tolerance)
+        ms = timed({"theirs": lambda t=theirs: t.attribute(**batch), "ours": lambda o=ours: o.attribute(**batch)},
+                   max(1, args.repeats // 5))
+        print(f"| {label} | {err:.1e} | {ms['theirs']:.1f} | {ms['ours']:.1f} | {ms['theirs'] / ms['ours']:.2f}x |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -299,7 +331,8 @@ def main() -> None:
     r = sub.add_parser("run", help="fastattr against the real PyHealth, checked, then timed")
     r.add_argument("--carry", default=".carry")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    r.add_argument("--parts", nargs="+", default=["ig", "loops"], choices=["ig", "loops", "ig-loops", "chefer-loops"])
+    r.add_argument("--parts", nargs="+", default=["ig", "loops"],
+                   choices=["ig", "loops", "ig-loops", "chefer-loops", "methods"])
     r.add_argument("--modes", nargs="+", default=["fp32", "tf32", "bf16"])
     r.add_argument("--repeats", type=int, default=10)
     r.add_argument("--loop-repeats", type=int, default=3)

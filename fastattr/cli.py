@@ -42,7 +42,8 @@ def _add_attribute(sub: Any) -> None:
     attribute.add_argument("--cohort", choices=["synthetic"], default="synthetic", help="the embedded cohort generator")
     attribute.add_argument("--size", type=int, required=True, help="patients in the cohort")
     attribute.add_argument("--checkpoint", required=True, help="a model saved by fastattr demo --save-model")
-    attribute.add_argument("--method", choices=["ig", "chefer"], default="ig")
+    attribute.add_argument("--method", choices=list(METHOD_NAMES), default="ig",
+                           help="the interpreter (fastattr's drop-in for PyHealth's of that name; default ig)")
     attribute.add_argument("--out", required=True, help="output folder (shards and manifest.json)")
     attribute.add_argument("--seed", type=int, default=None, help="cohort seed (default: the model's training cohort)")
     attribute.add_argument("--batch-size", type=int, default=64, help="patients per batch")
@@ -51,13 +52,20 @@ def _add_attribute(sub: Any) -> None:
                            "(default; --no-sort-by-length keeps the cohort's order)")
     attribute.add_argument("--batch-tokens", type=int, default=None,
                            help="padded codes per sorted batch instead of --batch-size patients")
-    attribute.add_argument("--steps", type=_steps, default=50,
-                           help="IG steps, or 'auto': each patient's path refined to --tolerance")
+    attribute.add_argument("--steps", type=_steps, default=None,
+                           help="ig, ig-gim: path steps (default 50), or 'auto': each patient's path refined to "
+                           "--tolerance")
     attribute.add_argument("--tolerance", type=float, default=None,
                            help="relative tolerance of --steps auto (default 5e-3; README: what each costs)")
-    attribute.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
-                           help="the model's arithmetic: fp32 (default, exact), tf32 or bf16 (faster on GPUs; "
-                           "fastattr's sums stay fp32; the README states what each costs in fidelity)")
+    attribute.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
+                           help="ig, chefer, ig-gim: the model's arithmetic: fp32 (default, exact), tf32 or bf16 "
+                           "(faster on GPUs; fastattr's sums stay fp32; the README states what each costs)")
+    attribute.add_argument("--coalitions", type=int, default=None, help="shap: max_coalitions (default 1000)")
+    attribute.add_argument("--samples", type=int, default=None, help="lime: n_samples (default 1000)")
+    attribute.add_argument("--random-seed", type=int, default=None,
+                           help="shap, lime (default 42), random (default: unseeded): the method's random_seed")
+    attribute.add_argument("--temperature", type=float, default=None, help="gim, ig-gim: the softmax temperature "
+                           "of GIM's backward rule (default 2)")
     attribute.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     attribute.add_argument("--no-resume", action="store_true", help="refuse to continue a run found in --out")
 
@@ -86,9 +94,9 @@ def _add_tables(sub: Any) -> None:
     summarize.add_argument("--by-class", action="store_true", help="one row per code and class")
     summarize.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
     summarize.add_argument("--output", default=None, help="also write the whole table (.csv or .parquet)")
-    report = sub.add_parser("report", help="a self-contained HTML report of one run, or of two runs of one cohort "
-                            "(IG and Chefer) with their agreement")
-    report.add_argument("runs", nargs="+", help="one or two run folders")
+    report = sub.add_parser("report", help="a self-contained HTML report of one run, or of several runs of one "
+                            "cohort (IG, Chefer, SHAP...) with their method comparison")
+    report.add_argument("runs", nargs="+", help="run folders: one, or several methods' runs of one cohort")
     report.add_argument("--output", default=None, help="HTML file (default: report.html in the first run's folder)")
     report.add_argument("--top", type=int, default=20, help="codes in the top lists (default 20)")
     report.add_argument("--patients", type=int, default=6, help="heat maps of the highest-probability samples")
@@ -134,14 +142,40 @@ def _steps(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"must be an integer or 'auto'; got {text!r}") from None
 
 
+# ``fastattr attribute``'s method options: the flag's attribute in the parsed arguments -> the keyword
+# of the method's constructor or call (fastattr.cohort.methods.METHODS says which method takes which)
+METHOD_FLAGS = {"steps": "steps", "tolerance": "tolerance", "precision": "precision", "coalitions": "max_coalitions",
+                "samples": "n_samples", "random_seed": "random_seed", "temperature": "temperature"}
+METHOD_NAMES = ("ig", "chefer", "shap", "lime", "deeplift", "rollout", "random", "gim", "ig-gim")
+
+
+def _method_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The method options given, as the method's keywords; a flag the method does not take is refused."""
+    from fastattr.cohort.methods import METHODS
+
+    spec = METHODS[args.method]
+    takes = spec.options + spec.call_options
+    given = {flag: keyword for flag, keyword in METHOD_FLAGS.items() if getattr(args, flag) is not None}
+    for flag, keyword in given.items():
+        if keyword not in takes:
+            allowed = [f"--{f.replace('_', '-')}" for f, k in METHOD_FLAGS.items() if k in takes]
+            parser.error(f"--{flag.replace('_', '-')} does not apply to --method {args.method}; it takes "
+                         + (", ".join(allowed) if allowed else "no method options"))
+    for flag in ("coalitions", "samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1; got {getattr(args, flag)}")
+    return {keyword: getattr(args, flag) for flag, keyword in given.items()}
+
+
 def _checked_attribute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if args.size < 1 or args.batch_size < 1 or (args.steps != "auto" and args.steps < 1):
+    options = _method_options(parser, args)
+    if args.size < 1 or args.batch_size < 1 or (isinstance(args.steps, int) and args.steps < 1):
         parser.error("--size, --batch-size and --steps must be >= 1 (--steps may also be auto)")
     if args.tolerance is not None and (args.steps != "auto" or not 0 < args.tolerance < float("inf")):
         parser.error("--tolerance must be a positive finite number and goes with --steps auto")
     if args.batch_tokens is not None and (args.batch_tokens < 1 or not args.sort_by_length):
         parser.error("--batch-tokens must be >= 1 and cannot go with --no-sort-by-length")
-    return run_attribute(args)
+    return run_attribute(args, options)
 
 
 def run_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -194,8 +228,6 @@ def run_tables(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     from fastattr.report import page
     from fastattr.runs import tables
 
-    if args.command == "report" and len(args.runs) > 2:
-        parser.error("report takes one run folder, or two to compare")
     if getattr(args, "top", 1) < 1:
         parser.error("--top must be >= 1")
     if getattr(args, "patients", 0) < 0:
@@ -228,11 +260,11 @@ def run_tables(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return 0
 
 
-def run_attribute(args: argparse.Namespace) -> int:
+def run_attribute(args: argparse.Namespace, options: dict[str, Any] | None = None) -> int:
     """``fastattr attribute``: a full disk, a folder another run is writing, a folder that is not a
     run and other errors of the inputs end the command with one line and status 2; Ctrl-C with
-    status 130. Either way what was finished stays for the resume."""
-    return _resumable("attribute", args.out, lambda: _attribute(args))
+    status 130. Either way what was finished stays for the resume. ``options``: the method's keywords."""
+    return _resumable("attribute", args.out, lambda: _attribute(args, options or {}))
 
 
 def _resumable(command: str, folder: str, work: Any) -> int:
@@ -252,16 +284,15 @@ def _resumable(command: str, folder: str, work: Any) -> int:
     return 0
 
 
-def _attribute(args: argparse.Namespace) -> None:
+def _attribute(args: argparse.Namespace, options: dict[str, Any]) -> None:
     import os
 
     import torch
 
+    from fastattr.cohort.methods import build_interpreter
     from fastattr.cohort.runner import attribute_dataset
     from fastattr.demo.models import load_checkpoint
     from fastattr.demo.synthetic import CohortDataset, SyntheticCohort
-    from fastattr.interpret.chefer import CheferRelevance
-    from fastattr.interpret.ig import IntegratedGradients
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -276,12 +307,11 @@ def _attribute(args: argparse.Namespace) -> None:
                          f"match the cohort's ({len(cohort.names)})")
     loader = torch.utils.data.DataLoader(CohortDataset(cohort), batch_size=args.batch_size, shuffle=False,
                                          collate_fn=CohortDataset.collate)
-    if args.method == "ig":
-        interpreter = IntegratedGradients(model, steps=args.steps, tolerance=args.tolerance)
-    else:
-        interpreter = CheferRelevance(model)
-    kwargs = {"precision": args.precision} if args.precision != "fp32" else {}
-    attribute_dataset(interpreter, loader, args.out, resume=not args.no_resume, sort_by_length=args.sort_by_length,
+    if options.get("precision") == "fp32":  # the default: not recorded as a call option
+        del options["precision"]
+    interpreter, kwargs = build_interpreter(args.method, model, options)
+    sort = "auto" if args.sort_by_length else False  # methods whose values depend on the batch keep its batches
+    attribute_dataset(interpreter, loader, args.out, resume=not args.no_resume, sort_by_length=sort,
                       batch_tokens=args.batch_tokens, vocab={"codes": cohort.names}, annotations=cohort.annotations(),
                       **kwargs)
 

@@ -135,3 +135,55 @@ def test_attribute_steps_auto_stores_each_patients_points(tmp_path, checkpoint):
     store = load_attributions(tmp_path / "run")
     assert store.info["options"] == {"steps": "auto", "tolerance": 2e-3}
     assert all(9 <= int(store[i]["steps"]) <= 129 and float(store[i]["error_estimate"]) >= 0 for i in range(12))
+
+
+NEW_METHODS = {"shap": ["--coalitions", "32", "--random-seed", "3"], "lime": ["--samples", "32"],
+               "deeplift": [], "rollout": [], "random": ["--random-seed", "0"], "gim": ["--temperature", "3"],
+               "ig-gim": ["--steps", "3"]}
+
+
+def test_attribute_lists_every_method_of_the_cohort_tools():
+    from fastattr.cohort.methods import METHODS
+
+    assert list(cli.METHOD_NAMES) == list(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(NEW_METHODS))
+def test_attribute_and_evaluate_every_new_method(tmp_path, checkpoint, capsys, method):
+    from fastattr.cohort.methods import METHODS
+    from fastattr.runs import load_attributions
+
+    run = tmp_path / method
+    assert cli.main(["attribute", "--size", "9", "--checkpoint", str(checkpoint), "--method", method,
+                     "--batch-size", "4", "--device", "cpu", "--out", str(run), *NEW_METHODS[method]]) == 0
+    store = load_attributions(run)
+    assert len(store) == 9 and store.info["method"] == METHODS[method].target.split(":")[1]
+    dependent = method in ("shap", "lime", "random")
+    assert store.info["batching"]["sorted"] is not dependent
+    assert store.info["batching"].get("batch_dependent", False) is dependent
+    if method == "shap":
+        assert store.info["settings"]["max_coalitions"] == 32 and store.info["settings"]["random_seed"] == 3
+    assert cli.main(["evaluate", str(run), "--checkpoint", str(checkpoint), "--percentages", "20", "50",
+                     "--device", "cpu"]) == 0
+    assert f"patients of {run}: comprehensiveness" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "lime", "--coalitions", "5"], "--coalitions does not apply to --method lime; it takes --samples, "
+                                                "--random-seed"),
+    (["--method", "rollout", "--steps", "5"], "--steps does not apply to --method rollout; it takes no method options"),
+    (["--method", "ig", "--random-seed", "1"], "--random-seed does not apply to --method ig; it takes --steps, "
+                                               "--tolerance, --precision"),
+    (["--method", "deeplift", "--precision", "bf16"], "--precision does not apply to --method deeplift"),
+    (["--method", "shap", "--coalitions", "0"], "--coalitions must be >= 1; got 0"),
+    (["--method", "shap", "--batch-tokens", "64"], "batch_tokens cuts batches sorted by length"),
+    (["--method", "saliency"], "argument --method: invalid choice: 'saliency'"),
+])
+def test_attribute_refuses_options_the_method_does_not_take(tmp_path, checkpoint, capsys, extra, message):
+    argv = ["attribute", "--size", "5", "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(tmp_path),
+            *extra]
+    try:
+        status = cli.main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    assert status == 2 and message in capsys.readouterr().err

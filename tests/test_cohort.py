@@ -19,7 +19,7 @@ from fastattr.cohort import LengthSortedBatches, attribute_dataset, load_attribu
 from fastattr.core import packing
 from fastattr.demo.models import load_checkpoint
 from fastattr.demo.synthetic import CohortDataset, SyntheticCohort
-from fastattr.interpret import chefer as chefer_module
+from fastattr.interpret.attention import chefer as chefer_module
 
 
 def loader(cohort, batch_size=8):

@@ -290,7 +290,7 @@ def test_clear_errors(tmp_path, capsys):
         tables.summarize(out, features=["nope"])
     with pytest.raises(ValueError, match="format must be one of"):
         tables.export(out, tmp_path / "t.xlsx")
-    with pytest.raises(ValueError, match="runs must be one run folder or two"):
+    with pytest.raises(ValueError, match="runs must be different run folders"):
         write_report([out, out, out])
     # a damaged shard is named by every reader
     shard = sorted(out.glob("shard-*.safetensors"))[1]

@@ -146,28 +146,37 @@ def _sort_source(dataloader: Any) -> tuple[Any, int, Any] | str:
 
 
 def choose_batching(dataloader: Any, model: Any, sort_by_length: Any, batch_tokens: int | None,
-              recorded: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+                    recorded: dict[str, Any] | None, dependent: bool = False) -> tuple[Any, dict[str, Any]]:
     """The batches to attribute (a loader, or :class:`LengthSortedBatches` over its dataset) and
-    how they were made (stored in ``run.json``, and reused when a run is resumed with defaults)."""
+    how they were made (stored in ``run.json``, and reused when a run is resumed with defaults).
+
+    ``dependent``: the method's values depend on each patient's batch
+    (:func:`fastattr.cohort.methods.batch_dependent`). Then ``"auto"`` keeps the loader's batches as
+    given (sorting would change the values), and the record says so with how they were cut."""
     check_auto_flag("sort_by_length", sort_by_length)
     check_count("batch_tokens", batch_tokens, optional=True)
     if isinstance(dataloader, LengthSortedBatches):
-        return dataloader, {"sorted": True, "batch_size": dataloader.batch_size,
-                            "batch_tokens": dataloader.batch_tokens, "window": dataloader.window}
+        return dataloader, _sorted_record(dataloader, dependent)
     if sort_by_length == "auto" and recorded is not None and not recorded.get("sorted"):
         sort_by_length = False  # a run begun in the loader's order resumes in it
+    if sort_by_length == "auto" and dependent:
+        if batch_tokens is not None:
+            raise ValueError("batch_tokens cuts batches sorted by length, which changes the values of a method whose "
+                             "values depend on the batch (SHAP, LIME, RandomBaseline); pass sort_by_length=True to "
+                             "sort anyway")
+        sort_by_length = False
     if sort_by_length is False:
         if batch_tokens is not None:
             raise ValueError("batch_tokens applies only when batches are sorted by length (sort_by_length='auto' "
                              "or True)")
-        return dataloader, {"sorted": False}
+        return dataloader, _loader_record(dataloader, dependent, recorded)
     source = _sort_source(dataloader) if model is not None else "the interpreter has no .model"
     if isinstance(source, str):
         if sort_by_length is True:
             raise ValueError(f"sort_by_length=True needs a DataLoader over a map-style dataset, in order: {source}")
         warnings.warn(f"attribute_dataset: batches run in the loader's order, not sorted by length, because {source}; "
                       "pass sort_by_length=False to say that is intended", stacklevel=3)
-        return dataloader, {"sorted": False}
+        return dataloader, _loader_record(dataloader, dependent, recorded)
     dataset, size, collate = source
     window = SORT_WINDOW
     if recorded and recorded.get("sorted") and batch_tokens is None:  # resume as it was cut
@@ -177,8 +186,39 @@ def choose_batching(dataloader: Any, model: Any, sort_by_length: Any, batch_toke
         batch_tokens = COHORT_BATCH_TOKENS.get(model_device(model).type, COHORT_BATCH_TOKENS["cuda"])
     batches = LengthSortedBatches(dataset, model, batch_size=None if batch_tokens else size,
                                   batch_tokens=batch_tokens, collate_fn=collate, window=window)
-    return batches, {"sorted": True, "batch_size": batches.batch_size, "batch_tokens": batches.batch_tokens,
-                     "window": batches.window}
+    return batches, _sorted_record(batches, dependent)
+
+
+def _sorted_record(batches: LengthSortedBatches, dependent: bool) -> dict[str, Any]:
+    """``run.json``'s ``batching`` of length-sorted batches."""
+    record = {"sorted": True, "batch_size": batches.batch_size, "batch_tokens": batches.batch_tokens,
+              "window": batches.window}
+    if dependent:
+        record.update(batch_dependent=True, order="sorted by length in windows (ties by position)",
+                      padding=f"each batch padded by {_name(batches.collate_fn)} to its own longest")
+    return record
+
+
+def _loader_record(dataloader: Any, dependent: bool, recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """``run.json``'s ``batching`` of a loader's own batches: ``{"sorted": False}``; for a method whose
+    values depend on the batch also the loader's batch size, order and padding (a resumed run must cut
+    the same batches: a loader of another batch size is refused)."""
+    if not dependent:
+        return {"sorted": False}
+    size = getattr(dataloader, "batch_size", None)
+    if recorded and recorded.get("batch_dependent") and recorded.get("batch_size") != size:
+        raise ValueError(f"this run was attributed in the loader's batches of {recorded.get('batch_size')} patients "
+                         f"and its method's values depend on the batch; resume it with a loader of that batch size, "
+                         f"not {size}")
+    collate = getattr(dataloader, "collate_fn", None)
+    return {"sorted": False, "batch_dependent": True, "batch_size": size, "order": "the loader's, as given",
+            "padding": f"each batch as the loader pads it ({_name(collate)})" if collate else
+            "each batch as the loader gives it"}
+
+
+def _name(function: Any) -> str:
+    """``module.qualname`` of a collate function."""
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', type(function).__name__)}"
 
 
 def in_order(dataloader: Iterable[dict[str, Any]]

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from fastattr.cohort.batching import LengthSortedBatches, choose_batching, in_order
 from fastattr.cohort.distributed import barrier, on_every_rank, start_process_group
+from fastattr.cohort.methods import batch_dependent, settings
 from fastattr.cohort.pipeline import Prefetch, ShardWriter
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Attributor, Interpreter
@@ -48,9 +49,13 @@ def _attribute_with_retry(interpreter: Any, batch: dict[str, Any], index: int, k
     """Attribute ``batch``; on CUDA out-of-memory, retry in halves down to one patient. Returns the
     parts in patient order."""
     size = batch_size(batch)
+    before = getattr(interpreter, "last_predictions", None)
     try:
         result = interpreter.attribute(**kwargs, **batch)
-        return [_Part(result, getattr(interpreter, "last_predictions", None), _path_report(interpreter))]
+        predictions = getattr(interpreter, "last_predictions", None)
+        if predictions is before:  # not this call's (an interpreter that records none): never store stale ones
+            predictions = None
+        return [_Part(result, predictions, _path_report(interpreter))]
     except torch.cuda.OutOfMemoryError as exc:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -116,6 +121,21 @@ def _predictions(model: Any, batch: dict[str, Any], target: Any) -> tuple[torch.
     return reported_probabilities(out, logits)[0], targets
 
 
+def _info(interpreter: Any, model: Any, vocab: Any, annotations: Any, attribute_kwargs: dict[str, Any],
+          batching: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    """``run.json``: :func:`fastattr.runs.files.run_info` with the interpreter's ``settings``
+    (:func:`fastattr.cohort.methods.settings`); a resumed run whose settings differ is refused."""
+    info = {**run_info(interpreter, model, vocab, annotations, attribute_kwargs, batching),
+            "settings": settings(interpreter)}
+    before = (old or {}).get("settings")
+    if before and info["settings"] and old.get("method") == info["method"] and before != info["settings"]:
+        changed = sorted(k for k in {*before, *info["settings"]} if before.get(k) != info["settings"].get(k))
+        were = ", ".join(f"{k}={before.get(k)!r}" for k in changed)
+        raise ValueError(f"this run was attributed with other {type(interpreter).__name__} settings ({were}); "
+                         "resume it with the same settings, or use another folder")
+    return info
+
+
 def attribute_dataset(interpreter: Interpreter | Attributor, dataloader: Iterable[dict[str, Any]], out: str | Path, *,
                       save_probabilities: bool = True, resume: bool = True, progress: bool | None = None,
                       sort_by_length: bool | str = "auto", batch_tokens: int | None = None,
@@ -146,6 +166,11 @@ def attribute_dataset(interpreter: Interpreter | Attributor, dataloader: Iterabl
             warning saying why. ``True``: the same, but a loader that cannot be sorted is an
             error; ``False``: the loader's batches as they are. Results keep their dataset
             positions in the store, so readers see the same run whichever way it was batched.
+            A method whose values for a patient depend on its batch (SHAP, LIME, RandomBaseline:
+            :func:`fastattr.cohort.methods.batch_dependent`) keeps the loader's batches and order
+            under ``"auto"``, since sorting would change its values; ``run.json``'s ``batching``
+            then says ``batch_dependent`` with the batch size, order and padding used (the
+            manifest lists which patients shared each shard; ``True`` sorts it anyway, recorded).
         batch_tokens: padded positions per sorted batch instead of a count of samples.
         vocab: ``{feature: {code: id} or [name by id]}`` to decode codes in tables and reports;
             by default each processor's ``code_vocab`` (PyHealth's), else codes are shown as ids.
@@ -175,14 +200,16 @@ def attribute_dataset(interpreter: Interpreter | Attributor, dataloader: Iterabl
     info = read_run_info(out) if resume else None
     # how an interrupted run's batches were cut (runs written before run.json said so were in order)
     recorded = None if info is None else info.get("batching", {"sorted": False})
-    dataloader, batching = choose_batching(dataloader, model, sort_by_length, batch_tokens, recorded)
+    dataloader, batching = choose_batching(dataloader, model, sort_by_length, batch_tokens, recorded,
+                                           batch_dependent(interpreter))
     device = model_device(model) if isinstance(model, torch.nn.Module) else None
     store = ShardStore(out, rank, world)
     on_every_rank(store.lock)
     try:
         done = on_every_rank(lambda: store.recover(resume))
         if rank == 0 and model is not None:
-            write_run_info(out, run_info(interpreter, model, vocab, annotations, attribute_kwargs, batching), resume)
+            write_run_info(out, _info(interpreter, model, vocab, annotations, attribute_kwargs, batching, info),
+                           resume)
         barrier()  # every rank has read the previous state before any rank writes
         timing = _run(interpreter, model, dataloader, store, done, rank, world, device, progress,
                       save_probabilities, attribute_kwargs)

@@ -30,7 +30,8 @@ def bootstrap_interval(values: np.ndarray, seed: int = 0, rounds: int = BOOTSTRA
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def _scored(store: Attributions) -> dict[str, Any] | None:
+def scored(store: Attributions) -> dict[str, Any] | None:
+    """A run's stored scores (``rows``, ``valid``, ``percentages``), or ``None`` where it has none."""
     scores = load_scores(store)
     if scores is None:
         return None
@@ -38,10 +39,11 @@ def _scored(store: Attributions) -> dict[str, Any] | None:
     return {"rows": rows, "valid": rows["valid"].astype(bool), "percentages": scores_info(store)["percentages"]}
 
 
-def faithfulness_section(runs: Sequence[tuple[str, Attributions]]) -> list[str]:
-    """The section's HTML parts (empty when no run holds scores)."""
-    scored = [(label, store, s) for label, store in runs if (s := _scored(store)) is not None]
-    if not scored:
+def faithfulness_section(runs: Sequence[tuple[str, Attributions]], table: bool = True) -> list[str]:
+    """The section's HTML parts (empty when no run holds scores); ``table=False`` leaves out the table of
+    means (the method comparison, :mod:`fastattr.report.methods_section`, holds it)."""
+    scored_runs = [(label, store, s) for label, store in runs if (s := scored(store)) is not None]
+    if not scored_runs:
         return []
     parts = ["<h2>Faithfulness</h2>",
              "<p>PyHealth's removal-based faithfulness of each patient's attributions, on the patient's own codes "
@@ -49,40 +51,45 @@ def faithfulness_section(runs: Sequence[tuple[str, Attributions]]) -> list[str]:
              "when the top q% attributed codes are removed (higher: more faithful), sufficiency the drop when only "
              "they are kept (lower: more faithful), each averaged over the percentages. Means over the scored "
              "patients with 95% bootstrap intervals; a random attribution of the same patients for scale.</p>"]
-    rows = []
-    for label, _, s in scored:
-        rows.append(_row(label, s, "drops"))
-    rows.append(_row("random", scored[0][2], "random"))
-    parts.append("<table><tr><th>method</th><th>scored patients</th><th>comprehensiveness</th>"
-                 "<th>sufficiency</th></tr>" + "".join(rows) + "</table>")
-    parts.append(figure(_fig_curves(scored), "probability drop against percentage",
+    if table:
+        rows = [_row(label, s, "drops") for label, _, s in scored_runs]
+        rows.append(_row("random baseline", scored_runs[0][2], "random"))
+        parts.append("<table><tr><th>method</th><th>scored patients</th><th>comprehensiveness</th>"
+                     "<th>sufficiency</th></tr>" + "".join(rows) + "</table>")
+    parts.append(figure(_fig_curves(scored_runs), "probability drop against percentage",
                         "Mean probability drop of the explained class against the percentage of each patient's codes "
                         "removed (left, comprehensiveness) or kept (right, sufficiency), per method and for a random "
                         "attribution (dashed)."))
-    if len(scored) == 2:
-        parts += _differences(scored)
+    if len(scored_runs) == 2:
+        parts += _differences(scored_runs)
     return parts
 
 
-def _row(label: str, s: dict[str, Any], part: str) -> str:
+def scores_cells(s: dict[str, Any], part: str) -> str:
+    """Table cells of one method's scores (``part="drops"``) or of its random baseline (``"random"``):
+    scored patients, then the mean comprehensiveness and sufficiency with 95% bootstrap intervals."""
     valid = s["valid"]
-    cells = [html.escape(label), f"{int(valid.sum())} of {len(valid)}"]
+    cells = [f"{int(valid.sum())} of {len(valid)}"]
     for metric in METRIC_NAMES:
         values = s["rows"][f"{part}/{metric}"][valid].mean(axis=1)
         low, high = bootstrap_interval(values)
         cells.append(f"{values.mean():.3f} [{low:.3f}, {high:.3f}]" if len(values) else "n/a")
-    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+    return "".join(f"<td>{c}</td>" for c in cells)
 
 
-def _fig_curves(scored: list[tuple[str, Attributions, dict[str, Any]]]) -> str:
+def _row(label: str, s: dict[str, Any], part: str) -> str:
+    return f"<tr><td>{html.escape(label)}</td>{scores_cells(s, part)}</tr>"
+
+
+def _fig_curves(scored_runs: list[tuple[str, Attributions, dict[str, Any]]]) -> str:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, metric in zip(axes, METRIC_NAMES, strict=False):
-        for label, _, s in scored:
+        for label, _, s in scored_runs:
             ax.plot(s["percentages"], s["rows"][f"drops/{metric}"][s["valid"]].mean(axis=0), marker="o", label=label)
-        first = scored[0][2]
+        first = scored_runs[0][2]
         ax.plot(first["percentages"], first["rows"][f"random/{metric}"][first["valid"]].mean(axis=0), "k--",
-                marker=".", label="random")
+                marker=".", label="random baseline")
         ax.set_xscale("log")
         ax.set_xlabel(f"% of codes {'removed' if metric == 'comprehensiveness' else 'kept'}")
         ax.set_ylabel("probability drop")
@@ -92,8 +99,8 @@ def _fig_curves(scored: list[tuple[str, Attributions, dict[str, Any]]]) -> str:
     return png(fig)
 
 
-def _differences(scored: list[tuple[str, Attributions, dict[str, Any]]], count: int = 10) -> list[str]:
-    (la, sa, a), (lb, sb, b) = scored
+def _differences(scored_runs: list[tuple[str, Attributions, dict[str, Any]]], count: int = 10) -> list[str]:
+    (la, sa, a), (lb, sb, b) = scored_runs
     if sa.patient_ids != sb.patient_ids:
         return ["<p class=note>The two runs hold different patients: per-patient differences are left out.</p>"]
     both = a["valid"] & b["valid"]

@@ -21,6 +21,7 @@ import numpy as np
 
 from fastattr.report.faithfulness_section import faithfulness_section
 from fastattr.report.figures import figure, png, pyplot
+from fastattr.report.methods_section import methods_section
 from fastattr.runs.frames import code_names, entries, has_vocab
 from fastattr.runs.reader import Attributions, open_run
 from fastattr.runs.summaries import CodeSummary, sample_values, summarize_codes
@@ -210,7 +211,7 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;font-size:.86em;margin:.6em 0}
 td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}figure{margin:1em 0}img{max-width:100%}
+th{background:#f3f3f3}td.l,th.l{text-align:left}td:not(.l){white-space:nowrap}figure{margin:1em 0}img{max-width:100%}
 figcaption{font-size:.86em;color:#555}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em}
 .tag{display:inline-block;padding:0 6px;border-radius:3px;color:#fff;font-size:.8em}"""
 
@@ -327,11 +328,13 @@ def _agreement_section(a: _Run, b: _Run) -> list[str]:
 def write_report(runs: str | Path | Attributions | Sequence[str | Path | Attributions], path: str | Path | None = None,
                  *, labels: Sequence[str] | None = None, top: int = 20, patients: int = 6, limit: int = 5000,
                  title: str | None = None, progress: bool | None = None) -> Path:
-    """Write the HTML report of one run, or of two runs of the same cohort (e.g. IG and Chefer)
-    with their agreement, to ``path`` (default: ``report.html`` in the first run's folder).
+    """Write the HTML report of one run, or of several runs of the same cohort (e.g. IG and Chefer,
+    or every method of PyHealth's comparison) with the method comparison (faithfulness with intervals,
+    agreement on each patient's top codes: :mod:`fastattr.report.methods_section`; two runs also get
+    their code-importance agreement), to ``path`` (default: ``report.html`` in the first run's folder).
 
     Args:
-        runs: a run folder (or ``load_attributions`` store), or a list of one or two.
+        runs: a run folder (or ``load_attributions`` store), or a list of them.
         labels: a name per run (default: its method).
         top: codes in the top lists and figures.
         patients: how many samples with the highest probability of their explained class are shown
@@ -340,16 +343,22 @@ def write_report(runs: str | Path | Attributions | Sequence[str | Path | Attribu
     Returns the path written. Needs matplotlib (the ``report`` extra).
     """
     runs = [runs] if isinstance(runs, (str, Path, Attributions)) else list(runs)
-    if not 1 <= len(runs) <= 2:
-        raise ValueError(f"runs must be one run folder or two (to compare them); got {len(runs)}")
+    if not runs:
+        raise ValueError("runs must name at least one run folder")
     for name, value, low in (("top", top, 1), ("patients", patients, 0), ("limit", limit, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"labels must name each run: {len(runs)} runs, {len(labels)} labels")
     loaded = [_load(r, labels[i] if labels else None, progress) for i, r in enumerate(runs)]
-    if len(loaded) == 2 and loaded[0].label == loaded[1].label:
-        loaded[0].label, loaded[1].label = (f"{r.label} ({r.store.out.name})" for r in loaded)
+    folders = [run.store.out.resolve() for run in loaded]
+    twice = next((f for f in folders if folders.count(f) > 1), None)
+    if twice is not None:
+        raise ValueError(f"runs must be different run folders; {twice} is given more than once")
+    repeated = {r.label for r in loaded if [x.label for x in loaded].count(r.label) > 1}
+    for run in loaded:
+        if run.label in repeated:
+            run.label = f"{run.label} ({run.store.out.name})"
     path = Path(path) if path is not None else loaded[0].store.out / "report.html"
     title = title or "fastattr cohort report"
     parts = ["<!doctype html><html lang=en><head><meta charset='utf-8'>",
@@ -358,9 +367,12 @@ def write_report(runs: str | Path | Attributions | Sequence[str | Path | Attribu
              "<p>How the model's predictions depend on each code across the cohort, from the stored attributions. "
              "A sample's attribution to a code is the sum over the positions that hold it; positive values push "
              "towards the explained class.</p>"]
+    labelled = [(run.label, run.store) for run in loaded]
+    if len(loaded) >= 2:
+        parts += methods_section(labelled)
     if len(loaded) == 2:
         parts += _agreement_section(*loaded)
-    parts += faithfulness_section([(run.label, run.store) for run in loaded])
+    parts += faithfulness_section(labelled, table=len(loaded) == 1)
     for run in loaded:
         parts += _run_section(run, top, patients, limit, progress)
     parts.append("<p style='color:#777;font-size:.8em'>Written by fastattr.</p></body></html>")

@@ -23,6 +23,11 @@ RUN_INFO = "run.json"
 SHAPE_PREFIX = "shape/"
 
 
+#: the interpreter classes a run may record as its method (a resume must not switch between them)
+INTERPRETER_NAMES = ("IntegratedGradients", "CheferRelevance", "ShapExplainer", "LimeExplainer", "DeepLift",
+                     "AttentionRollout", "RandomBaseline", "GIM", "IntegratedGradientGIM")
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -182,7 +187,8 @@ def write_run_info(out: Path, info: dict[str, Any], resume: bool) -> None:
     """Write ``run.json``, or check a resumed run was made with the same features and vocabulary."""
     old = read_run_info(out) if resume else None
     if old is not None:
-        known = {"IntegratedGradients", "CheferRelevance"}  # a wrapper of one (a test's counter) is not another method
+        # fastattr's interpreters; a wrapper of one (a test's counter) is not another method
+        known = set(INTERPRETER_NAMES)
         parts = ("method", "features") if {old.get("method"), info["method"]} <= known else ("features",)
         for part in parts:
             if old.get(part) != info[part]:
