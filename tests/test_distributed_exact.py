@@ -43,7 +43,7 @@ def attribute(out, method: str, checkpoint, processes: int, threads: int | None)
     """``fastattr attribute`` over the synthetic cohort in ``processes`` processes (torchrun for more
     than one), with ``OMP_NUM_THREADS=threads`` (``None``: unset, as a user leaves it)."""
     args = ["attribute", "--size", PATIENTS, "--checkpoint", checkpoint, "--method", method, "--batch-size", BATCH,
-            "--steps", 8, "--device", "cpu", "--out", out]
+            *(["--steps", 8] if method == "ig" else []), "--device", "cpu", "--out", out]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["TRITON_INTERPRET"] = "0"
     if threads is not None:
