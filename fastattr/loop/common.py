@@ -2,6 +2,7 @@
 target rule."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -43,3 +44,23 @@ def _feature_inputs(model: Any, batch: dict, device: torch.device) -> tuple[dict
             parts = (*parts, mask.int())
         inputs[key], values[key] = parts, value
     return inputs, values
+
+
+def _gating_setup(model: Any, batch: dict, baseline: dict | None, target_class_idx: Any,
+                  use_embeddings: bool) -> SimpleNamespace:
+    """What PyHealth's perturbation methods start from: the inputs and raw values, the targets of the
+    batch's own forward, token-ness, the baseline (token id 1, values 0.01 by default), the embedding
+    model (``use_embeddings``) and the gated spaces ``xs`` / ``bs`` (token keys embedded)."""
+    device = _device(model)
+    inputs, values = _feature_inputs(model, batch, device)
+    logits = model.forward(**inputs)["logit"].detach()
+    targets = _targets(target_class_idx, logits if logits.dim() > 1 else logits[:, None])
+    token = {k: bool(model.dataset.input_processors[k].is_token()) for k in values}
+    if baseline is None:
+        baseline = {k: torch.ones_like(v) if token[k] else torch.zeros_like(v) + 0.01 for k, v in values.items()}
+    embed = model.get_embedding_model() if use_embeddings else None
+    xs = {k: embed({k: v})[k] if embed is not None and token[k] else v for k, v in values.items()}
+    bs = {k: embed({k: baseline[k].to(device)})[k] if embed is not None and token[k] else baseline[k].to(device)
+          for k in values}
+    return SimpleNamespace(device=device, inputs=inputs, values=values, targets=targets, token=token,
+                           baseline=baseline, embed=embed, xs=xs, bs=bs)

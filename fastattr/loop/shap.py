@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from fastattr.loop.common import _device, _feature_inputs, _schema, _targets
+from fastattr.loop.common import _gating_setup, _schema
 
 
 def _shap_coalitions(total: int, count: int, random_seed: int | None, device: torch.device) -> list[torch.Tensor]:
@@ -44,17 +44,9 @@ def loop_kernel_shap(model: Any, batch: dict, *, use_embeddings: bool = True, ma
                      target_class_idx: Any = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """PyHealth 2.1.0's Kernel SHAP, one forward of the whole padded batch per coalition, over the
     batch's ``M`` positions (each key's ``shape[1]``, keys sorted): ``(attributions, logits [N, B])``."""
-    device = _device(model)
-    inputs, values = _feature_inputs(model, batch, device)
-    logits = model.forward(**inputs)["logit"].detach()
-    targets = _targets(target_class_idx, logits if logits.dim() > 1 else logits[:, None])
-    token = {k: bool(model.dataset.input_processors[k].is_token()) for k in values}
-    if baseline is None:
-        baseline = {k: torch.ones_like(v) if token[k] else torch.zeros_like(v) + 0.01 for k, v in values.items()}
-    embed = model.get_embedding_model() if use_embeddings else None
-    xs = {k: embed({k: v})[k] if embed is not None and token[k] else v for k, v in values.items()}
-    bs = {k: embed({k: baseline[k].to(device)})[k] if embed is not None and token[k] else baseline[k].to(device)
-          for k in values}
+    s = _gating_setup(model, batch, baseline, target_class_idx, use_embeddings)
+    device, inputs, values, targets, token, embed, xs, bs = (s.device, s.inputs, s.values, s.targets, s.token,
+                                                             s.embed, s.xs, s.bs)
     keys = sorted(values)
     counts = [values[k].shape[1] if values[k].dim() >= 2 else values[k].shape[-1] for k in keys]
     size = next(iter(values.values())).shape[0]
@@ -93,14 +85,9 @@ def brute_force_shapley(model: Any, batch: dict, *, use_embeddings: bool = True,
     players only (``n!`` orderings)."""
     import itertools
 
-    device = _device(model)
-    inputs, values = _feature_inputs(model, batch, device)
-    logits = model.forward(**inputs)["logit"].detach()
-    targets = _targets(target_class_idx, logits if logits.dim() > 1 else logits[:, None])
-    token = {k: bool(model.dataset.input_processors[k].is_token()) for k in values}
-    if baseline is None:
-        baseline = {k: torch.ones_like(v) if token[k] else torch.zeros_like(v) + 0.01 for k, v in values.items()}
-    embed = model.get_embedding_model() if use_embeddings else None
+    s = _gating_setup(model, batch, baseline, target_class_idx, use_embeddings)
+    device, inputs, values, targets, token, baseline, embed = (s.device, s.inputs, s.values, s.targets, s.token,
+                                                               s.baseline, s.embed)
     keys = sorted(values)
     out = {k: torch.zeros(values[k].shape[:2]) for k in keys}
     for b in range(next(iter(values.values())).shape[0]):
