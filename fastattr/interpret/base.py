@@ -8,15 +8,16 @@ padding verdicts. An interpreter implements ``attribute(**batch)``.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from fastattr.core.checks import check_backend_name, check_pack_lengths, check_precision, warn_renamed_target
-from fastattr.interpret.features import model_device, require_feature_protocol, require_methods
+from fastattr.interpret.features import FeatureBatch, model_device, require_feature_protocol, require_methods
 from fastattr.interpret.lengths import LengthGroups
+from fastattr.interpret.outputs import logits_of, reported_probabilities
 
 
 @runtime_checkable
@@ -88,6 +89,20 @@ class Interpreter:
         model's device, and this call's options."""
         warn_renamed_target(batch, self.model.feature_keys)
         return model_device(self.model), self.options(backend, pack_lengths, precision)
+
+    def forward_as_given(self, features: FeatureBatch,
+                         choose: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's own float32 no-grad forward (PyHealth's masks appended): ``(logits, targets)``,
+        ``targets = choose(logits)``; records ``last_predictions``, ``last_logits`` and whether the
+        predictions are the model's ``y_prob`` of the batch as the caller gave it."""
+        with torch.no_grad():
+            out = self.model.forward(**features.call())
+        logits = logits_of(out)
+        targets = choose(logits)
+        prob, given = reported_probabilities(out, logits)
+        self.last_predictions_as_given = given and not features.appended
+        self.last_predictions, self.last_logits = (prob, targets), logits.detach().float()
+        return logits, targets
 
     def attribute(self, **batch: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError

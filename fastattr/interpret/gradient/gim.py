@@ -17,7 +17,7 @@ from fastattr.interpret.base import Interpreter
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.gradient.gim_rules import check_temperature, gim_rules
 from fastattr.interpret.interpretable import require_interpretable
-from fastattr.interpret.outputs import logits_of, reported_probabilities
+from fastattr.interpret.outputs import logits_of
 
 
 class MissingEmbeddingModel(AssertionError, TypeError):
@@ -62,13 +62,8 @@ class GIM(Interpreter):
         model = self.model
         device, _ = self.begin(batch, None, None, None)
         features = FeatureBatch.from_batch(model, batch, device=device)
-        with torch.no_grad():
-            out = model.forward(**features.call())
-        logits = logits_of(out)
-        targets = resolve_targets(target_class_idx, logits, features.size, logits.shape[1], device)
-        prob, given = reported_probabilities(out, logits)
-        self.last_predictions_as_given = given and not features.appended
-        self.last_predictions, self.last_logits = (prob, targets), logits.detach().float()
+        _, targets = self.forward_as_given(
+            features, lambda out: resolve_targets(target_class_idx, out, features.size, out.shape[1], device))
         self.last_groups = [(features.size, None)]
 
         embed = require_embedding_model(model)

@@ -14,7 +14,7 @@ from fastattr.interpret.features import FeatureBatch, model_device, require_meth
 from fastattr.interpret.gradient.convergence import StepsReport, warn_unconverged
 from fastattr.interpret.gradient.ig_adaptive import AdaptiveRun
 from fastattr.interpret.lengths import Group, GroupedTask, layout_key, place_rows, relative_difference
-from fastattr.interpret.outputs import logits_of, reported_probabilities
+from fastattr.interpret.outputs import logits_of
 
 
 class IntegratedGradients(Interpreter):
@@ -122,13 +122,9 @@ class IntegratedGradients(Interpreter):
             check_finite(f"batch[{key!r}]", value)
         baselines = self._baselines(baseline, features)
 
-        with torch.no_grad():  # float32 in every mode: the class explained and the probabilities stored are fp32's
-            out = model.forward(**features.call())
-        logits = logits_of(out)
-        targets = resolve_targets(target_class_idx, logits, features.size, logits.shape[1], device)
-        prob, given = reported_probabilities(out, logits)
-        self.last_predictions_as_given = given and not features.appended
-        self.last_predictions, self.last_logits = (prob, targets), logits.detach().float()
+        # float32 in every mode: the class explained and the probabilities stored are fp32's
+        _, targets = self.forward_as_given(
+            features, lambda out: resolve_targets(target_class_idx, out, features.size, out.shape[1], device))
 
         embed = None
         if self.use_embeddings:

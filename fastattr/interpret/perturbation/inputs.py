@@ -10,7 +10,6 @@ import torch
 from fastattr.interpret.base import CallOptions, Interpreter
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.interpretable import BaselineKeyError
-from fastattr.interpret.outputs import logits_of, reported_probabilities
 
 
 def explained_classes(logits: torch.Tensor, target_class_idx: int | None) -> torch.Tensor:
@@ -48,11 +47,5 @@ class PerturbationExplainer(Interpreter):
         ``(features, targets, baselines, options)``."""
         device, call = self.begin(batch, None, None, None)
         features = FeatureBatch.from_batch(self.model, batch, device=device)
-        with torch.no_grad():
-            out = self.model.forward(**features.call())
-        logits = logits_of(out)
-        targets = explained_classes(logits, target_class_idx)
-        prob, given = reported_probabilities(out, logits)
-        self.last_predictions, self.last_logits = (prob, targets), logits.detach().float()
-        self.last_predictions_as_given = given and not features.appended
+        _, targets = self.forward_as_given(features, lambda logits: explained_classes(logits, target_class_idx))
         return features, targets, perturbation_baselines(baseline, features, device), call
