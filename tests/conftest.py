@@ -79,6 +79,25 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
+def raises_like_pyhealth(theirs, ours):
+    """``theirs()`` (PyHealth's side) raises, and ``ours()`` raises its exception type (or a subclass)."""
+    with pytest.raises(Exception) as pyhealth_error:
+        theirs()
+    with pytest.raises(pyhealth_error.type):
+        ours()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytest.mark.usefixtures("one_thread")``): the models are tiny, and on
+    a loaded 2-core machine two OpenMP threads per forward spin-wait each call 10-100x slower. Both sides of a
+    parity check run under the same setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(cohort: SyntheticCohort) -> TransformerClassifier:
     """A seeded one-layer Transformer over a synthetic cohort's codes (the cohort and fault tests)."""
     torch.manual_seed(0)

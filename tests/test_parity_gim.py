@@ -15,111 +15,59 @@ subclass) wherever PyHealth raises (RNN, no Interpretable; a Transformer over a 
 baseline missing a key; ``get_embedding_model()`` returning None); and fastattr's refusals of options outside
 their domain at construction.
 """
-import functools
-
 import pytest
-import torch
-from conftest import rel_err
+from conftest import raises_like_pyhealth
+from pyhealth_cases import (
+    MULTICLASS,
+    PROTOCOL,
+    Method,
+    assert_parity,
+    bad_call,
+    case,
+    custom_baseline,
+    named,
+    with_long_patient,
+)
 
 from fastattr.interpret.gradient.gim import GIM
 from fastattr.interpret.gradient.ig_gim import IntegratedGradientGIM
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread")]
 
-TOL = 1e-4
 STEPS = 8  # PyHealth's step loop is the cost of these tests; the rule is the same at any step count
 
-CONFIGS = {
-    "transformer-1L1H-binary-seq": ("seq", "Transformer", 2, dict(num_layers=1, heads=1, embedding_dim=16), {}),
-    "transformer-2L2H-multiclass-seq": ("seq", "Transformer", 4, dict(num_layers=2, heads=2, embedding_dim=16), {}),
-    "transformer-1L2H-multilabel-seq": ("seq", "Transformer", 3, dict(num_layers=1, heads=2, embedding_dim=16),
-                                        dict(mode="multilabel")),
-    "transformer-2L2H-binary-nested": ("nested", "Transformer", 2, dict(num_layers=2, heads=2, embedding_dim=16), {}),
-    "transformer-1L1H-multiclass-nested": ("nested", "Transformer", 3, dict(num_layers=1, heads=1, embedding_dim=16),
-                                           {}),
-    "mlp-seq+tensor": ("mlp", "MLP", 3, dict(embedding_dim=16, hidden_dim=16), {}),
-    "mlp-tensor-only": ("tensor_only", "MLP", 2, dict(embedding_dim=16, hidden_dim=16), {}),
-    "stagenet": ("stagenet", "StageNet", 3, dict(embedding_dim=16, chunk_size=16, levels=2), dict(batch=3)),
-    "stageattentionnet": ("stagenet", "StageAttentionNet", 2, dict(embedding_dim=16, chunk_size=16, levels=2),
-                          dict(batch=3)),
-}
-TRANSFORMERS = [n for n in CONFIGS if n.startswith("transformer")]
-MULTICLASS = [n for n, c in CONFIGS.items() if c[2] > 2]
 # models PyHealth cannot explain: (kind, model, classes, model kwargs, where it raises)
 FAILING = {
     "rnn": ("seq", "RNN", 2, dict(embedding_dim=16, hidden_dim=16), "init"),
     "transformer-seq+tensor": ("seq_tensor", "Transformer", 3, dict(num_layers=1, heads=2, embedding_dim=16),
                                "attribute"),
 }
-
-
-@functools.lru_cache(maxsize=None)
-def built(kind, model_name, classes, model_kwargs, build_kwargs, seed):
-    import pyhealth_cases
-
-    return pyhealth_cases.build(kind, model_name, num_classes=classes, seed=seed, **dict(model_kwargs),
-                                **dict(build_kwargs))
-
-
-def case(name, batch=None):
-    kind, model_name, classes, model_kwargs, build_kwargs = CONFIGS[name]
-    build_kwargs = dict(build_kwargs, **({"batch": batch} if batch else {}))
-    return built(kind, model_name, classes, tuple(sorted(model_kwargs.items())), tuple(sorted(build_kwargs.items())),
-                 len(name))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the models are tiny, and on a loaded 2-core machine OpenMP spin-waits. Both sides
-    run under the same setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+METHODS = {"gim": Method(GIM, "GIM"),
+           "ig_gim": Method(IntegratedGradientGIM, "IntegratedGradientGIM", dict(steps=STEPS))}
 
 
 def theirs(cls_name):
-    from pyhealth.interpret.methods.gim import GIM as TheirGIM
-    from pyhealth.interpret.methods.ig_gim import IntegratedGradientGIM as TheirIGGIM
-
-    return TheirGIM if cls_name == "gim" else TheirIGGIM
+    return METHODS[cls_name].theirs()
 
 
 def ours(cls_name):
-    return GIM if cls_name == "gim" else IntegratedGradientGIM
+    return METHODS[cls_name].ours
 
 
-def default_init(cls_name):
-    return {} if cls_name == "gim" else dict(steps=STEPS)
-
-
-def assert_parity(got_all, ref_all):
-    assert list(got_all) == list(ref_all)
+def same(got, ref):
     # a gradient may be constant along a key (an MLP's mean pooling), but not along all of them
-    assert any(bool(ref.max() > ref.min()) for ref in ref_all.values()), "every reference attribution is constant"
-    for key, ref in ref_all.items():
-        got = got_all[key]
-        assert got.shape == ref.shape, f"{key}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-        assert got.dtype == ref.dtype, f"{key}: dtype {got.dtype} != {ref.dtype}"
-        assert got.device == ref.device, key
-        assert not got.requires_grad, key
-        assert ref.abs().max() > 0, f"{key}: reference attribution is zero"
-        err = rel_err(got, ref)
-        assert err <= TOL, f"{key}: relative error {err:.2e}"
+    assert_parity(got, ref, constant_ok=True)
 
 
-def run_both(cls_name, model, batch, init=None, **call):
-    init = dict(default_init(cls_name), **(init or {}))
-    ref = theirs(cls_name)(model, **init).attribute(**call, **batch)
-    got = ours(cls_name)(model, **init).attribute(**call, **batch)
-    return got, ref
+def check(cls_name, model, batch, init=None, **call):
+    same(*METHODS[cls_name].run_both(model, batch, init, **call))
 
 
 @pytest.mark.parametrize("cls_name", ["gim", "ig_gim"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(PROTOCOL))
 def test_default(name, cls_name):
     model, batch = case(name)
-    assert_parity(*run_both(cls_name, model, batch))
+    check(cls_name, model, batch)
 
 
 @pytest.mark.parametrize("cls_name", ["gim", "ig_gim"])
@@ -127,33 +75,21 @@ def test_default(name, cls_name):
 @pytest.mark.parametrize("name", ["transformer-2L2H-multiclass-seq", "transformer-2L2H-binary-nested"])
 def test_temperature(name, temperature, cls_name):
     model, batch = case(name)
-    assert_parity(*run_both(cls_name, model, batch, dict(temperature=temperature)))
-
-
-def custom_baseline(model, batch):
-    """A real code (id 2) for token features, 0.3 for continuous ones; "label" rides along (ignored)."""
-    out = {"label": torch.zeros(3)}
-    for key in model.feature_keys:
-        feature = batch[key]
-        value = feature if isinstance(feature, torch.Tensor) else \
-            feature[model.dataset.input_processors[key].schema().index("value")]
-        out[key] = torch.full_like(value, 2) if model.dataset.input_processors[key].is_token() \
-            else torch.full_like(value, 0.3)
-    return out
+    check(cls_name, model, batch, dict(temperature=temperature))
 
 
 @pytest.mark.parametrize("name", ["transformer-2L2H-multiclass-seq", "transformer-1L1H-multiclass-nested",
                                   "mlp-seq+tensor", "stagenet"])
 def test_custom_baseline(name):
     model, batch = case(name)
-    assert_parity(*run_both("ig_gim", model, batch, baseline=custom_baseline(model, batch)))
+    check("ig_gim", model, batch, baseline=custom_baseline(model, batch))
 
 
 @pytest.mark.parametrize("cls_name", ["gim", "ig_gim"])
 @pytest.mark.parametrize("name", MULTICLASS)
 def test_target_class_idx(name, cls_name):
     model, batch = case(name)
-    assert_parity(*run_both(cls_name, model, batch, target_class_idx=1))
+    check(cls_name, model, batch, target_class_idx=1)
 
 
 @pytest.mark.parametrize("cls_name", ["gim", "ig_gim"])
@@ -162,18 +98,7 @@ def test_target_class_idx(name, cls_name):
 def test_batch_of_one(name, cls_name):
     model, batch = case(name, batch=1)
     assert len(batch["patient_id"]) == 1
-    assert_parity(*run_both(cls_name, model, batch))
-
-
-def with_long_patient(batch, key):
-    """Patient 0's codes of ``key`` tiled to 5x the others' longest, right-padded with 0 as PyHealth's collate."""
-    rows = [v[v != 0] for v in batch[key]]
-    long = 5 * max(len(r) for r in rows[1:])
-    rows[0] = rows[0].repeat(-(-long // len(rows[0])))[:long]
-    out = torch.zeros(len(rows), long, dtype=batch[key].dtype)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return {**batch, key: out}
+    check(cls_name, model, batch)
 
 
 @pytest.mark.parametrize("pack_lengths", ["auto", False])
@@ -183,7 +108,7 @@ def test_unequal_lengths(name, pack_lengths):
     batch = with_long_patient(with_long_patient(batch, "conditions"), "procedures")
     ref = theirs("ig_gim")(model, steps=20).attribute(**batch)
     explainer = IntegratedGradientGIM(model, steps=20, pack_lengths=pack_lengths)
-    assert_parity(explainer.attribute(**batch), ref)
+    same(explainer.attribute(**batch), ref)
     groups = [sizes for _, sizes in explainer.last_groups]
     assert (len(groups) > 1) == (pack_lengths == "auto"), explainer.last_groups
     for key in ref:
@@ -194,8 +119,8 @@ def test_unequal_lengths(name, pack_lengths):
 def test_steps_in_call_and_callable():
     model, batch = case("transformer-2L2H-multiclass-seq")
     ref = theirs("ig_gim")(model, steps=50).attribute(steps=5, target_class_idx=2, **batch)
-    assert_parity(IntegratedGradientGIM(model)(steps=5, target_class_idx=2, **batch), ref)
-    assert_parity(GIM(model)(target_class_idx=2, **batch), theirs("gim")(model)(target_class_idx=2, **batch))
+    same(IntegratedGradientGIM(model)(steps=5, target_class_idx=2, **batch), ref)
+    same(GIM(model)(target_class_idx=2, **batch), theirs("gim")(model)(target_class_idx=2, **batch))
 
 
 def test_pyhealth_defaults():
@@ -211,7 +136,7 @@ def test_pyhealth_defaults():
 def test_model_restored(cls_name):
     model, batch = case("transformer-2L2H-multiclass-seq")
     modules = dict(model.named_modules())
-    ours(cls_name)(model, **default_init(cls_name)).attribute(**batch)
+    ours(cls_name)(model, **METHODS[cls_name].init).attribute(**batch)
     after = dict(model.named_modules())
     assert list(after) == list(modules) and all(after[k] is modules[k] for k in modules)
 
@@ -220,28 +145,20 @@ def test_model_restored(cls_name):
 @pytest.mark.parametrize("name", list(FAILING))
 def test_same_errors_as_pyhealth(name, cls_name):
     kind, model_name, classes, model_kwargs, where = FAILING[name]
-    model, batch = built(kind, model_name, classes, tuple(sorted(model_kwargs.items())), (), len(name))
-    init = default_init(cls_name)
+    model, batch = named(name, kind, model_name, classes, model_kwargs)
+    init = METHODS[cls_name].init
     if where == "init":
-        with pytest.raises(Exception) as pyhealth_error:
-            theirs(cls_name)(model, **init)
-        with pytest.raises(pyhealth_error.type):
-            ours(cls_name)(model, **init)
+        raises_like_pyhealth(lambda: theirs(cls_name)(model, **init), lambda: ours(cls_name)(model, **init))
         return
-    with pytest.raises(Exception) as pyhealth_error:
-        theirs(cls_name)(model, **init).attribute(**batch)
-    with pytest.raises(pyhealth_error.type):
-        ours(cls_name)(model, **init).attribute(**batch)
+    raises_like_pyhealth(lambda: theirs(cls_name)(model, **init).attribute(**batch),
+                         lambda: ours(cls_name)(model, **init).attribute(**batch))
 
 
 @pytest.mark.parametrize("variant", ["baseline-missing-a-key", "no-embedding-model"])
 def test_bad_call_raises_like_pyhealth(variant):
     model, batch = case("transformer-2L2H-multiclass-seq")
-    call, patched = {}, None
-    if variant == "baseline-missing-a-key":
-        base = custom_baseline(model, batch)
-        del base["procedures"]
-        call = dict(baseline=base)
+    call = bad_call(variant, model, batch) if variant == "baseline-missing-a-key" else {}
+    patched = None
     sides = {}
     for side in ("theirs", "ours"):
         explainer = (theirs if side == "theirs" else ours)("ig_gim")(model, steps=2)

@@ -10,80 +10,73 @@ the attention methods (MLP, StageNet, RNN: ``TypeError``), ``head_fusion`` other
 """
 import pytest
 import torch
-from test_parity_deeplift import assert_parity, built, case, with_long_patient
+from pyhealth_cases import Method, built, case, configs, with_long_patient
 
 from fastattr.interpret.attention import rollout as rollout_module
 from fastattr.interpret.attention.rollout import AttentionRollout
 
 pytestmark = pytest.mark.parity
 
-CONFIGS = {
-    "transformer-2L2H-binary-seq": ("seq", "Transformer", 2, dict(num_layers=2, heads=2, embedding_dim=16), {}),
-    "transformer-3L4H-multiclass-seq": ("seq", "Transformer", 4, dict(num_layers=3, heads=4, embedding_dim=16), {}),
-    "transformer-1L1H-multilabel-seq": ("seq", "Transformer", 3, dict(num_layers=1, heads=1, embedding_dim=16),
-                                        dict(mode="multilabel")),
-    "transformer-2L2H-binary-nested": ("nested", "Transformer", 2, dict(num_layers=2, heads=2, embedding_dim=16), {}),
-    "transformer-1L2H-multiclass-nested": ("nested", "Transformer", 3, dict(num_layers=1, heads=2, embedding_dim=16),
-                                           {}),
-    "stageattentionnet": ("stagenet", "StageAttentionNet", 2, dict(embedding_dim=16, chunk_size=16, levels=2),
-                          dict(batch=3)),
-}
+CONFIGS = configs("transformer-2L2H-binary-seq", "transformer-3L4H-multiclass-seq", "transformer-1L1H-multilabel-seq",
+                  "transformer-2L2H-binary-nested", "transformer-1L2H-multiclass-nested", "stageattentionnet")
+ROLLOUT = Method(AttentionRollout, "AttentionRollout")
 
 
-def theirs_cls():
-    from pyhealth.interpret.methods import AttentionRollout as PyHealthRollout
-
-    return PyHealthRollout
+def detached(attributions):
+    return {k: v.detach() for k, v in attributions.items()}
 
 
 def run_both(model, batch, **call):
-    theirs = theirs_cls()(model).attribute(**call, **batch)
-    ours = AttentionRollout(model).attribute(**call, **batch)
-    return ours, {k: v.detach() for k, v in theirs.items()}
+    ours, theirs = ROLLOUT.run_both(model, batch, **call)
+    return ours, detached(theirs)
+
+
+def check(model, batch, **call):
+    ROLLOUT.assert_parity(*run_both(model, batch, **call))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_rollout(name):
-    model, batch = case(name, configs=CONFIGS)
-    assert_parity(*run_both(model, batch))
+    model, batch = case(name)
+    check(model, batch)
 
 
 @pytest.mark.parametrize("name", ["transformer-3L4H-multiclass-seq", "stageattentionnet"])
 def test_row_picks_match_the_whole_rollout(name, monkeypatch):
     monkeypatch.setattr(rollout_module, "full_path_is_cheaper", lambda *args: False)
-    model, batch = case(name, configs=CONFIGS)
-    assert_parity(*run_both(model, batch))
+    model, batch = case(name)
+    check(model, batch)
 
 
 def test_target_class_idx_is_ignored():
-    model, batch = case("transformer-3L4H-multiclass-seq", configs=CONFIGS)
-    assert_parity(*run_both(model, batch, target_class_idx=2))
+    model, batch = case("transformer-3L4H-multiclass-seq")
+    check(model, batch, target_class_idx=2)
 
 
 @pytest.mark.parametrize("name", ["transformer-2L2H-binary-seq", "transformer-1L2H-multiclass-nested",
                                   "stageattentionnet"])
 def test_batch_of_one(name):
-    model, batch = case(name, batch=1, configs=CONFIGS)
-    assert_parity(*run_both(model, batch))
+    model, batch = case(name, batch=1)
+    check(model, batch)
 
 
 def test_unequal_lengths():
-    model, batch = case("transformer-3L4H-multiclass-seq", configs=CONFIGS)
-    assert_parity(*run_both(model, with_long_patient(batch, "conditions")))
+    model, batch = case("transformer-3L4H-multiclass-seq")
+    check(model, with_long_patient(batch, "conditions"))
 
 
 def test_call_interface():
-    model, batch = case("transformer-2L2H-binary-seq", configs=CONFIGS)
-    assert_parity(AttentionRollout(model)(**batch), {k: v.detach() for k, v in theirs_cls()(model)(**batch).items()})
+    model, batch = case("transformer-2L2H-binary-seq")
+    ROLLOUT.assert_parity(AttentionRollout(model)(**batch), detached(ROLLOUT.theirs()(model)(**batch)))
 
 
 def test_inside_no_grad_where_pyhealth_raises():
-    model, batch = case("transformer-2L2H-binary-seq", configs=CONFIGS)
+    model, batch = case("transformer-2L2H-binary-seq")
     with torch.no_grad():
         with pytest.raises(RuntimeError):
-            theirs_cls()(model).attribute(**batch)
+            ROLLOUT.theirs()(model).attribute(**batch)
         ours = AttentionRollout(model).attribute(**batch)
-    assert_parity(ours, run_both(model, batch)[1])
+    ROLLOUT.assert_parity(ours, run_both(model, batch)[1])
 
 
 @pytest.mark.parametrize(("kind", "model_name", "model_kwargs"), [
@@ -93,14 +86,14 @@ def test_inside_no_grad_where_pyhealth_raises():
 def test_models_without_attention_are_refused_like_pyhealth(kind, model_name, model_kwargs):
     model, _ = built(kind, model_name, 2, tuple(sorted(model_kwargs.items())), (), 3)
     with pytest.raises(TypeError):
-        theirs_cls()(model)
+        ROLLOUT.theirs()(model)
     with pytest.raises(TypeError):
         AttentionRollout(model)
 
 
 def test_head_fusion_is_refused_like_pyhealth():
-    model, _ = case("transformer-2L2H-binary-seq", configs=CONFIGS)
+    model, _ = case("transformer-2L2H-binary-seq")
     with pytest.raises(ValueError):
-        theirs_cls()(model, head_fusion="max")
+        ROLLOUT.theirs()(model, head_fusion="max")
     with pytest.raises(ValueError):
         AttentionRollout(model, head_fusion="max")
