@@ -92,7 +92,8 @@ class LimeExplainer(PerturbationExplainer):
         order = [k for k in batch if k in counts]  # PyHealth draws per key in the batch's order
         device = self._draw_device(batch, features, order[0])  # PyHealth's draws and results live there
         draws = self._perturbations(order, counts, device)
-        preds = self.runner.run(features, baselines, draws, targets, pack=call.pack_lengths,
+        on_model = {k: d.to(targets.device) for k, d in draws.items()}  # the rows run where the model is
+        preds = self.runner.run(features, baselines, on_model, targets, pack=call.pack_lengths,
                                 reference=self.last_logits)
         with torch.no_grad():
             weights = self._weights(features, baselines, draws)
