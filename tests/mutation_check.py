@@ -43,12 +43,9 @@ M = [
  ("UNK baseline replaced by padding", "fastattr/interpret/gradient/ig.py",
   "torch.ones_like(v) if k in tokens else", "torch.zeros_like(v) if k in tokens else"),
  ("target argmax taken from the path (baseline point) instead of the input", "fastattr/interpret/gradient/ig.py",
-  "        targets = resolve_targets(target_class_idx, logits, features.size, logits.shape[1], device)",
-  "        with torch.no_grad():\n"
-  "            _b = self._baselines(baseline, features)\n"
-  "            _l = model.forward(**features.call(_b))['logit']\n"
-  "        targets = resolve_targets(target_class_idx, _l.reshape(features.size, -1), features.size, "
-  "logits.shape[1], device)"),
+  "            features, lambda out: resolve_targets(target_class_idx, out, features.size, out.shape[1], device))",
+  "            features, lambda out: resolve_targets(target_class_idx, model.forward(**features.call(baselines))"
+  "['logit'].detach().reshape(features.size, -1), features.size, out.shape[1], device))"),
  ("Chefer R started at zeros", "fastattr/core/relevance.py",
   "            R = torch.eye(tokens, dtype=dtype, device=device).expand(batch, tokens, tokens).contiguous()",
   "            R = torch.zeros(batch, tokens, tokens, dtype=dtype, device=device)"),
