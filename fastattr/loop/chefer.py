@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from fastattr.loop.common import _schema, _targets
+from fastattr.loop.common import _in_input_shapes, _targets
 
 
 def full_relevance(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -36,14 +36,4 @@ def full_chefer_relevance(model: torch.nn.Module, target_class_idx: Any = None,
     (torch.nn.functional.one_hot(targets, logits.shape[1]).float() * logits).sum().backward()
     model.zero_grad(set_to_none=True)
     R = {key: full_relevance(layers) for key, layers in model.get_attention_layers().items()}
-    result = model.get_relevance_tensor(R, **batch)
-    out = {}
-    for key, vector in result.items():
-        feature = batch.get(key)
-        value = feature[_schema(model, key).index("value")] if isinstance(feature, (tuple, list)) else feature
-        if isinstance(value, torch.Tensor) and value.dim() > vector.dim():
-            while vector.dim() < value.dim():
-                vector = vector.unsqueeze(-1)
-            vector = vector.expand_as(value)
-        out[key] = vector
-    return out
+    return _in_input_shapes(model, batch, model.get_relevance_tensor(R, **batch))

@@ -64,3 +64,18 @@ def _gating_setup(model: Any, batch: dict, baseline: dict | None, target_class_i
           for k in values}
     return SimpleNamespace(device=device, inputs=inputs, values=values, targets=targets, token=token,
                            baseline=baseline, embed=embed, xs=xs, bs=bs)
+
+
+def _in_input_shapes(model: Any, batch: dict, results: dict) -> dict[str, torch.Tensor]:
+    """The attention methods' shape rule: a result with fewer dims than its raw value (a nested feature's
+    per-visit relevance) is unsqueezed and expanded to the value's shape; others are kept as given."""
+    out = {}
+    for key, vector in results.items():
+        feature = batch.get(key)
+        value = feature[_schema(model, key).index("value")] if isinstance(feature, (tuple, list)) else feature
+        if isinstance(value, torch.Tensor) and value.dim() > vector.dim():
+            while vector.dim() < value.dim():
+                vector = vector.unsqueeze(-1)
+            vector = vector.expand_as(value)
+        out[key] = vector
+    return out

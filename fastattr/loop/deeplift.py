@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fastattr.loop.common import _device, _schema, _targets
+from fastattr.loop.common import _device, _feature_inputs, _schema, _targets
 
 _KINDS = ((torch.nn.ReLU, "relu"), (torch.nn.Sigmoid, "sigmoid"), (torch.nn.Tanh, "tanh"))
 
@@ -64,30 +64,12 @@ class _RescaleHooks:
             handle.remove()
 
 
-def _inputs(model: torch.nn.Module, batch: dict) -> tuple[dict, dict]:
-    """The batch's feature tuples, in the batch's order, PyHealth's mask appended where the schema has
-    none, and their values."""
-    inputs, values = {}, {}
-    for key, feature in batch.items():
-        if key not in model.feature_keys:
-            continue
-        parts = (feature,) if isinstance(feature, torch.Tensor) else tuple(feature)
-        schema = _schema(model, key)
-        value = parts[schema.index("value")]
-        if "mask" not in schema:
-            token = model.dataset.input_processors[key].is_token()
-            mask = (value != 0) if token or value.dim() < 3 else (value.abs().sum(-1) != 0)
-            parts = (*parts, mask.int())
-        inputs[key], values[key] = parts, value
-    return inputs, values
-
-
 def loop_deeplift(model: torch.nn.Module, baseline: dict | None = None, target_class_idx: Any = None,
                   use_embeddings: bool = True, **batch: Any) -> dict[str, torch.Tensor]:
     """DeepLIFT attributions by PyHealth 2.1.0's algorithm, keys sorted, in the raw values' shapes."""
     model.eval()
     device = _device(model)
-    inputs, values = _inputs(model, batch)
+    inputs, values = _feature_inputs(model, batch, device)
     with torch.no_grad():
         targets = _targets(target_class_idx, model.forward(**inputs)["logit"])
     tokens = {k for k in values if use_embeddings and model.dataset.input_processors[k].is_token()}

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from fastattr.loop.common import _schema
+from fastattr.loop.common import _in_input_shapes
 
 
 def loop_rollout(model: torch.nn.Module, target_class_idx: Any = None, **batch: Any) -> dict[str, torch.Tensor]:
@@ -27,13 +27,4 @@ def loop_rollout(model: torch.nn.Module, target_class_idx: Any = None, **batch: 
             a = 0.5 * (a + torch.eye(n, dtype=a.dtype, device=a.device))
             rollout = a if rollout is None else torch.bmm(a, rollout)
         rollouts[key] = rollout
-    out = {}
-    for key, vector in model.get_relevance_tensor(rollouts, **batch).items():
-        feature = batch.get(key)
-        value = feature[_schema(model, key).index("value")] if isinstance(feature, (tuple, list)) else feature
-        if isinstance(value, torch.Tensor) and value.dim() > vector.dim():
-            while vector.dim() < value.dim():
-                vector = vector.unsqueeze(-1)
-            vector = vector.expand_as(value)
-        out[key] = vector
-    return out
+    return _in_input_shapes(model, batch, model.get_relevance_tensor(rollouts, **batch))
