@@ -33,11 +33,8 @@ def check_steps(steps: Any, *, auto: bool = False) -> None:
 
 def check_tolerance(tolerance: Any) -> None:
     """Raise ``ValueError`` unless ``tolerance`` is ``None`` or a positive finite number."""
-    if tolerance is None:
-        return
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(tolerance)) or tolerance <= 0:
-        raise ValueError(f"tolerance must be a positive finite number (a relative error, e.g. 1e-3); got {tolerance!r}")
+    if tolerance is not None:
+        check_positive("tolerance", tolerance, hint=" (a relative error, e.g. 1e-3)")
 
 
 def check_auto_options(steps: Any, tolerance: Any, method: str | None) -> None:
@@ -97,6 +94,14 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
+
+
+def check_positive(name: str, value: Any, hint: str = "") -> None:
+    """Raise ``ValueError`` naming ``name`` (and ``hint`` after it) unless ``value`` is a finite number > 0,
+    Python's or numpy's (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(value)) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number{hint}; got {value!r}")
 
 
 def check_non_negative(name: str, value: Any) -> None:

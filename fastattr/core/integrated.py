@@ -61,14 +61,18 @@ def _validate_batch(inputs: Mapping[str, torch.Tensor]) -> int:
     return batch
 
 
+def broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (without growing it)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def check_baseline(key: str, baseline: Any, value: torch.Tensor) -> torch.Tensor:
     """``baseline`` as a finite tensor on ``value``'s device whose shape broadcasts to ``value``'s."""
     b = torch.as_tensor(baseline).to(value.device)
-    try:
-        ok = torch.broadcast_shapes(b.shape, value.shape) == value.shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(b.shape, value.shape):
         raise ValueError(f"baseline[{key!r}] of shape {tuple(b.shape)} does not broadcast to the input shape "
                          f"{tuple(value.shape)}")
     check_finite(f"baseline[{key!r}]", b)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastattr.core.integrated import broadcasts_to
 from fastattr.core.targets import resolve_targets
 from fastattr.interpret.base import Interpreter
 from fastattr.interpret.features import FeatureBatch
@@ -108,11 +109,7 @@ class DeepLift(Interpreter):
         out = {}
         for k, v in values.items():
             b = torch.as_tensor(baseline[k]).to(device)
-            try:
-                fits = torch.broadcast_shapes(b.shape, v.shape) == v.shape
-            except RuntimeError:
-                fits = False
-            if not fits:
+            if not broadcasts_to(b.shape, v.shape):
                 raise DeepLiftInputError(f"baseline[{k!r}] of shape {tuple(b.shape)} does not broadcast to the input "
                                          f"shape {tuple(v.shape)}")
             if k in tokens and (b.is_floating_point() or b.is_complex()):

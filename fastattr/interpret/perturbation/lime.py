@@ -12,14 +12,12 @@ solver: it is the least squares with ``alpha * I`` rows appended (``"ridge"`` ap
 """
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from fastattr.core.checks import check_count, check_non_negative, check_seed
+from fastattr.core.checks import check_choice, check_count, check_non_negative, check_positive, check_seed
 from fastattr.interpret.features import FeatureBatch
 from fastattr.interpret.interpretable import require_interpretable
 from fastattr.interpret.perturbation.engine import PerturbationRunner, feature_counts
@@ -59,9 +57,9 @@ class LimeExplainer(PerturbationExplainer):
         """Check every option (a ``ValueError`` naming the one outside its domain) and the model; see the class."""
         require_interpretable(model, bool(use_embeddings))
         check_count("n_samples", n_samples)
-        _check_kernel_width(kernel_width)
-        _check_choice("distance_mode", distance_mode, DISTANCE_MODES)
-        _check_choice("feature_selection", feature_selection, FEATURE_SELECTIONS)
+        check_positive("kernel_width", kernel_width)
+        check_choice("distance_mode", distance_mode, DISTANCE_MODES)
+        check_choice("feature_selection", feature_selection, FEATURE_SELECTIONS)
         check_non_negative("alpha", alpha)
         check_seed("random_seed", random_seed)
         super().__init__(model, ("forward",), group_method="perturbation", compared="logits",
@@ -190,16 +188,3 @@ def lime_fit(samples: torch.Tensor, preds: torch.Tensor, weights: torch.Tensor, 
         x = torch.cat([x, reg], dim=1)
         y = torch.cat([y, torch.zeros(y.shape[0], total)], dim=1)
     return torch.linalg.lstsq(x, y.unsqueeze(-1)).solution.squeeze(-1)
-
-
-def _check_kernel_width(kernel_width: Any) -> None:
-    """Raise ``ValueError`` unless ``kernel_width`` is a positive finite number."""
-    ok = isinstance(kernel_width, numbers.Real) and not isinstance(kernel_width, bool)
-    if not ok or not math.isfinite(kernel_width) or kernel_width <= 0:
-        raise ValueError(f"kernel_width must be a positive finite number; got {kernel_width!r}")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``allowed`` (PyHealth's type)."""
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
