@@ -1,7 +1,8 @@
 """The padding check is sound: a model whose output depends on padding never runs trimmed, in IG,
 Chefer or the evaluator, on any batch, including batches after a first one on which the dependence
 did not show; the user is told once per model, with the feature named; check_padding tests a model
-up front. Every result is compared with the padded run and with the step-loop oracles."""
+up front. SHAP and LIME, on the same engine as the evaluator, likewise. Every result is compared
+with the padded run and with the step-loop oracles."""
 import warnings
 
 import pytest
@@ -12,7 +13,17 @@ import fastattr
 import fastattr.metrics as metrics
 from fastattr.core import packing
 from fastattr.demo.models import FeatureProcessor, FeatureSpec, TransformerClassifier
-from fastattr.loop import full_chefer_relevance, loop_removal_scores, step_loop_integrated_gradients
+from fastattr.interpret.features import FeatureBatch
+from fastattr.interpret.lengths import LengthGroups
+from fastattr.interpret.padding import input_logits
+from fastattr.interpret.perturbation.rows import trimming_allowed
+from fastattr.loop import (
+    full_chefer_relevance,
+    loop_kernel_shap,
+    loop_lime,
+    loop_removal_scores,
+    step_loop_integrated_gradients,
+)
 
 MATCH_LABS = "depends on the padding of 'labs'"
 
@@ -197,6 +208,39 @@ def test_the_evaluator_checks_every_batch(many_groups):
         batch = odd_batch(10 + seed, lengths)
         attributions = {"codes": torch.randn(batch["codes"].shape, generator=torch.Generator().manual_seed(seed))}
         assert_evaluator_matches_oracle(model, evaluator, batch, attributions)
+
+
+def test_shap_and_lime_check_every_batch(many_groups):
+    """The engine's other clients: every row's logits as the padded oracle's, on every batch, the
+    dependence showing only on the second."""
+    model = sensitive_model(EvenLengthsAttendPadding, FeatureSpec({"codes": FeatureProcessor(token=True, size=40)}),
+                            seed=4)
+    shap, lime = fastattr.ShapExplainer(model, max_coalitions=30), fastattr.LimeExplainer(model, n_samples=30)
+    for seed, lengths in enumerate(([1, 3, 5, 7, 9], [2, 3, 5, 8, 9], [1, 3, 5, 7, 9])):
+        batch = odd_batch(20 + seed, lengths)
+        shap.attribute(**batch)
+        lime.attribute(**batch)
+        _, shap_logits = loop_kernel_shap(model, batch, max_coalitions=30)
+        _, lime_logits, _ = loop_lime(model, batch, n_samples=30)
+        assert rel_err(shap.last_coalition_logits, shap_logits) <= 1e-5, seed
+        assert rel_err(lime.last_perturbation_logits, lime_logits) <= 1e-5, seed
+
+
+@pytest.mark.parametrize(("cls", "allowed"), [(TransformerClassifier, True), (InfersMaskFromEmbeddings, False)])
+def test_a_batch_with_nothing_to_trim_is_checked_one_position_further(cls, allowed):
+    """Equal lengths plan no groups for the batch, yet its rows (ablated shorter, or many of them) may
+    be grouped: the engine's check pads the batch one position further instead."""
+    model = sensitive_model(cls)
+    batch = labs_batch(3)
+    batch["labs"][:, :] = torch.randn(batch["labs"].shape, generator=torch.Generator().manual_seed(3))
+    batch["codes"] = odd_batch(3, [9] * batch["codes"].shape[0])["codes"]
+    features = FeatureBatch.from_batch(model, batch)
+    lengths = LengthGroups(model, "perturbation", "logits", quiet=True)
+    assert lengths.plan(features, pack=True, points=1, device=torch.device("cpu")) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = trimming_allowed(lengths, features, "auto", lambda part: input_logits(model, part))
+    assert got is allowed
 
 
 def test_one_warning_per_model_across_interpreters_and_the_evaluator(many_groups):

@@ -5,14 +5,15 @@ PyHealth's Evaluator runs one forward of the whole padded batch per (metric, per
 ablated rows of every (metric, percentage) are built at once from vectorised masks
 (:mod:`fastattr.metrics.masks`, :mod:`fastattr.metrics.ablation`); rows of samples whose score is
 thrown away (``IGNORE``) are never built; a sample's identical ablated rows (a short patient gets
-the same mask at 1% and 5%) run once; and the remaining rows run through the same length-grouped
-execution IG and Chefer use (:meth:`fastattr.interpret.lengths.LengthGroups.execute`), each group
-trimmed to its longest row, in as few forwards as memory allows. Exact where PyHealth's numbers are
-defined by its model: rows of an eval-mode model do not interact, trimming is checked on every batch,
-and rows that run at the batch's own width run in forwards of the batch's own row count, the shapes
-of PyHealth's forwards, so that a row's probability is computed as PyHealth computes it (a math
-library may pick its kernel, and with it the summation order, by the number of rows: measured 1.5e-6
-apart on an AMD EPYC when it was not). Trimmed rows differ from PyHealth's by float rounding only.
+the same mask at 1% and 5%) run once; and the remaining rows run as one client of the perturbation
+engine that also runs SHAP's and LIME's rows (:mod:`fastattr.interpret.perturbation.rows`: its
+dedup, its batch padding check, its length-grouped execution), each group trimmed to its longest
+row, in as few forwards as memory allows. Exact where PyHealth's numbers are defined by its model:
+rows of an eval-mode model do not interact, trimming is checked on every batch, and rows that run
+at the batch's own width run in forwards of the batch's own row count, the shapes of PyHealth's
+forwards, so that a row's probability is computed as PyHealth computes it (a math library may pick
+its kernel, and with it the summation order, by the number of rows: measured 1.5e-6 apart on an AMD
+EPYC when it was not). Trimmed rows differ from PyHealth's by float rounding only.
 """
 from __future__ import annotations
 
@@ -23,11 +24,10 @@ from typing import Any
 import torch
 
 from fastattr.interpret.batches import select_samples
-from fastattr.interpret.chunks import memory_rows, positions_of, run_in_chunks
-from fastattr.interpret.features import FeatureBatch, FeatureLayout, model_device
-from fastattr.interpret.lengths import GroupedTask, LengthGroups, layout_key, place_rows, relative_difference
-from fastattr.interpret.padding import extended_difference, input_logits, trimmed_difference
-from fastattr.interpret.perturbation.engine import distinct_per_sample
+from fastattr.interpret.features import FeatureBatch, FeatureLayout
+from fastattr.interpret.lengths import LengthGroups, layout_key, place_rows
+from fastattr.interpret.padding import input_logits
+from fastattr.interpret.perturbation.rows import distinct_per_sample, run_rows, trimming_allowed
 from fastattr.metrics.ablation import ablate_rows
 from fastattr.metrics.filters import SampleClass, SampleFilterFn, classify, probabilities
 from fastattr.metrics.masks import top_masks
@@ -122,31 +122,17 @@ class RemovalScorer:
         return out
 
     def trimming_allowed(self, inputs: Mapping[str, Any], originals: Originals) -> bool:
-        """The padding check of this batch: whether the model's logits of its samples as given stay the
-        same trimmed in the batch's length groups (a forward at the groups' widths, against the padded
-        forward the originals made), or, where nothing of the batch can be trimmed (one patient, equal
-        lengths), with one more padding position along every padded dim. Ablated rows are trimmed below
-        their samples' widths where their removal left trailing padding: the check is of trailing
-        padding itself. A model that fails is remembered as depending on padding
-        (:mod:`fastattr.interpret.padding`)."""
-        if self.pack_lengths is False:
-            return False
+        """The padding check of this batch (:func:`fastattr.interpret.perturbation.rows.trimming_allowed`):
+        the model's logits of its samples as given (the originals' padded forward, when it made one)
+        against them trimmed in the batch's length groups, or padded one position further where nothing
+        of the batch can be trimmed. Ablated rows are trimmed below their samples' widths where their
+        removal left trailing padding: the check is of trailing padding itself. A model that fails is
+        remembered as depending on padding (:mod:`fastattr.interpret.padding`)."""
         features = FeatureBatch.from_batch(self.model, inputs)
-        if not any(features.padded_spans()):
+        if self.pack_lengths is not False and not any(features.padded_spans()):
             return True
-        device = model_device(self.model)
-
-        def logits(part: FeatureBatch) -> torch.Tensor:
-            return input_logits(self.model, part)
-
-        def probe(_: Any) -> float:
-            reference = originals.scores if originals.scores is not None else input_logits(self.model, features)
-            groups = self.lengths.plan(features, pack=True, points=1, device=device)
-            if groups is not None:
-                return trimmed_difference(logits, features, groups, reference)
-            return extended_difference(logits, features, [(torch.arange(features.size), features.padded_sizes())],
-                                       reference)
-        return self.lengths.allows(features, self.pack_lengths, None, probe)
+        return trimming_allowed(self.lengths, features, self.pack_lengths,
+                                lambda part: input_logits(self.model, part), originals.scores)
 
     def probabilities(self, batch: Mapping[str, Any], targets: torch.Tensor | None = None, *,
                       pack: bool | str | None = None, batch_rows: int | None = None) -> torch.Tensor:
@@ -165,55 +151,34 @@ class RemovalScorer:
         pack = self.pack_lengths if pack is None else pack
         features = FeatureBatch.from_batch(self.model, batch)
         if pack is False:
-            return self._forward(dict(batch), targets, features, batch_rows)
+            return self._rows(batch, features, targets, layout_key(features, "ablated"), pack, batch_rows)
         kinds, which = torch.unique(_row_kinds(features), dim=0, return_inverse=True)
         parts = []
         for k, kind in enumerate(kinds):
             key = layout_key(features, "ablated", tuple(kind.tolist()))
             if len(kinds) == 1:
-                return self._grouped(batch, features, targets, key, pack, batch_rows)
+                return self._rows(batch, features, targets, key, pack, batch_rows)
             index = (which == k).nonzero().squeeze(1)
             rows = select_samples(batch, index, features.size)
             chosen = None if targets is None else targets[index.to(targets.device)]
             part = FeatureBatch.from_batch(self.model, rows)
-            parts.append((index, self._grouped(rows, part, chosen, key, pack, batch_rows)))
+            parts.append((index, self._rows(rows, part, chosen, key, pack, batch_rows)))
         return place_rows(features.size, parts)
 
-    def _grouped(self, batch: Mapping[str, Any], features: FeatureBatch, targets: torch.Tensor | None,
-                 key: tuple, pack: bool | str, batch_rows: int | None) -> torch.Tensor:
-        size = features.size
-        rest = {k: v for k, v in batch.items() if k not in features.keys}
+    def _rows(self, batch: Mapping[str, Any], table: FeatureBatch, targets: torch.Tensor | None, key: tuple,
+              pack: bool | str, batch_rows: int | None) -> torch.Tensor:
+        """The rows of ``batch`` (``table``: their features) through the perturbation engine
+        (:func:`fastattr.interpret.perturbation.rows.run_rows`), ``internal_batch_size`` rows per
+        forward when set."""
+        rest = {k: v for k, v in batch.items() if k not in table.keys}
 
-        def run(group: Any, part: FeatureBatch) -> torch.Tensor:
-            if group is None:
-                return self._forward(dict(batch), targets, part, batch_rows)
-            rows = {**select_samples(rest, group[0], size), **part.inputs()}
-            chosen = None if targets is None else targets[group[0].to(targets.device)]
-            return self._forward(rows, chosen, part)
-
-        task = GroupedTask(run, lambda parts: place_rows(size, [(i, r) for i, _, r in parts]),
-                           difference=relative_difference)
-        result, _ = self.lengths.execute(features, key, task, pack=pack, points=1,
-                                         device=model_device(self.model))
-        return result
-
-    def _forward(self, rows: dict[str, Any], targets: torch.Tensor | None, part: FeatureBatch,
-                 batch_rows: int | None = None) -> torch.Tensor:
-        """No-grad forwards of ``rows`` in chunks (:func:`fastattr.interpret.chunks.run_in_chunks`):
-        ``internal_batch_size`` rows when set, else ``batch_rows`` when given (PyHealth's forward shape),
-        else as many as memory allows."""
-        size = part.size
-        shapes = [part.value(k).shape for k in part.keys]
-        chunk = self.internal_batch_size or batch_rows or memory_rows(size, positions_of(shapes),
-                                                                     model_device(self.model))
-
-        def forward(picked: slice | torch.Tensor) -> torch.Tensor:
-            prob = probabilities(self.model(**select_samples(rows, picked, size)), self.kind)
+        def scores(rows: torch.Tensor, _: list[int] | None, part: FeatureBatch) -> torch.Tensor:
+            prob = probabilities(self.model(**select_samples(rest, rows, table.size), **part.inputs()), self.kind)
             if targets is None:
                 return prob
-            chosen = targets[picked] if isinstance(picked, slice) else targets[picked.to(targets.device)]
-            return prob.gather(-1, chosen.to(prob.device).unsqueeze(-1)).squeeze(-1)
-        return run_in_chunks(forward, size, chunk, fill=self.internal_batch_size is None and batch_rows is not None)
+            return prob.gather(-1, targets[rows.to(targets.device)].to(prob.device).unsqueeze(-1)).squeeze(-1)
+        return run_rows(self.lengths, table, key, scores, pack=pack, batch_rows=batch_rows,
+                        rows_per_forward=self.internal_batch_size)
 
 
 def _row_kinds(features: FeatureBatch) -> torch.Tensor:
@@ -252,7 +217,7 @@ def with_value(model: Any, key: str, feature: Any, value: torch.Tensor) -> Any:
 
 
 def _unique_rows(ablated: dict[str, torch.Tensor], *, random: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct ablated rows of each sample (:func:`fastattr.interpret.perturbation.engine.distinct_per_sample`):
+    """The distinct ablated rows of each sample (:func:`fastattr.interpret.perturbation.rows.distinct_per_sample`):
     ``(row, sample)`` positions (into ``[R, V]``) of one representative each, and for every ``(row,
     sample)`` (flattened row-major) its representative. Rows with noise are never identical: no search."""
     if random:

@@ -6,11 +6,11 @@ from fastattr.interpret.perturbation.engine import (
     CHECK_DRAWS,
     GatedRows,
     PerturbationRunner,
-    distinct_per_sample,
     feature_counts,
     gated_rows,
     present_positions,
 )
+from fastattr.interpret.perturbation.rows import distinct_per_sample, run_rows, trimming_allowed
 
 __all__ = ["CHECK_DRAWS", "GatedRows", "PerturbationRunner", "distinct_per_sample", "feature_counts", "gated_rows",
-           "present_positions"]
+           "present_positions", "run_rows", "trimming_allowed"]

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from fastattr.interpret.chunks import memory_rows, positions_of, run_in_chunks
-from fastattr.interpret.features import FeatureBatch, model_device
-from fastattr.interpret.lengths import GroupedTask, LengthGroups, layout_key, place_rows
+from fastattr.interpret.features import FeatureBatch
+from fastattr.interpret.lengths import LengthGroups, layout_key
 from fastattr.interpret.outputs import logits_of
-from fastattr.interpret.padding import PADDING_RTOL, relative_difference, trimmed_difference
+from fastattr.interpret.padding import PADDING_RTOL, relative_difference
+from fastattr.interpret.perturbation.rows import distinct_per_sample, run_rows, trimming_allowed
 
 # Draws of a batch that the padding-gate check runs (the empty coalition first where drawn).
 CHECK_DRAWS = 3
@@ -60,21 +60,6 @@ def present_positions(features: FeatureBatch) -> dict[str, torch.Tensor]:
         else:
             out[key] = features.mask(key).ne(0).reshape(features.size, n, -1).any(-1)
     return out
-
-
-def distinct_per_sample(columns: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct rows of each sample among ``columns`` (each ``[N, B, ...]``: draw, sample):
-    ``(draw [U], sample [U])`` of one representative each (its first draw), and ``inverse [N * B]``
-    (row-major) into them. Found where the columns are (no copy off the device)."""
-    total, size = columns[0].shape[:2]
-    device = columns[0].device
-    flat_index = torch.arange(total * size, device=device)
-    sample = torch.arange(size, dtype=torch.float64, device=device).expand(total, size).reshape(total * size, 1)
-    flat = [c.reshape(total * size, -1).double() for c in columns]
-    _, inverse = torch.unique(torch.cat([sample, *flat], dim=1), dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), total * size, dtype=torch.long, device=device)
-    first = first.scatter_reduce(0, inverse, flat_index, reduce="amin")
-    return first // size, first % size, inverse
 
 
 def gated_rows(draws: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None,
@@ -144,68 +129,33 @@ class PerturbationRunner:
         return relative_difference(*results) > PADDING_RTOL
 
     def trimming_allowed(self, features: FeatureBatch, pack: bool | str, reference: torch.Tensor | None) -> bool:
-        """The padding check of this batch (as the evaluator's): its samples' logits trimmed in their
-        length groups against their forward with PyHealth's masks appended (``reference``), the call
-        every row makes."""
-        if pack is False:
-            return False
-        device = model_device(self.model)
-
-        def logits(part: FeatureBatch) -> torch.Tensor:  # called as the rows run: PyHealth's masks appended
+        """The padding check of this batch (:func:`fastattr.interpret.perturbation.rows.trimming_allowed`),
+        its samples called as every row calls the model: with PyHealth's masks appended."""
+        def logits(part: FeatureBatch) -> torch.Tensor:
             with torch.no_grad():
                 return logits_of(self.model.forward(**part.call())).float()
-
-        def probe(_: Any) -> float:
-            groups = self.lengths.plan(features, pack=True, points=1, device=device, method="perturbation")
-            if groups is None:
-                return 0.0
-            return trimmed_difference(logits, features, groups, reference)
-        return self.lengths.allows(features, pack, None, probe)
+        return trimming_allowed(self.lengths, features, pack, logits, reference, method="perturbation")
 
     # -- running rows -------------------------------------------------------------------------
     def row_logits(self, features: FeatureBatch, baselines: Mapping[str, torch.Tensor], rows: GatedRows,
                    targets: torch.Tensor, *, pack: bool | str) -> torch.Tensor:
-        """``[R]`` logits of each row's target: at the batch's width in forwards of the batch's row
-        count, or in length groups (``pack``)."""
+        """``[R]`` logits of each row's target (:func:`fastattr.interpret.perturbation.rows.run_rows`): at
+        the batch's width in forwards of the batch's row count, or in length groups (``pack``)."""
         table = features.subset(rows.samples)
         bases = {k: features.cut(k, torch.as_tensor(b, device=table.value(k).device), rows.samples, None)
                  .expand(table.value(k).shape) for k, b in baselines.items()}
         chosen = targets[rows.samples.to(targets.device)]
-        size, batch_rows = len(rows.samples), features.size
-        device = model_device(self.model)
-
-        checked = torch.zeros(size, dtype=torch.bool)
+        checked = torch.zeros(len(rows.samples), dtype=torch.bool)
         checked[rows.inverse[:CHECK_DRAWS].flatten().cpu()] = True  # the rows the once-per-layout check runs
 
-        def run(group: Any, part: FeatureBatch, only: torch.Tensor | None = None) -> torch.Tensor:
-            index = torch.arange(size) if group is None else group[0]
-            sizes = None if group is None else group[1]
+        def scores(index: torch.Tensor, sizes: list[int] | None, part: FeatureBatch) -> torch.Tensor:
             gates = {k: g.index_select(0, index.to(g.device))[:, :part.value(k).shape[1]]
                      for k, g in rows.gates.items()}
             cut = {k: table.cut(k, b, index, sizes) for k, b in bases.items()}
-            picks = chosen[index.to(chosen.device)]
-            keep = torch.arange(len(index)) if only is None else only[index].nonzero().flatten()
-            if len(keep) == 0:  # a group without one of the rows the check runs
-                return torch.zeros(len(index), device=device)
-
-            def forward(sel: slice | torch.Tensor) -> torch.Tensor:
-                sel = keep[sel]
-                return self._logits(part.subset(sel), {k: g[sel.to(g.device)] for k, g in gates.items()},
-                                    {k: b[sel.to(b.device)] for k, b in cut.items()}, picks[sel.to(picks.device)])
-            if group is None:
-                out = run_in_chunks(forward, len(keep), batch_rows, fill=True)
-            else:
-                shapes = [part.value(k).shape for k in part.keys]
-                out = run_in_chunks(forward, len(keep), memory_rows(len(keep), positions_of(shapes), device))
-            if only is None:
-                return out
-            return out.new_zeros(len(index)).index_put_((keep.to(out.device),), out)
-
-        task = GroupedTask(run, lambda parts: place_rows(size, [(i, r) for i, _, r in parts]),
-                           difference=relative_difference, check_run=lambda group, part: run(group, part, checked))
+            return self._logits(part, gates, cut, chosen[index.to(chosen.device)])
         key = layout_key(features, "perturbation", self.use_embeddings)
-        result, _ = self.lengths.execute(table, key, task, pack=pack, points=1, device=device, method="perturbation")
-        return result
+        return run_rows(self.lengths, table, key, scores, pack=pack, batch_rows=features.size, check_rows=checked,
+                        method="perturbation")
 
     def _logits(self, part: FeatureBatch, gates: Mapping[str, torch.Tensor], bases: Mapping[str, torch.Tensor],
                 targets: torch.Tensor) -> torch.Tensor:
