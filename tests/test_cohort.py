@@ -11,15 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, tiny_model
+from conftest import cli, rel_err, tiny_model
 from safetensors import safe_open
+from test_padding_check import MATCH_LABS, InfersMaskFromEmbeddings, sensitive_model
+from test_row_shapes import Patients
+from test_row_shapes import collate as patients_collate
 
 import fastattr
-from fastattr.cohort import LengthSortedBatches, attribute_dataset, load_attributions
+from fastattr.cohort import LengthSortedBatches, attribute_dataset, load_attributions, padding_probe
 from fastattr.core import packing
-from fastattr.demo.models import load_checkpoint
+from fastattr.demo.models import TransformerClassifier, load_checkpoint
 from fastattr.demo.synthetic import CohortDataset, SyntheticCohort
+from fastattr.interpret import padding
 from fastattr.interpret.attention import chefer as chefer_module
+from fastattr.interpret.features import FeatureBatch
 
 
 def loader(cohort, batch_size=8):
@@ -293,8 +298,17 @@ class Counted:
         return self.inner.attribute(**batch)
 
 
+@pytest.fixture
+def probe_forwards(monkeypatch):
+    """The forwards of attribute_dataset's padding probe (fastattr.check_padding's, one call each)."""
+    calls = []
+    original = padding.input_logits
+    monkeypatch.setattr(padding, "input_logits", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("method", ["ig", "chefer"])
-def test_length_sorted_batches_keep_positions_and_results(tmp_path, method):
+def test_length_sorted_batches_keep_positions_and_results(tmp_path, method, probe_forwards):
     cohort = SyntheticCohort(patients=23, seed=8, lengths="lognormal", median_codes=6, longest=40)
     model = tiny_model(cohort)
     interp = fastattr.IntegratedGradients(model, steps=3) if method == "ig" else fastattr.CheferRelevance(model)
@@ -306,7 +320,9 @@ def test_length_sorted_batches_keep_positions_and_results(tmp_path, method):
     run_forwards, counted.forwards = counted.forwards, 0
     for batch in LengthSortedBatches(dataset, model, batch_size=5, collate_fn=CohortDataset.collate):
         interp.attribute(**batch)
-    assert run_forwards == counted.forwards  # the run adds no forward for the stored probabilities
+    # the run adds no forward for the stored probabilities; its padding probe is three no-grad forwards (the
+    # first PADDING_PROBE_SAMPLES patients as collated, their codes padded further, and trimmed)
+    assert len(probe_forwards) == 3 and run_forwards == counted.forwards + len(probe_forwards)
     a, b = load_attributions(tmp_path / "plain"), load_attributions(tmp_path / "sorted")
     assert a.patient_ids == b.patient_ids == [f"P{i:08d}" for i in range(23)]
     manifest_widths = {b[i]["attr/codes"].shape[0] for i in range(23)}
@@ -326,7 +342,7 @@ def test_length_sorted_batches_keep_positions_and_results(tmp_path, method):
 
 
 @pytest.mark.parametrize("pack", [False, "auto"])
-def test_no_extra_forward_for_probabilities(tmp_path, pack, monkeypatch):
+def test_no_extra_forward_for_probabilities(tmp_path, pack, monkeypatch, probe_forwards):
     monkeypatch.setitem(packing.GROUP_COST["chefer"], "cpu", 0.0)  # length groups wherever lengths differ
     cohort = SyntheticCohort(patients=12, seed=2)
     chefer = fastattr.CheferRelevance(tiny_model(cohort), pack_lengths=pack)
@@ -338,8 +354,9 @@ def test_no_extra_forward_for_probabilities(tmp_path, pack, monkeypatch):
     logits = chefer_module.input_logits
     monkeypatch.setattr(chefer_module, "input_logits", lambda *a, **k: checks.append(1) or logits(*a, **k))
     attribute_dataset(counted, loader(cohort, batch_size=4), tmp_path)
-    # Chefer's own forwards only: its passes and its padding checks (no-grad forwards of trimmed groups)
-    assert counted.forwards == len(passes) + len(checks)
+    # Chefer's own forwards only: its passes and its padding checks (no-grad forwards of trimmed groups), and the
+    # run's padding probe before it sorts (three no-grad forwards of the first patients: once per run)
+    assert len(probe_forwards) == 3 and counted.forwards == len(passes) + len(checks) + len(probe_forwards)
     if pack is False:
         assert len(passes) == 3 and not checks  # one per batch
     else:
@@ -481,3 +498,169 @@ def test_a_run_begun_in_the_loaders_order_resumes_in_it(tmp_path):
     assert resumed.calls == 3 and load_attributions(tmp_path / "run").info["batching"] == {"sorted": False}
     attribute_dataset(ig, loader(cohort, batch_size=6), tmp_path / "whole", sort_by_length=False, progress=False)
     same_runs(tmp_path / "run", tmp_path / "whole")
+
+
+def padding_run(method: str, seed: int):
+    """A model whose output depends on the padding of 'labs' (bias-embedded, attended where padded), its
+    interpreter, and samples of unequal lengths counted as read."""
+    model = sensitive_model(seed=seed)
+    interp = fastattr.IntegratedGradients(model, steps=3) if method == "ig" else fastattr.CheferRelevance(model)
+    return interp, CountsReads(Patients(23, seed=seed))
+
+
+def patients_loader(data, batch_size: int = 5) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=patients_collate)
+
+
+def padding_notes(caught) -> list[str]:
+    return [str(w.message) for w in caught if "depends on the padding" in str(w.message)]
+
+
+def assert_loader_results(store, interp, loader) -> None:
+    """Each stored row is bitwise the interpreter's result for its patient in the loader's own batch."""
+    position = 0
+    for batch in loader:
+        expected = interp.attribute(**batch)
+        for j in range(batch["codes"].shape[0]):
+            row = store[position]
+            for key, value in expected.items():
+                got = row[f"attr/{key}"]
+                assert torch.equal(got, value[j][tuple(slice(0, n) for n in got.shape)]), (position, key)
+            position += 1
+    assert position == len(store)
+
+
+@pytest.mark.parametrize("method", ["ig", "chefer"])
+def test_a_model_that_depends_on_padding_keeps_the_loaders_batches_by_default(tmp_path, method):
+    interp, data = padding_run(method, seed=21)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attribute_dataset(interp, patients_loader(data), tmp_path / "default", progress=False)
+    # one warning of the batching, and the model's own report once (in it, or the interpreter's during the probe)
+    assert sum("keep the loader's order and size" in str(w.message) for w in caught) == 1
+    assert len(padding_notes(caught)) == 1 and MATCH_LABS in padding_notes(caught)[0]
+    assert data.reads == dict.fromkeys(range(23), 1), "every sample read exactly once, the probe's included"
+    store = load_attributions(tmp_path / "default")
+    assert store.info["batching"] == {"sorted": False, "batch_dependent": True, "batch_size": 5,
+                                      "order": "the loader's, as given", "padding_dependent": ["labs"],
+                                      "padding": "each batch as the loader pads it (test_row_shapes.collate)"}
+    assert [e["patients"] for e in store.shards.values()] == [5, 5, 5, 5, 3]
+    assert_loader_results(store, interp, patients_loader(data))
+    # interrupted (after the probe's calls of the method, two batches), then resumed with the defaults: the
+    # loader's batches again, no probe, the record kept
+    probe_calls = 1 + padding_probe.CONFIRM_ALONE
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="keep the loader's order and size"):
+        attribute_dataset(FailsAt(interp, probe_calls + 2), patients_loader(data), tmp_path / "run", progress=False)
+    assert len(list((tmp_path / "run").glob("shard-*"))) == 2
+    resumed = FailsAt(interp, 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attribute_dataset(resumed, patients_loader(data), tmp_path / "run", progress=False)
+    assert resumed.calls == 3
+    assert load_attributions(tmp_path / "run").info["batching"] == store.info["batching"]
+    same_runs(tmp_path / "run", tmp_path / "default")
+    with pytest.raises(ValueError, match="batches of 5 patients and its model's output depends on padding.*not 4"):
+        attribute_dataset(interp, patients_loader(data, 4), tmp_path / "run", progress=False)
+
+
+def test_sort_by_length_true_sorts_a_model_that_depends_on_padding_and_says_so(tmp_path):
+    interp, data = padding_run("ig", seed=22)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attribute_dataset(interp, patients_loader(data), tmp_path / "sorted", sort_by_length=True, progress=False)
+    assert sum("sort_by_length=True sorts" in str(w.message) for w in caught) == 1
+    assert len(padding_notes(caught)) == 1 and MATCH_LABS in padding_notes(caught)[0]
+    assert data.reads == dict.fromkeys(range(23), 1)
+    batching = load_attributions(tmp_path / "sorted").info["batching"]
+    assert batching["sorted"] is True and batching["batch_dependent"] is True
+    assert batching["padding_dependent"] == ["labs"] and batching["order"].startswith("sorted by length")
+    attribute_dataset(interp, patients_loader(data), tmp_path / "plain", sort_by_length=False, progress=False)
+    sorted_run, plain = load_attributions(tmp_path / "sorted").all(), load_attributions(tmp_path / "plain").all()
+    assert_loader_results(load_attributions(tmp_path / "plain"), interp, patients_loader(data))
+    # not vacuous: sorting gives some patient other neighbours, and other values
+    assert any(rel_err(sorted_run[k], plain[k]) > 1e-3 for k in ("attr/codes", "attr/labs"))
+    with pytest.raises(ValueError, match="batch_tokens cuts batches sorted by length.*depend on the padding of 'labs'"):
+        attribute_dataset(interp, patients_loader(data), tmp_path / "tokens", batch_tokens=64, progress=False)
+
+
+def test_a_batch_size_one_loader_keeps_one_patient_per_batch_for_a_model_that_depends_on_padding(tmp_path):
+    interp, data = padding_run("ig", seed=23)
+    one = patients_loader(data, 1)
+    with pytest.warns(UserWarning, match="keep the loader's order and size"):
+        attribute_dataset(interp, one, tmp_path, progress=False)
+    store = load_attributions(tmp_path)
+    assert store.info["batching"]["batch_size"] == 1 and store.info["batching"]["sorted"] is False
+    assert len(store.shards) == 23 and data.reads == dict.fromkeys(range(23), 1)
+    assert_loader_results(store, interp, one)
+
+
+class InfersMaskUnlessGiven(InfersMaskFromEmbeddings):
+    """PyHealth's StageNet's and Transformer's rule: a mask given with a feature is used, else one is
+    inferred from the embeddings. Called as a batch gives it (no masks: the user, Chefer, the evaluator)
+    it attends the padded rows of its bias-embedded 'labs'; IG calls it with each feature's mask."""
+
+    inferring = False
+
+    def forward(self, **batch):
+        self.inferring = bool(FeatureBatch.from_batch(self, batch).appended)  # no mask given
+        try:
+            return super().forward(**batch)
+        finally:
+            self.inferring = False
+
+    def _tokens(self, key, feature):
+        return super()._tokens(key, feature) if self.inferring else TransformerClassifier._tokens(self, key, feature)
+
+
+def test_the_methods_values_decide_whether_a_model_that_depends_on_padding_is_sorted(tmp_path):
+    model = sensitive_model(InfersMaskUnlessGiven, seed=24)
+    data = Patients(23, seed=24)
+    assert fastattr.check_padding(model, patients_collate([data[i] for i in range(8)])).features == ("labs",)
+    ig = fastattr.IntegratedGradients(model, steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # IG's values ignore the padding its masks cover: sorted, no warning
+        attribute_dataset(ig, patients_loader(data), tmp_path / "ig", progress=False)
+    attribute_dataset(ig, patients_loader(data), tmp_path / "ig-plain", sort_by_length=False, progress=False)
+    sorted_run, plain = load_attributions(tmp_path / "ig"), load_attributions(tmp_path / "ig-plain")
+    assert sorted_run.info["batching"] == {"sorted": True, "batch_size": 5, "batch_tokens": None,
+                                           "window": fastattr.cohort.SORT_WINDOW}
+    for i in range(23):
+        for key in ("attr/codes", "attr/labs"):
+            torch.testing.assert_close(sorted_run[i][key], plain[i][key], rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match="keep the loader's order and size") as caught:
+        attribute_dataset(fastattr.CheferRelevance(model), patients_loader(data), tmp_path / "chefer", progress=False)
+    assert len(padding_notes(caught)) == 1
+    assert load_attributions(tmp_path / "chefer").info["batching"]["padding_dependent"] == ["labs"]
+
+
+@pytest.mark.parity
+def test_pyhealth_transformer_with_vitals_keeps_the_loaders_batches_for_chefer_and_sorts_for_ig(tmp_path):
+    # PyHealth's Transformer infers the attention mask of a feature given without one from its embeddings: the
+    # padded steps of the bias-embedded 'vitals' are attended when the model runs as the batch gives it (PyHealth's
+    # and fastattr's Chefer), not when the interpreter passes the masks (IG)
+    import pyhealth_cases
+    from pyhealth.interpret.methods import CheferRelevance as PyHealthChefer
+
+    model, loader = pyhealth_cases.build_loader("stagenet", "Transformer", num_classes=2, n=23, batch=5, seed=5,
+                                                embedding_dim=16, heads=2, num_layers=1)
+    model.eval()
+    with pytest.warns(UserWarning, match="keep the loader's order and size.*padding of 'vitals'"):
+        attribute_dataset(fastattr.CheferRelevance(model), loader, tmp_path / "chefer", progress=False)
+    store = load_attributions(tmp_path / "chefer")
+    assert store.info["batching"]["sorted"] is False and store.info["batching"]["padding_dependent"] == ["vitals"]
+    theirs, position = PyHealthChefer(model), 0
+    for batch in loader:
+        expected = theirs.attribute(**batch)
+        for j in range(len(batch["patient_id"])):
+            for key, value in expected.items():
+                got = store[position][f"attr/{key}"]
+                torch.testing.assert_close(got, value[j][tuple(slice(0, n) for n in got.shape)], rtol=1e-5, atol=1e-6)
+            position += 1
+    ig = fastattr.IntegratedGradients(model, steps=4)
+    attribute_dataset(ig, loader, tmp_path / "ig", progress=False)
+    attribute_dataset(ig, loader, tmp_path / "ig-plain", progress=False, sort_by_length=False)
+    sorted_run, plain = load_attributions(tmp_path / "ig"), load_attributions(tmp_path / "ig-plain")
+    assert sorted_run.info["batching"]["sorted"] is True and "padding_dependent" not in sorted_run.info["batching"]
+    for i in range(23):
+        for key in ("attr/codes", "attr/vitals"):
+            torch.testing.assert_close(sorted_run[i][key], plain[i][key], rtol=1e-5, atol=1e-6)

@@ -2,7 +2,8 @@
 length-sorted and rebatched, pipelined, resumable and shardable under torchrun, into a run folder.
 
 One concern per module: the runner (:mod:`.runner`), how batches are cut (:mod:`.batching`:
-length-sorted windows, rebatching, which loaders can be sorted, a resumed run cut as it was), the
+length-sorted windows, rebatching, which loaders can be sorted, a resumed run cut as it was), whether
+the method's values depend on padding, so that sorting would change them (:mod:`.padding_probe`), the
 prefetch and writer threads (:mod:`.pipeline`) and the torchrun process group (:mod:`.distributed`).
 The run folder it writes and reads back is :mod:`fastattr.runs`; the synthetic cohort's dataset is
 :class:`fastattr.demo.synthetic.CohortDataset`.

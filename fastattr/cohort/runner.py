@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fastattr.cohort.batching import LengthSortedBatches, choose_batching, in_order
+from fastattr.cohort.batching import DatasetBatches, choose_batching, in_order
 from fastattr.cohort.distributed import barrier, on_every_rank, start_process_group
 from fastattr.cohort.methods import batch_dependent, settings
 from fastattr.cohort.pipeline import Prefetch, ShardWriter
@@ -171,6 +171,18 @@ def attribute_dataset(interpreter: Interpreter | Attributor, dataloader: Iterabl
             under ``"auto"``, since sorting would change its values; ``run.json``'s ``batching``
             then says ``batch_dependent`` with the batch size, order and padding used (the
             manifest lists which patients shared each shard; ``True`` sorts it anyway, recorded).
+            So does a method whose values depend on padding through the model (PyHealth's
+            Transformer attends the padded steps of a bias-embedded continuous feature when run as
+            the batch gives it, as Chefer runs it): before sorting a fresh run, the dataset's first
+            ``PADDING_PROBE_SAMPLES`` samples (which the run then uses: each is read once) are
+            probed, the model with :func:`fastattr.check_padding` (no-grad) and, where its output
+            depends on padding, the method on them batched and on ``CONFIRM_ALONE`` of them alone
+            (IG passes each feature's mask, which such models honour, and stays sorted). Where the
+            values depend on padding, ``"auto"`` runs the loader's own batches (each patient with the
+            same neighbours as over the loader: PyHealth's results) and ``True`` sorts anyway, each
+            with one warning, and ``run.json``'s ``batching`` names the features
+            (``padding_dependent``). A dependence that shows only on later samples is not seen by the
+            probe: pass ``False`` for such a model.
         batch_tokens: padded positions per sorted batch instead of a count of samples.
         vocab: ``{feature: {code: id} or [name by id]}`` to decode codes in tables and reports;
             by default each processor's ``code_vocab`` (PyHealth's), else codes are shown as ids.
@@ -201,7 +213,8 @@ def attribute_dataset(interpreter: Interpreter | Attributor, dataloader: Iterabl
     # how an interrupted run's batches were cut (runs written before run.json said so were in order)
     recorded = None if info is None else info.get("batching", {"sorted": False})
     dataloader, batching = choose_batching(dataloader, model, sort_by_length, batch_tokens, recorded,
-                                           batch_dependent(interpreter))
+                                           batch_dependent(interpreter),
+                                           lambda batch: interpreter.attribute(**attribute_kwargs, **batch))
     device = model_device(model) if isinstance(model, torch.nn.Module) else None
     store = ShardStore(out, rank, world)
     on_every_rank(store.lock)
@@ -243,7 +256,7 @@ def _run(interpreter: Any, model: Any, dataloader: Any, store: ShardStore, done:
         total_patients = None
     bar = tqdm(total=total_patients, unit="patient", desc=f"attributing (rank {rank}/{world})" if world > 1 else
                "attributing", disable=None if progress is None else not progress, smoothing=0.1)
-    if isinstance(dataloader, LengthSortedBatches):
+    if isinstance(dataloader, DatasetBatches):
         batches = dataloader.for_run(skip=lambda i: i % world != rank and i not in done)
     else:
         batches = in_order(dataloader)
