@@ -86,3 +86,16 @@ def test_runs_of_other_patients_and_a_repeated_run(runs, tmp_path):
     assert "the runs hold different patients" in text and "top codes is left out" in text
     with pytest.raises(ValueError, match="runs must be different run folders; .* is given more than once"):
         write_report([runs / "ig", runs / "ig"], tmp_path / "x.html")
+
+
+def test_the_batching_column_names_the_features_whose_padding_the_values_depend_on():
+    from types import SimpleNamespace
+
+    from fastattr.report.methods_section import _batching
+    padded = {"sorted": False, "batch_dependent": True, "batch_size": 16, "padding_dependent": ["labs", "vitals"]}
+    assert _batching(SimpleNamespace(info={"batching": padded})) == \
+        "the loader's batches of 16 (values depend on the padding of labs, vitals)"
+    sorted_anyway = {"sorted": True, "batch_dependent": True, "batch_size": 16, "padding_dependent": ["labs"]}
+    assert _batching(SimpleNamespace(info={"batching": sorted_anyway})) == \
+        "sorted by length (values depend on the padding of labs)"
+    assert _batching(SimpleNamespace(info={"batching": {"sorted": True}})) == "sorted by length"

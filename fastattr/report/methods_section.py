@@ -66,7 +66,9 @@ def _batching(store: Attributions) -> str:
     how = "sorted by length" if batching.get("sorted") else "the loader's batches"
     if batching.get("batch_dependent"):
         size = batching.get("batch_size")
-        how += (f" of {size}" if size and not batching.get("sorted") else "") + " (values depend on the batch)"
+        padding = batching.get("padding_dependent")
+        why = f"values depend on the padding of {', '.join(padding)}" if padding else "values depend on the batch"
+        how += (f" of {size}" if size and not batching.get("sorted") else "") + f" ({why})"
     return how
 
 
