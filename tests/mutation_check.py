@@ -140,6 +140,12 @@ M = [
   "                 for _ in range(max(0, count - 2))]",
   "        rows += list(torch.randint(2, (max(0, count - 2), total), device=device, generator=generator).float()"
   "[torch.randperm(max(0, count - 2))])"),
+ ("SHAP's ridge rows scaled by the regularization, not its square root",
+  "fastattr/interpret/perturbation/shap.py",
+  "    reg = torch.sqrt(torch.tensor(regularization, device=device)) * torch.eye(total, device=device)",
+  "    reg = torch.tensor(regularization, device=device) * torch.eye(total, device=device)"),
+ ("SHAP's empty and full coalitions weighted 100, not PyHealth's 1,000", "fastattr/interpret/perturbation/shap.py",
+  "EDGE_WEIGHT = 1000.0", "EDGE_WEIGHT = 100.0"),
  ("perturbation rows deduplicated across patients (the sample left out of the key)",
   "fastattr/interpret/perturbation/rows.py",
   "    _, inverse = torch.unique(torch.cat([sample, *flat], dim=1), dim=0, return_inverse=True)",
