@@ -95,18 +95,21 @@ def groups_of(interpreter, batch) -> list[tuple[torch.Tensor, list[int] | None]]
                                      method=interpreter._lengths.method)
 
 
-def gradient_floor(model, batches: list[dict], groups: list[list], repeat: int, hooks: bool, chunk: int | None):
+def gradient_floor(model, batches: list[dict], groups: list[list], repeat: int, hooks: bool,
+                   chunks: list[int | None] | None):
     """The model's forward from its embeddings and the input-gradient backward of every row: each sample
-    ``repeat`` times (IG's path points), per group at the group's widths, ``chunk`` rows a call (fastattr's
-    own chunk: one call of every row is slower on a CPU); attention hooks on for Chefer."""
+    ``repeat`` times (IG's path points), per group at the group's widths, ``chunks[i]`` rows a call in batch
+    ``i`` (fastattr's own chunk there: one call of every row is slower on a CPU), else all in one call;
+    attention hooks on for Chefer."""
     embed = model.get_embedding_model()
     calls = []
-    for batch, batch_groups in zip(batches, groups, strict=True):
+    for i, (batch, batch_groups) in enumerate(zip(batches, groups, strict=True)):
         features = FeatureBatch.from_batch(model, batch)
         for index, sizes in batch_groups:
             everything = index.repeat(repeat)
-            for start in range(0, len(everything), chunk or len(everything)):
-                rows = features.subset(everything[start:start + (chunk or len(everything))], sizes)
+            chunk = (chunks[i] if chunks else None) or len(everything)
+            for start in range(0, len(everything), chunk):
+                rows = features.subset(everything[start:start + chunk], sizes)
                 with torch.no_grad():
                     embedded = {k: v.detach() for k, v in embed(rows.values()).items()}
                 calls.append((rows, embedded))
@@ -136,18 +139,18 @@ def attribution_rows(model, batches: list[dict], steps: int, repeats: int) -> li
         kwargs = {"steps": steps} if label == "IG" else {}
         theirs, ours = theirs_cls(model, **kwargs), ours_cls(model, **kwargs)
         ref = [theirs.attribute(**b) for b in batches]
-        got, groups = [], []
+        got, groups, chunks = [], [], []
         for b in batches:
             got.append(ours.attribute(**b))
             groups.append(groups_of(ours, b))
+            chunks.append(getattr(ours, "last_internal_batch_size", None))
         worst = check_equal(got, ref, label)
         trimmed = sum(len(g) > 1 for g in groups)
         fns = {"pyhealth": lambda t=theirs: [t.attribute(**b) for b in batches],
                "fastattr": lambda o=ours: [o.attribute(**b) for b in batches],
                "floor": gradient_floor(model, batches, groups, repeat, hooks, None)}
-        chunk = getattr(ours, "last_internal_batch_size", None)
-        if chunk:  # IG's rows also in fastattr's own chunks: the floor is the faster of the two
-            fns["floor in fastattr's chunks"] = gradient_floor(model, batches, groups, repeat, hooks, chunk)
+        if any(chunks):  # IG's rows also in fastattr's own chunks, batch by batch: the floor is the faster of the two
+            fns["floor in fastattr's chunks"] = gradient_floor(model, batches, groups, repeat, hooks, chunks)
         stats = time_interleaved(fns, repeats, "cpu")
         rows.append(row(label, stats, f"rel. err {worst:.1e}; {trimmed}/{len(batches)} batches trimmed"))
     return rows

@@ -140,6 +140,12 @@ M = [
   "                 for _ in range(max(0, count - 2))]",
   "        rows += list(torch.randint(2, (max(0, count - 2), total), device=device, generator=generator).float()"
   "[torch.randperm(max(0, count - 2))])"),
+ ("IG's whole-point chunks interpolated from x, not the baseline", "fastattr/kernels/interpolate.py",
+  "        out += baseline.unsqueeze(0)", "        out += x.unsqueeze(0)"),
+ ("IG's gradients reduced without the rule's weights", "fastattr/kernels/interpolate.py",
+  "    if not (weights.device.type == \"cpu\" and bool(torch.all(weights == 1))):", "    if False:"),
+ ("IG's chunk probe counts the model's weights as activations", "fastattr/core/chunks.py",
+  "        if not _is_weight(tensor):", "        if True:"),
  ("SHAP's ridge rows scaled by the regularization, not its square root",
   "fastattr/interpret/perturbation/shap.py",
   "    reg = torch.sqrt(torch.tensor(regularization, device=device)) * torch.eye(total, device=device)",

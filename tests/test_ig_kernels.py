@@ -31,6 +31,21 @@ def test_interpolate_matches_torch_over_odd_chunks(batch, n, d):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch, chunk", [(3, 3), (3, 6), (3, 4), (1, 5), (4, 2)])
+def test_interpolate_torch_is_each_rows_formula_exactly(batch, chunk):
+    """Chunks of whole path points (broadcast) and any other chunk (gathered): ``b + alpha * (x - b)`` per row,
+    bitwise."""
+    x, b = inputs(batch, 17, 5, seed=batch + chunk)
+    alphas, _ = quadrature("uniform", 6)
+    total = batch * len(alphas)
+    for start in range(0, total, chunk):
+        rows = min(chunk, total - start)
+        got = ops.interpolate_torch(x, b, alphas, start, rows)
+        want = torch.stack([b[r % batch] + alphas[r // batch].float() * (x[r % batch] - b[r % batch])
+                            for r in range(start, start + rows)])
+        assert torch.equal(got, want), (start, rows)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_accumulate_and_finalize_match_torch_for_every_rule(method):
     batch, n, d = 3, 17, 130

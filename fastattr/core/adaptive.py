@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fastattr.core.chunks import ChunkSizer
+from fastattr.core.chunks import ChunkSizer, RowBytes
 from fastattr.core.integrated import ChunkRunner, IGOptions, IGResult, RowsForward, kernels_for
 from fastattr.core.quadrature import AutoSteps
 
@@ -79,11 +79,11 @@ class ListedPath:
 
 def run_listed_rows(forward: RowsForward, xs: dict[str, torch.Tensor], bs: dict[str, torch.Tensor],
                     extra: Mapping[str, Any], options: IGOptions, samples: torch.Tensor, alphas: torch.Tensor,
-                    summed: set[str], targets: torch.Tensor, per_row: float | None = None
+                    summed: set[str], targets: torch.Tensor, per_row: RowBytes | None = None
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, ChunkSizer]:
     """Rows (sample ``samples[r]`` of ``xs`` at path point ``alphas[r]``) through the chunked
     forward and input-only backward: each row's density per key, its target logit, and the chunk
-    sizer (its rows per forward; ``per_row``: the activation bytes per row a probe measured before,
+    sizer (its rows per forward; ``per_row``: the activation bytes of a row a probe measured before,
     to skip the CPU probe)."""
     path = ListedPath(samples, alphas, xs, bs, summed, kernels_for(options, xs))
     runner = ChunkRunner(forward, xs, bs, dict(extra), options, False, path, per_row=per_row)

@@ -2,21 +2,42 @@
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
 # Most path points per forward on the CPU; larger chunks measured no faster.
 CPU_MAX_POINTS = 16
-# Bytes of saved activations one CPU chunk may hold. Measured on the 2-core reference CPU with
-# PyHealth's 2-layer Transformer: the fastest chunks held ~50-80 MiB of activations for 40, 128
-# and 256 codes alike (16, 4 and 2 path points of the batch). The chunk sweep in
-# benchmarks/RESULTS.md (lengths 8-512, batches 1-64, dims 32-256) keeps it: 32 MiB (the L3) was
-# better only at 512 codes with dim 32 and up to 1.25x worse at short lengths with batch 8.
-CPU_CHUNK_BYTES = 64 << 20
+# Bytes of the largest activation one CPU chunk may save. glibc serves an allocation of 32 MiB or
+# more (its largest mmap threshold) with fresh pages every time, each page faulted and zeroed
+# anew: measured here, a softmax or a division makes its output 3-6x slower per element from
+# 33 MiB on (~1 ns per float more), and IG over 256 codes ran 1.45x slower at 32 rows a chunk
+# (32 MiB attention maps) than at 16. Half that threshold leaves room for the transient tensors
+# (attention scores before their softmax) that are as large as the saved ones.
+CPU_TENSOR_BYTES = 16 << 20
+# Bytes of saved activations one CPU chunk may hold in all: a bound on memory (a chunk holds up to
+# CPU_MAX_POINTS path points of the batch, where PyHealth's loop holds one).
+CPU_CHUNK_BYTES = 512 << 20
 # A whole path whose interpolated inputs hold at most this many elements runs as one chunk on the
 # CPU, without the probe: the probe's extra forward costs more there than any chunk size saves
 # (the chunk sweep in benchmarks/RESULTS.md: 1.3x-1.5x slower with the probe at batch 1).
 CPU_SMALL_PATH = 1 << 17
+
+
+class RowBytes(NamedTuple):
+    """What one row's forward saves for the backward, as the CPU probe measured it."""
+
+    total: float  #: all its saved activations' bytes
+    largest: float  #: the largest saved activation's bytes (its share of one row)
+
+
+def _is_weight(tensor: torch.Tensor) -> bool:
+    """A saved tensor that does not grow with the rows: a parameter (trained or frozen), a leaf that
+    requires grad (the path's inputs, whose bytes the interpolation owns), or a view of one (``F.linear``
+    saves ``weight.t()``: counted, a 3-layer d128 Transformer's weights were a quarter of its per-row
+    bytes at 34 positions)."""
+    base = tensor._base if tensor._base is not None else tensor
+    return isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad)
 
 
 class ChunkSizer:
@@ -26,15 +47,16 @@ class ChunkSizer:
     small path (``CPU_SMALL_PATH`` interpolated elements in all). On CUDA every row runs in one forward
     (small clinical models are launch-bound there: fewer, larger batches are faster), and a chunk
     that runs out of memory is retried in halves (:meth:`shrink`); the size that fit is kept for
-    the rest. On the CPU one path point of the batch runs first as a probe that counts the bytes
-    autograd saves for the backward (the activations, which scale with the rows; parameters
-    excluded), and chunks are sized so their activations stay near ``CPU_CHUNK_BYTES``: large
-    enough to batch well, small enough to stay in cache rather than stream through memory.
+    the rest. On the CPU one path point of the batch runs first as a probe that records the bytes
+    autograd saves for the backward (the activations, which scale with the rows; the parameters
+    and views of them excluded), and chunks take as many rows as keep the largest activation under
+    ``CPU_TENSOR_BYTES`` and all of them under ``CPU_CHUNK_BYTES``, in whole path points of the
+    batch where one fits (at most ``CPU_MAX_POINTS``).
     Results do not depend on the sizes.
     """
 
     def __init__(self, requested: int | None, batch: int, points: int, device: torch.device,
-                 row_elements: int = 0, per_row: float | None = None) -> None:
+                 row_elements: int = 0, per_row: RowBytes | None = None) -> None:
         self.batch = batch
         self.mode = "fixed" if requested is not None else ("cuda" if device.type == "cuda" else "cpu")
         if self.mode == "cpu" and batch * points * row_elements <= CPU_SMALL_PATH:
@@ -48,7 +70,7 @@ class ChunkSizer:
             self._settle(per_row)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not (tensor.is_leaf and tensor.requires_grad):  # parameters do not grow with the rows
+        if not _is_weight(tensor):  # the model's weights, and the inputs' path leaves, do not grow with the rows
             storage = tensor.untyped_storage()
             self._saved[storage.data_ptr()] = storage.nbytes()
         return tensor
@@ -62,12 +84,15 @@ class ChunkSizer:
     def end(self, rows: int) -> None:
         """After a chunk of ``rows`` forward rows ran: settle the size on the CPU probe."""
         if self.mode == "cpu":
-            self.per_row = max(sum(self._saved.values()), 1) / rows
+            saved = self._saved.values()
+            self.per_row = RowBytes(max(sum(saved), 1) / rows, max(saved, default=1) / rows)
             self._saved.clear()
             self._settle(self.per_row)
 
-    def _settle(self, per_row: float) -> None:
-        self.rows = min(self.max_rows, max(self.batch, int(CPU_CHUNK_BYTES / per_row) // self.batch * self.batch))
+    def _settle(self, per_row: RowBytes) -> None:
+        fit = int(min(CPU_CHUNK_BYTES / per_row.total, CPU_TENSOR_BYTES / per_row.largest))
+        whole_points = fit // self.batch * self.batch
+        self.rows = min(self.max_rows, whole_points or max(1, fit))
         self.mode = "fixed"
 
     def shrink(self, rows: int) -> bool:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from fastattr.core.backend import resolve_backend
 from fastattr.core.checks import check_auto_options, check_count
-from fastattr.core.chunks import ChunkSizer
+from fastattr.core.chunks import ChunkSizer, RowBytes
 from fastattr.core.quadrature import AutoSteps, is_equal_weight, quadrature
 from fastattr.core.targets import resolve_targets
 from fastattr.kernels import interpolate as ops
@@ -219,7 +219,7 @@ class ChunkRunner:
 
     def __init__(self, forward: RowsForward, xs: dict[str, torch.Tensor], bs: dict[str, torch.Tensor],
                  extra: Mapping[str, Any], options: IGOptions, need_fx: bool, path: Any,
-                 per_row: float | None = None) -> None:
+                 per_row: RowBytes | None = None) -> None:
         self.forward, self.xs, self.bs, self.extra, self.options = forward, xs, bs, extra, options
         self.keys = list(xs)
         first = xs[self.keys[0]]

@@ -20,9 +20,18 @@ def interpolate_torch(x: torch.Tensor, baseline: torch.Tensor, alphas: torch.Ten
                       rows: int) -> torch.Tensor:
     """Rows ``b + alpha * (x - b)`` of the path, ``[rows, *x.shape[1:]]``, in ``x.dtype``.
 
-    ``baseline`` has the shape of ``x``; ``alphas`` holds every path point of the call.
+    ``baseline`` has the shape of ``x``; ``alphas`` holds every path point of the call. A chunk of
+    whole path points broadcasts the batch over its points (two passes over the rows, no gathered
+    copies of ``x`` and ``baseline``); the values are the same either way, element for element.
     """
-    sample, step = _row_index(x.shape[0], row_start, rows, x.device)
+    batch = x.shape[0]
+    if row_start % batch == 0 and rows % batch == 0:
+        first = row_start // batch
+        alpha = alphas.to(device=x.device, dtype=x.dtype)[first:first + rows // batch]
+        out = alpha.view(-1, *([1] * x.dim())) * (x - baseline).unsqueeze(0)
+        out += baseline.unsqueeze(0)
+        return out.view(rows, *x.shape[1:])
+    sample, step = _row_index(batch, row_start, rows, x.device)
     xs = x.index_select(0, sample)
     bs = baseline.index_select(0, sample)
     alpha = alphas.to(device=x.device, dtype=x.dtype).index_select(0, step)
@@ -31,10 +40,14 @@ def interpolate_torch(x: torch.Tensor, baseline: torch.Tensor, alphas: torch.Ten
 
 
 def accumulate_torch(acc: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor, row_start: int) -> None:
-    """``acc[sample] += weights[step] * grads[row]`` over the chunk's rows, in place."""
+    """``acc[sample] += weights[step] * grads[row]`` over the chunk's rows, in place (weights that are
+    all 1 on the CPU multiply nothing: the same values, one pass fewer)."""
     sample, step = _row_index(acc.shape[0], row_start, grads.shape[0], acc.device)
-    w = weights.to(device=acc.device, dtype=acc.dtype).index_select(0, step)
-    acc.index_add_(0, sample, grads.to(acc.dtype) * w.view(-1, *([1] * (acc.dim() - 1))))
+    rows = grads.to(acc.dtype)
+    if not (weights.device.type == "cpu" and bool(torch.all(weights == 1))):
+        w = weights.to(device=acc.device, dtype=acc.dtype).index_select(0, step)
+        rows = rows * w.view(-1, *([1] * (acc.dim() - 1)))
+    acc.index_add_(0, sample, rows)
 
 
 def finalize_torch(x: torch.Tensor, baseline: torch.Tensor, acc: torch.Tensor, divisor: float,

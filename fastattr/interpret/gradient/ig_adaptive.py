@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fastattr.core.adaptive import GRID, adaptive_delta, density_shapes, integrate_adaptively, run_listed_rows
+from fastattr.core.chunks import RowBytes
 from fastattr.core.integrated import IGOptions
 from fastattr.interpret.features import FeatureBatch, scatter_rows
 from fastattr.interpret.gradient.convergence import StepsReport
@@ -25,7 +26,7 @@ class AdaptiveRun:
         self.targets, self.options, self.mode, self.pack, self.device = targets, options, mode, pack, device
         self.shapes = density_shapes(ig._endpoints(features, baselines, embed)[0], ig._summed(features, embed))
         self.rows_used: int | None = None
-        self.row_bytes: dict[int, float] = {}  # a row's input elements -> activation bytes per row (probed)
+        self.row_bytes: dict[int, RowBytes] = {}  # a row's input elements -> its activation bytes (probed)
         self.groups: list[Group] | None = None
         self.first = True
         self.probed: dict[bool, float] = {}  # the call's padding checks (at the baseline?), by its first trimmed round
